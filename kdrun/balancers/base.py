@@ -1,0 +1,119 @@
+"""The balancer seam: the engine hands a balancer the objective vector, the balancer writes ``.grad``.
+
+Three kinds of method fit behind one interface without the engine knowing which one runs:
+
+* **loss-level** (``fixed``, amortised DTO, FAMO, uncertainty, DWA …): compute weights from losses
+  (and their own state) and call ``ctx.backward(weighted_sum)`` once. Under DDP this is the ordinary
+  single backward, so DDP's all-reduce averages the gradient.
+* **gradient-level** (exact DTO, MGDA, PCGrad, cross-batch …): ask ``ctx.jacobian()`` for the
+  per-objective gradients (already averaged across ranks, so every rank computes the same weights) and
+  write the update with :meth:`kdrun.balancers.gradients.Jacobian.write_grad`. Set
+  ``uses_ddp_backward = False`` so that the engine runs the forward outside DDP's reducer.
+* **extra-batch** (cross-batch): set ``needs_aux_batch = True`` and call ``ctx.aux_objectives()`` for
+  the objective vector of an independently drawn batch at the current parameters.
+
+Contract (the engine relies on it):
+
+1. ``step`` must leave ``.grad`` set on every trainable parameter that received gradient and must
+   **not** mutate the balancer's state: a step whose gradient turns out non-finite is skipped, and the
+   balancer must then be exactly as it was. State changes go in ``after_step``, which the engine calls
+   only after a successful optimiser step.
+2. ``weights`` in the returned :class:`StepResult` are the method's π (logged as ``pi/<objective>``);
+   ``raw_weights`` are the effective weights on the *raw* loss gradients ∇Lᵢ (equal to π for methods
+   that weight raw losses), used for the diagnostics.
+3. All state lives in buffers/parameters/``extra state`` of this ``nn.Module`` so that it is in the
+   checkpoint's ``state_dict``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from kdrun.balancers.gradients import Jacobian
+
+
+class BalancerConfigError(ValueError):
+    """A balancer used with an objective set it is not defined for."""
+
+
+@dataclass
+class StepResult:
+    """What a balancer reports for one step (all tensors; the logger syncs them on log steps only)."""
+
+    weights: Tensor
+    raw_weights: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """Everything a balancer may ask of the engine during one step.
+
+    Attributes:
+        step: global optimiser step (0-based) about to be taken.
+        objectives: the objective vector of this step, in ``Balancer.objectives`` order.
+        backward: backward of a scalar through the normal path (loss scaling, DDP all-reduce).
+        jacobian: per-objective gradients on the shared parameters, rank-averaged; cached, so the
+            engine's diagnostics and the balancer share one computation.
+        gradients: the same for any objective dict (e.g. an auxiliary batch's), not cached.
+        aux_objectives: objective vector on an independently drawn batch (extra-batch balancers).
+        recompute_objectives: no-grad objective vector of the *same* batch at the current parameters
+            (DTO-KD Algorithm 1 line 10, after the optimiser step).
+        all_reduce_mean: average a tensor across ranks (identity on one process).
+        diagnostics: whether this step's gradient statistics are logged.
+    """
+
+    step: int
+    objectives: dict[str, Tensor]
+    backward: Callable[[Tensor], None]
+    jacobian: Callable[[], "Jacobian"]
+    gradients: Callable[[dict[str, Tensor]], "Jacobian"]
+    aux_objectives: Callable[[], dict[str, Tensor]] | None = None
+    recompute_objectives: Callable[[], dict[str, Tensor]] | None = None
+    all_reduce_mean: Callable[[Tensor], Tensor] = lambda t: t
+    diagnostics: bool = False
+
+
+class Balancer(nn.Module):
+    """Base class; see the module docstring for the contract."""
+
+    uses_ddp_backward: ClassVar[bool] = True
+    needs_aux_batch: ClassVar[bool] = False
+    needs_recompute: ClassVar[bool] = False
+    min_objectives: ClassVar[int] = 2
+    max_objectives: ClassVar[int | None] = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.objectives: tuple[str, ...] = ()
+
+    def bind(self, objectives: tuple[str, ...]) -> None:
+        """Called once by the engine with the objective names, before any step or state load."""
+        k = len(objectives)
+        hi = self.max_objectives
+        if k < self.min_objectives or (hi is not None and k > hi):
+            want = f"exactly {hi}" if hi == self.min_objectives else (
+                f"at least {self.min_objectives}" + (f" and at most {hi}" if hi else ""))
+            raise BalancerConfigError(
+                f"balancer {type(self).__name__} is defined for {want} objectives, got {k} "
+                f"({', '.join(objectives)}); change `objectives` or pick another balancer."
+            )
+        self.objectives = tuple(objectives)
+        self.on_bind()
+
+    def on_bind(self) -> None:
+        """Create objective-count dependent state (e.g. logits). Default: nothing."""
+
+    def stack(self, objectives: dict[str, Tensor]) -> Tensor:
+        """The objective vector as a (k,) tensor in ``self.objectives`` order."""
+        return torch.stack([objectives[n] for n in self.objectives])
+
+    def step(self, ctx: StepContext) -> StepResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Commit state after a successful optimiser step. Default: nothing."""

@@ -1,0 +1,152 @@
+"""Per-objective gradients, their rank average, the Gram matrix, and the diagnostics logged from it.
+
+Notation (DTO-KD §3, Eq. 4 and 8): for objectives L₁…L_k and the *shared* student parameters θ, the
+Jacobian is J = [∇L₁; …; ∇L_k] ∈ ℝ^{k×n} and the Gram matrix G = J Jᵀ (gᵢⱼ = ⟨∇Lᵢ, ∇Lⱼ⟩). The
+gradients of the log-losses are ∇log Lᵢ = ∇Lᵢ / Lᵢ, i.e. J_log = diag(1/L) J and G_log = D G D with
+D = diag(1/L); no second backward is needed for them.
+
+Shared vs private parameters: a parameter that receives gradient from every objective is *shared* and
+enters J; a parameter touched by only some objectives (a projector, a distillation head) is *private*:
+its gradient is kept per objective and scaled by that objective's weight when the update is written
+(:meth:`Jacobian.write_grad`). Parameters no objective touches get no gradient.
+
+DDP: ``torch.autograd.grad`` bypasses DDP's reducer, so :func:`compute_jacobian` averages J (and the
+private gradients) across ranks itself, before anything is computed from them; every rank therefore
+sees the same G, computes the same weights and writes the same update.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Jacobian:
+    """Per-objective gradients. ``matrix`` is (k, n) over the shared parameters, fp32.
+
+    ``private[i][j]`` is objective i's gradient of private parameter j (``None`` where untouched).
+    ``scale`` is the loss scale the gradients carry (fp16 GradScaler); weight rules are invariant to
+    it (they are homogeneous of degree 0 in J), diagnostics divide it out.
+    """
+
+    names: tuple[str, ...]
+    matrix: Tensor
+    shared: list[Tensor]
+    private_params: list[Tensor]
+    private: list[list[Tensor | None]]
+    scale: float = 1.0
+
+    def gram(self) -> Tensor:
+        """G = J Jᵀ (k × k), in fp64 for the closed-form weight rules."""
+        m = self.matrix.double()
+        return m @ m.T
+
+    def combine(self, weights: Tensor) -> Tensor:
+        """The shared-parameter update Σᵢ wᵢ ∇Lᵢ as a flat (n,) vector."""
+        return weights.to(self.matrix.dtype) @ self.matrix
+
+    def write_grad(self, weights: Tensor, direction: Tensor | None = None) -> None:
+        """Write the update into ``.grad``: shared params get ``direction`` (default Σ wᵢ∇Lᵢ),
+        private params get Σᵢ wᵢ ∇ᵢ over the objectives that touch them."""
+        flat = self.combine(weights) if direction is None else direction
+        offset = 0
+        for p in self.shared:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
+        w = weights.to(torch.float32)
+        for j, p in enumerate(self.private_params):
+            acc = None
+            for i in range(len(self.names)):
+                g = self.private[i][j]
+                if g is not None:
+                    acc = w[i] * g if acc is None else acc + w[i] * g
+            p.grad = None if acc is None else acc.to(p.dtype)
+
+
+def compute_jacobian(
+    objectives: dict[str, Tensor],
+    params: Sequence[Tensor],
+    *,
+    retain_graph: bool = False,
+    scale: float = 1.0,
+    all_reduce_mean: Callable[[Tensor], Tensor] = lambda t: t,
+) -> Jacobian:
+    """Per-objective gradients of ``objectives`` w.r.t. ``params`` (one backward per objective).
+
+    Every backward but the last retains the graph; the last retains it only if ``retain_graph``.
+    A parameter is shared when every objective reaches it. Gradients are averaged across ranks with
+    ``all_reduce_mean`` before the shared/private split is used, so all ranks agree.
+    """
+    names = tuple(objectives)
+    params = [p for p in params if p.requires_grad]
+    per_obj: list[tuple[Tensor | None, ...]] = []
+    for i, name in enumerate(names):
+        keep = retain_graph or i < len(names) - 1
+        loss = objectives[name] * scale if scale != 1.0 else objectives[name]
+        per_obj.append(torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True))
+    shared_idx = [j for j in range(len(params)) if all(g[j] is not None for g in per_obj)]
+    private_idx = [j for j in range(len(params)) if j not in set(shared_idx)
+                   and any(g[j] is not None for g in per_obj)]
+    if shared_idx:
+        matrix = torch.stack([
+            torch.cat([g[j].reshape(-1).float() for j in shared_idx]) for g in per_obj
+        ])
+    else:
+        matrix = torch.zeros(len(names), 0, device=objectives[names[0]].device)
+    matrix = all_reduce_mean(matrix)
+    private = [[None if g[j] is None else all_reduce_mean(g[j].float()) for j in private_idx]
+               for g in per_obj]
+    return Jacobian(names, matrix, [params[j] for j in shared_idx], [params[j] for j in private_idx],
+                    private, scale)
+
+
+def log_space(gram: Tensor, losses: Tensor, eps: float) -> Tensor:
+    """G of the log-losses from G of the raw losses: D G D with D = diag(1 / max(L, eps))."""
+    d = 1.0 / losses.detach().double().clamp_min(eps)
+    return gram * d[:, None] * d[None, :]
+
+
+def diagnostics(
+    gram: Tensor,
+    names: Sequence[str],
+    raw_weights: Tensor | None,
+    scale: float = 1.0,
+    pair: tuple[str, str] = ("distill", "task"),
+) -> dict[str, Tensor]:
+    """Gradient statistics from G (raw-loss gradients), as tensors named by their TensorBoard tag.
+
+    * ``grad/norm/<obj>`` = ‖∇Lᵢ‖;
+    * for the (distill, task) pair when both exist: ``grad/conflict`` = ⟨g_distill, g_task⟩ (negative
+      means conflict, DTO-KD's GrC), ``grad/cosine``, ``grad/dominance`` = ‖g_distill‖/‖g_task‖
+      (DTO-KD's GrD) and ``grad/log10_dominance``;
+    * for k ≥ 3, ``grad/cosine/<a>__<b>`` for every pair;
+    * ``grad/combined_norm`` = ‖Σ wᵢ ∇Lᵢ‖ = sqrt(wᵀ G w) for the raw weights of the step.
+    """
+    g = gram.double() / (scale * scale)
+    norms = g.diagonal().clamp_min(0).sqrt()
+    out: dict[str, Tensor] = {f"grad/norm/{n}": norms[i] for i, n in enumerate(names)}
+    tiny = torch.finfo(torch.float64).tiny
+    if pair[0] in names and pair[1] in names:
+        a, b = names.index(pair[0]), names.index(pair[1])
+        out["grad/conflict"] = g[a, b]
+        out["grad/cosine"] = g[a, b] / (norms[a] * norms[b]).clamp_min(tiny)
+        dom = norms[a] / norms[b].clamp_min(tiny)
+        out["grad/dominance"] = dom
+        out["grad/log10_dominance"] = torch.log10(dom.clamp_min(tiny))
+    if len(names) >= 3:
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                out[f"grad/cosine/{names[i]}__{names[j]}"] = g[i, j] / (norms[i] * norms[j]).clamp_min(tiny)
+    if raw_weights is not None:
+        w = raw_weights.detach().double().to(g.device)
+        out["grad/combined_norm"] = (w @ g @ w).clamp_min(0).sqrt()
+    return out
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)

@@ -1,0 +1,127 @@
+"""The ``kdrun`` command: ``train`` (Hydra), ``eval``.
+
+``kdrun train [overrides]`` is a Hydra application over ``conf/`` (``+recipe=NAME`` adds
+``recipes/NAME.yaml``); ``kdrun eval CHECKPOINT [key=value ...]`` evaluates a checkpoint with the
+config stored in it (overrides such as ``dataset.root=...`` adjust it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from kdrun.config import ConfigError
+
+COMMANDS = ("train", "eval")
+
+
+def config_dir() -> Path:
+    """``conf/`` beside the package (editable install or source checkout)."""
+    here = Path(__file__).resolve().parent
+    env = os.environ.get("KDRUN_CONFIG_DIR")
+    for cand in ([Path(env)] if env else []) + [here.parent / "conf", here / "conf"]:
+        if (cand / "config.yaml").is_file():
+            return cand
+    raise SystemExit("kdrun: cannot find the config directory (conf/) beside the package; install kdrun "
+                     "from a source checkout with `pip install -e .` or set KDRUN_CONFIG_DIR.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from kdrun.balancers.base import BalancerConfigError
+    from kdrun.data.base import DatasetError
+    from kdrun.models.build import CheckpointError
+    from kdrun.models.taps import TapError
+    from kdrun.projectors.identity import ProjectorDimError
+
+    return (ConfigError, DatasetError, CheckpointError, TapError, BalancerConfigError, ProjectorDimError)
+
+
+def report(e: BaseException) -> None:
+    """One paragraph for a user error; the traceback only with HYDRA_FULL_ERROR=1."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise e
+    print(f"kdrun: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_train(argv: list[str]) -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+    def _main(cfg: DictConfig) -> float | None:
+        from kdrun.engine import train
+
+        try:
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            results = train(cfg, run_dir)
+        except _user_errors() as e:
+            report(e)
+            return None
+        summarise(results)
+        return results["final"]["top1"]
+
+    sys.argv = ["kdrun train", *argv]
+    _main()
+
+
+def summarise(results: dict) -> None:
+    t = results.get("teacher")
+    lines = ["", "kdrun: done."]
+    if t:
+        lines.append(f"  teacher  val top-1 {t['top1']:6.2f}   top-5 {t['top5']:6.2f}")
+    f, b = results["final"], results["best"]
+    lines.append(f"  student  val top-1 {f['top1']:6.2f}   top-5 {f['top5']:6.2f}   "
+                 f"(best {b['top1']:.2f} at epoch {b['epoch']})")
+    lines.append(f"  {results['steps']} steps in {results['wall_time_s']:.1f} s, "
+                 f"{results['images_per_s']:.0f} images/s")
+    lines.append(f"  run dir  {results['run_dir']}")
+    lines.append(f"  curves   tensorboard --logdir {Path(results['run_dir']) / 'tb'}")
+    print("\n".join(lines), flush=True)
+
+
+def run_eval(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="kdrun eval", description="Evaluate a kdrun checkpoint (top-1/top-5) "
+                                "on its data set's val split, with the config stored in the checkpoint.")
+    p.add_argument("checkpoint", help="last.pt, best.pt or a run directory (uses best.pt, else last.pt)")
+    p.add_argument("overrides", nargs="*", help="key=value changes to the stored config, e.g. dataset.root=/data")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: the stored trainer.accelerator)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    a = p.parse_args(argv)
+    try:
+        from kdrun.evaluate import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(a.checkpoint, a.overrides, a.device)
+    except _user_errors() as e:
+        report(e)
+        return
+    if a.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"val top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
+              f"({metrics['samples']} samples)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: kdrun {train,eval} ...\n\n"
+              "  train   train/distil a model: kdrun train [group=option ...] [key=value ...] [+recipe=NAME]\n"
+              "          (kdrun train --help lists the config groups and options)\n"
+              "  eval    evaluate a checkpoint: kdrun eval RUN_DIR|CHECKPOINT [key=value ...]")
+        sys.exit(0 if argv else 2)
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        run_train(rest)
+    elif cmd == "eval":
+        run_eval(rest)
+    else:
+        print(f"kdrun: unknown command '{cmd}'; valid commands are {', '.join(COMMANDS)}.", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,556 @@
+"""The training engine. One step reads like DTO-KD's Algorithm 1:
+
+    teacher forward (frozen, inference_mode) → student forward → named loss vector
+    → balancer (writes .grad) → optimiser step → balancer.after_step → log
+
+The engine owns the loop and nothing else: the *task* owns the loss terms, the objective grouping and
+evaluation; the *balancer* owns how the objective vector becomes an update; loss terms own their
+projectors. :func:`train` builds everything from a validated config, runs, and returns the results.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from kdrun import checkpoint as ckpt
+from kdrun import distributed as D
+from kdrun.balancers.base import Balancer, StepContext, StepResult
+from kdrun.balancers.gradients import Jacobian, compute_jacobian, diagnostics
+from kdrun.config import ConfigError, TrainerConfig, validate
+from kdrun.data.base import DataModule
+from kdrun.logger import Progress, RunLogger, to_floats
+from kdrun.losses.base import DistillLoss
+from kdrun.models.build import build_model, load_weights
+from kdrun.models.taps import ModelOutput, Tapped, freeze
+
+# ---------------------------------------------------------------------------------------------------
+# What DDP wraps: the student plus every trainable module of the loss terms (projectors, regressors).
+
+
+class Trainable(nn.Module):
+    """Student (+ distillation modules). ``forward`` returns the student output and the named terms."""
+
+    def __init__(self, student: Tapped, distill: dict[str, DistillLoss], weights: dict[str, float],
+                 task: Any) -> None:
+        super().__init__()
+        self.student = student
+        self.distill = nn.ModuleDict(distill)
+        self.weights = dict(weights)
+        self.task = task
+
+    def forward(self, x: Tensor, target: Tensor, teacher: ModelOutput | None,
+                with_distill: bool = True) -> tuple[ModelOutput, dict[str, Tensor]]:
+        s = self.student(x)
+        terms = self.task.losses(s, target)
+        if with_distill and teacher is not None:
+            for name, loss in self.distill.items():
+                w = self.weights.get(name, 1.0)
+                value = loss(s, teacher, target).float()
+                terms[name] = value * w if w != 1.0 else value
+        return s, terms
+
+
+def clone_output(out: ModelOutput) -> ModelOutput:
+    """Teacher outputs leave inference_mode as ordinary tensors, so losses may save them for backward."""
+    return ModelOutput(out.logits.clone(), {k: v.clone() for k, v in out.features.items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup helpers.
+
+
+def pick_device(accelerator: str) -> torch.device:
+    if accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.accelerator=cuda but no CUDA device is visible; use "
+                              "trainer.accelerator=cpu or auto.")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def freeze_bn_stats(module: nn.Module) -> Callable[[], None]:
+    """Snapshot BatchNorm running statistics; the returned function restores them. Used around the
+    extra no-grad forwards (recomputed or auxiliary losses) so that they leave the model untouched."""
+    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             and m.running_mean is not None]
+
+    def restore() -> None:
+        for m, mean, var, n in saved:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+
+    return restore
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    sampler: D.TrainSampler
+    aux: DataLoader | None = None
+    aux_sampler: D.TrainSampler | None = None
+
+
+def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.device,
+                 aux: bool) -> Loaders:
+    common = dict(num_workers=t.num_workers, pin_memory=t.pin_memory and device.type == "cuda",
+                  collate_fn=data.collate_fn)
+    if t.num_workers > 0:
+        common["persistent_workers"] = t.persistent_workers
+    if data.repeated_augmentation > 1:
+        from kdrun.data.samplers import RepeatAugSampler  # DeiT protocol
+
+        sampler = RepeatAugSampler(data.train, num_repeats=data.repeated_augmentation, seed=seed)
+    else:
+        sampler = D.TrainSampler(len(data.train), seed)
+    if len(sampler) < t.batch_size:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} is larger than the {len(sampler)} training "
+                          "samples per process; lower it.")
+    train = DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, drop_last=True, **common)
+    val = DataLoader(data.val, batch_size=t.val_batch_size or 2 * t.batch_size,
+                     sampler=D.EvalSampler(len(data.val)), **common)
+    out = Loaders(train, val, sampler)
+    if aux:  # cross-batch: an independently shuffled view of the same training set
+        out.aux_sampler = D.TrainSampler(len(data.train), seed + 104_729)
+        out.aux = DataLoader(data.train, batch_size=t.batch_size, sampler=out.aux_sampler, drop_last=True,
+                             **common)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, task: Any, device: torch.device,
+             precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
+    """Top-k accuracy and loss over every sample exactly once, summed across ranks."""
+    was_training = model.training
+    model.eval()
+    counts = None
+    with torch.inference_mode():
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                out = model(x)
+            logits = out.logits if isinstance(out, ModelOutput) else out
+            c = task.eval_counts(logits.float(), y)
+            counts = c if counts is None else counts + c
+    model.train(was_training)
+    if counts is None:
+        counts = torch.zeros(2 + len(task.topk), dtype=torch.float64, device=device)
+    return task.eval_metrics(D.all_reduce_sum(counts))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher.
+
+
+def teacher_checkpoint(cfg: DictConfig) -> Path | None:
+    p = cfg.teacher.get("checkpoint")
+    return Path(os.path.expanduser(str(p))) if p else None
+
+
+def fit_teacher(cfg: DictConfig, path: Path) -> None:
+    """Train the teacher with plain supervision (the same engine, no teacher, fixed balancer) and save
+    its weights to ``path``, so that the next run finds them."""
+    sub = copy.deepcopy(cfg)
+    OmegaConf.set_struct(sub, False)
+    sub.student = {"model": cfg.teacher.model, "checkpoint": None}
+    sub.teacher = None
+    sub.distill = {}
+    sub.balancer = {"_target_": "kdrun.balancers.fixed.Fixed"}
+    sub.task.objectives = None
+    sub.trainer.epochs = int(cfg.teacher.fit_if_missing_epochs)
+    sub.trainer.resume = None
+    sub.trainer.max_steps = -1
+    run_dir = path.with_suffix("").with_name(path.stem + "_fit")
+    print(f"[kdrun] no teacher checkpoint at {path}: training the teacher for "
+          f"{sub.trainer.epochs} epochs (run dir {run_dir})", flush=True)
+    results = train(sub, run_dir)
+    if D.is_main():
+        best = ckpt.load(run_dir / "last.pt")
+        ckpt.save_atomic({"student": best["student"], "config": best["config"],
+                          "val_top1": results["final"]["top1"]}, path)
+    D.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run.
+
+
+@dataclass
+class State:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    epoch_step: int = 0  # steps taken in the current epoch
+    best_top1: float = -math.inf
+    skipped: int = 0  # non-finite steps skipped
+    teacher: dict[str, float] | None = None  # teacher's val metrics, measured once
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Validate ``cfg``, build everything, train, and return the results (also in results.json)."""
+    cfg = copy.deepcopy(cfg)
+    validate(cfg)
+    t = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))  # validated above
+    lg = cfg.logger
+    run_dir = Path(run_dir)
+    main = D.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(t.accelerator)
+    seed = int(t.seed if t.seed is not None else cfg.get("seed", 0))
+    seed_everything(seed + D.rank())
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # -- data, teacher, student, loss terms, balancer ---------------------------------------------
+    data: DataModule = instantiate(cfg.dataset, _convert_="all")
+    task = instantiate(cfg.task, _convert_="all")
+    distill_cfg = {k: v for k, v in (cfg.get("distill") or {}).items()}
+    weights = {k: float(v.get("weight", 1.0)) for k, v in distill_cfg.items()}
+    distill: dict[str, DistillLoss] = {}
+    for name, node in distill_cfg.items():
+        node = copy.deepcopy(node)
+        OmegaConf.set_struct(node, False)
+        node.pop("weight", None)
+        distill[name] = instantiate(node, _convert_="all")
+
+    teacher: Tapped | None = None
+    if cfg.get("teacher") is not None:
+        path = teacher_checkpoint(cfg)
+        if path is not None and not path.is_file() and int(cfg.teacher.get("fit_if_missing_epochs", 0)) > 0:
+            fit_teacher(cfg, path)
+        t_model = build_model(cfg.teacher)
+        teacher = Tapped(freeze(t_model), [tp for d in distill.values() for tp in d.teacher_taps])
+        teacher.to(device)
+        freeze(teacher)
+        if t.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+    student = Tapped(build_model(cfg.student), [tp for d in distill.values() for tp in d.student_taps])
+    student.to(device)
+    if t.channels_last:
+        student.to(memory_format=torch.channels_last)
+
+    groups = task.objective_groups(distill)
+    balancer: Balancer = instantiate(cfg.balancer, _convert_="all")
+    balancer.bind(tuple(groups))
+    balancer.to(device)
+
+    loaders = make_loaders(data, t, seed, device, aux=balancer.needs_aux_batch)
+    steps_per_epoch = len(loaders.train)
+    total_steps = steps_per_epoch * t.epochs if t.max_steps < 0 else min(t.max_steps, steps_per_epoch * t.epochs)
+    balancer.total_steps = total_steps  # schedules inside balancers (e.g. distill_decay)
+    teacher_prec = t.precision if t.teacher_precision == "same" else t.teacher_precision
+
+    def teacher_forward(x: Tensor) -> ModelOutput | None:
+        if teacher is None:
+            return None
+        with torch.inference_mode(), autocast(device, teacher_prec):
+            out = teacher(x)
+        return clone_output(out)
+
+    # Probe one batch: loss terms build their shape-dependent modules (projectors) before the
+    # optimiser and DDP see the parameters.
+    if distill:
+        x0, _ = next(iter(DataLoader(data.train, batch_size=2)))
+        x0 = x0.to(device)
+        with torch.no_grad():
+            restore = freeze_bn_stats(student)
+            s0 = student(x0)
+            restore()
+        t0 = teacher_forward(x0)
+        shapes = lambda o: {"logits": o.logits.shape[1:], **{k: v.shape[1:] for k, v in o.features.items()}}
+        for d in distill.values():
+            d.setup(shapes(s0), shapes(t0))
+
+    trainable = Trainable(student, distill, weights, task).to(device)
+    model: nn.Module = trainable
+    if D.is_dist():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(trainable, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        model = torch.compile(model)
+    optimizer = instantiate(cfg.optimizer)(trainable)
+    scheduler = instantiate(cfg.scheduler)(optimizer, steps_per_epoch=steps_per_epoch, epochs=t.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    params = [p for p in trainable.parameters() if p.requires_grad]
+
+    # -- resume -----------------------------------------------------------------------------------
+    st = State()
+    resume_path = ckpt.find_resume(run_dir, t.resume)
+    if resume_path is not None:
+        s = ckpt.load(resume_path)
+        trainable.load_state_dict(s["trainable"])
+        optimizer.load_state_dict(s["optimizer"])
+        scheduler.load_state_dict(s["scheduler"])
+        balancer.load_state_dict(s["balancer"])
+        scaler.load_state_dict(s["scaler"])
+        st = State(epoch=s["epoch"], step=s["step"], epoch_step=s["epoch_step"], best_top1=s["best_top1"],
+                   skipped=s.get("skipped", 0), history=list(s.get("history", [])),
+                   teacher=s.get("teacher_metrics") or None)
+        ckpt.set_rng_state(s["rng"])
+        if main:
+            print(f"[kdrun] resumed from {resume_path} at epoch {st.epoch}, step {st.step}", flush=True)
+
+    logger = RunLogger(run_dir, lg.tensorboard, lg.jsonl, enabled=main,
+                       purge_step=st.step if resume_path is not None else None)
+    if main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if teacher is not None and st.teacher is None:
+        st.teacher = evaluate(teacher, loaders.val, task, device, teacher_prec, t.channels_last)
+        logger.log(0, {"teacher/val_top1": st.teacher["top1"], "teacher/val_top5": st.teacher["top5"]},
+                   kind="teacher")
+
+    def save(name: str, metrics: dict[str, float] | None = None) -> None:
+        if not main:
+            return
+        ckpt.save_atomic({
+            "format": ckpt.FORMAT,
+            "student": student.model.state_dict(),
+            "trainable": trainable.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "balancer": balancer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": st.epoch, "step": st.step, "epoch_step": st.epoch_step,
+            "best_top1": st.best_top1, "skipped": st.skipped, "history": st.history,
+            "teacher_metrics": st.teacher or {},
+            "rng": ckpt.rng_state(),
+            "config": OmegaConf.to_yaml(cfg),
+            "metrics": dict(metrics or {}),
+        }, run_dir / name)
+
+    # -- the step -----------------------------------------------------------------------------------
+    aux_iter: Iterator | None = None
+    aux_epoch = 0
+
+    def next_aux() -> tuple[Tensor, Tensor]:
+        nonlocal aux_iter, aux_epoch
+        assert loaders.aux is not None and loaders.aux_sampler is not None
+        while True:
+            if aux_iter is None:
+                loaders.aux_sampler.set_epoch(aux_epoch)
+                aux_iter = iter(loaders.aux)
+            try:
+                return next(aux_iter)
+            except StopIteration:
+                aux_iter, aux_epoch = None, aux_epoch + 1
+
+    def to_device(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    ddp_sync = (lambda: contextlib.nullcontext()) if (balancer.uses_ddp_backward or not D.is_dist()) \
+        else model.no_sync  # gradient-level balancers average their own Jacobians
+
+    def train_step(x: Tensor, y: Tensor) -> tuple[bool, dict[str, Tensor]]:
+        # 1. teacher forward (frozen, inference_mode)
+        t_out = teacher_forward(x)
+        if data.mixup is not None:
+            x, y = data.mixup(x, y)
+        # 2. student forward and 3. the named loss vector
+        with ddp_sync(), autocast(device, t.precision):
+            _, terms = model(x, y, t_out)
+        objectives = task.group(terms, groups)
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        diag_step = lg.grad_stats_every > 0 and st.step % lg.grad_stats_every == 0
+        cache: dict[str, Jacobian] = {}
+
+        def jacobian() -> Jacobian:
+            if "j" not in cache:
+                cache["j"] = compute_jacobian(objectives, params, retain_graph=diag_step, scale=scale,
+                                              all_reduce_mean=D.all_reduce_mean)
+            return cache["j"]
+
+        def aux_objectives() -> dict[str, Tensor]:
+            xa, ya = to_device(*next_aux())
+            restore = freeze_bn_stats(trainable)
+            with ddp_sync(), autocast(device, t.precision):
+                _, aterms = trainable(xa, ya, None, with_distill=False)
+            restore()
+            # Only objectives whose terms need no teacher (the task) exist on the auxiliary batch.
+            return task.group(aterms, {g: m for g, m in groups.items() if all(n in aterms for n in m)})
+
+        def recompute_objectives() -> dict[str, Tensor]:
+            restore = freeze_bn_stats(trainable)
+            with torch.no_grad(), autocast(device, t.precision):
+                _, rterms = trainable(x, y, t_out)
+            restore()
+            return {k: v.detach() for k, v in task.group(rterms, groups).items()}
+
+        ctx = StepContext(
+            step=st.step, objectives=objectives,
+            backward=lambda loss: scaler.scale(loss).backward(),
+            jacobian=jacobian,
+            gradients=lambda objs: compute_jacobian(objs, params, scale=scale, all_reduce_mean=D.all_reduce_mean),
+            aux_objectives=aux_objectives if balancer.needs_aux_batch else None,
+            recompute_objectives=recompute_objectives,
+            all_reduce_mean=D.all_reduce_mean,
+            diagnostics=diag_step,
+        )
+        if diag_step:
+            jacobian()
+        # 4. the balancer turns the loss vector into .grad
+        result: StepResult = balancer.step(ctx)
+        # 5. optimiser, unless the update is non-finite (then nothing changes but a counter)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        finite = bool(torch.isfinite(grad_norm).item())  # the one host sync per step
+        values: dict[str, Tensor] = {}
+        if finite:
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            balancer.after_step(ctx)
+        else:
+            if scaler.is_enabled():
+                scaler.update()  # fp16 overflow: lower the scale, as GradScaler does
+            elif t.nonfinite == "raise":
+                bad = [k for k, v in objectives.items() if not torch.isfinite(v).all()]
+                raise FloatingPointError(f"non-finite gradient at step {st.step} (objectives with non-finite "
+                                         f"values: {', '.join(bad) or 'none; the gradient overflowed'}).")
+            st.skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        if diag_step or (st.step + 1) % lg.log_every == 0:
+            values.update({f"loss/{k}": v.detach() for k, v in terms.items()})
+            values.update({f"objective/{k}": v.detach() for k, v in objectives.items()})
+            values.update({f"pi/{n}": result.weights[i].detach() for i, n in enumerate(balancer.objectives)})
+            values.update({f"balancer/{k}": v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
+                           for k, v in result.extras.items()})
+            if result.raw_weights is not None:
+                w = result.raw_weights.detach().to(device)
+                values["loss/total"] = (w * torch.stack([objectives[n].detach() for n in balancer.objectives])).sum()
+            values["grad/update_norm"] = grad_norm.detach() / scale
+            values["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
+            values["train/nonfinite_skipped"] = torch.tensor(float(st.skipped))
+            if diag_step:
+                j = cache["j"]
+                values.update(diagnostics(j.gram(), j.names, result.raw_weights, j.scale))
+        return finite, values
+
+    # -- the loop ------------------------------------------------------------------------------------
+    trainable.train()
+    progress = Progress(total_steps, enabled=main and lg.progress)
+    t_start = time.perf_counter()
+    images = 0
+    window_t, window_images = time.perf_counter(), 0
+    last_val: dict[str, float] = {}
+    stop = False
+    while st.epoch < t.epochs and not stop:
+        sampler = loaders.sampler
+        if isinstance(sampler, D.TrainSampler):
+            sampler.set_epoch(st.epoch, skip=st.epoch_step * t.batch_size)
+        else:
+            sampler.set_epoch(st.epoch)
+        for x, y in loaders.train:
+            x, y = to_device(x, y)
+            finite, values = train_step(x, y)
+            st.step += 1
+            st.epoch_step += 1
+            images += len(x) * D.world_size()
+            window_images += len(x) * D.world_size()
+            if values:
+                now = time.perf_counter()
+                values["train/images_per_s"] = torch.tensor(window_images / max(1e-9, now - window_t))
+                window_t, window_images = now, 0
+                vals = logger.log(st.step, values)
+                if vals:
+                    progress.update(st.step, f"ep {st.epoch + 1}/{t.epochs} "
+                                    f"loss {vals.get('loss/total', float('nan')):.4f}")
+            if 0 < t.max_steps <= st.step:
+                stop = True
+                break
+        else:
+            st.epoch += 1
+            st.epoch_step = 0
+        if stop and st.epoch_step == steps_per_epoch:  # max_steps landed on an epoch end
+            st.epoch, st.epoch_step = st.epoch + 1, 0
+        ended_epoch = st.epoch_step == 0
+        if ended_epoch and (st.epoch % t.val_every == 0 or st.epoch == t.epochs or stop):
+            last_val = evaluate(student, loaders.val, task, device, t.precision, t.channels_last)
+            st.history.append({"epoch": st.epoch, "step": st.step, **last_val})
+            logger.log(st.step, {"val/top1": last_val["top1"], "val/top5": last_val["top5"],
+                                 "val/loss": last_val["loss"], "epoch": st.epoch}, kind="val")
+            improved = last_val["top1"] > st.best_top1
+            st.best_top1 = max(st.best_top1, last_val["top1"])
+            if t.save_best and improved:
+                save("best.pt", last_val)
+        if t.save_last and (ended_epoch or stop):
+            save("last.pt", last_val)
+    progress.close()
+    if not last_val:  # resumed a finished run, or stopped mid-epoch: evaluate what we have
+        last_val = evaluate(student, loaders.val, task, device, t.precision, t.channels_last)
+    wall = time.perf_counter() - t_start
+    logger.close()
+    best = max(st.history, key=lambda h: h["top1"]) if st.history else last_val
+    results = {
+        "run_dir": str(run_dir),
+        "final": {"top1": last_val["top1"], "top5": last_val["top5"], "loss": last_val["loss"]},
+        "best": {"top1": best["top1"], "top5": best["top5"], "epoch": best.get("epoch")},
+        "teacher": None if st.teacher is None else {"top1": st.teacher["top1"], "top5": st.teacher["top5"]},
+        "epochs": st.epoch, "steps": st.step, "nonfinite_skipped": st.skipped,
+        "wall_time_s": wall, "images_per_s": images / max(wall, 1e-9),
+        "world_size": D.world_size(), "device": str(device),
+        "git_commit": git_commit(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results

@@ -1,0 +1,1 @@
+"""Distillation loss terms (the ``distill`` config group): one file per loss family."""

@@ -1,0 +1,77 @@
+"""Build the teacher and the student from their config nodes, and load their weights.
+
+A role node (``student``/``teacher``) is ``{model: <_target_ node>, checkpoint: PATH|null, ...}``.
+``model`` is instantiated with Hydra (any callable returning an ``nn.Module``: a timm model through
+``timm.create_model`` with ``pretrained``/``checkpoint_path``/``num_classes``, a CIFAR-zoo
+constructor, :class:`kdrun.models.convnet.ConvNet`). ``checkpoint`` loads local weights and accepts:
+
+* a kdrun checkpoint (``last.pt``/``best.pt``/an export): its ``student`` state_dict;
+* a benchmark checkpoint (CRD/RepDistiller, mdistiller, DeiT): a dict with ``model`` (or
+  ``state_dict``) holding the state_dict;
+* a bare state_dict.
+
+``module.`` prefixes (DDP) are stripped. Loading is strict: a mismatch names the missing and unexpected
+keys, which is how a checkpoint of another architecture is caught.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def load_file(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "it is truncated, corrupted or not a torch checkpoint. Earlier checkpoints in the same "
+            "directory are untouched."
+        ) from None
+
+
+def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("student", "model", "state_dict", "model_ema"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state_dict (looked for keys student, model, state_dict).")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    sd = extract_state_dict(load_file(path), path)
+    result = model.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {type(model).__name__}: missing keys [{show(result.missing_keys)}], "
+            f"unexpected keys [{show(result.unexpected_keys)}]. Is it a checkpoint of another architecture?"
+        )
+
+
+def build_model(node: DictConfig) -> nn.Module:
+    """Instantiate ``node.model`` and load ``node.checkpoint`` if set."""
+    model = instantiate(node.model, _convert_="all")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{node.model._target_} returned {type(model).__name__}, not an nn.Module")
+    if node.get("checkpoint"):
+        load_weights(model, node.checkpoint)
+    return model

@@ -1,0 +1,153 @@
+"""Feature taps: read named intermediate tensors from any model without editing its code.
+
+A *tap* is a name a loss or projector asks for (``"pre_logits"``, ``"stage2"``, ``"layer3.1"``). It is
+resolved against the model in this order:
+
+1. ``"logits"`` is the model's output itself;
+2. ``"pre_logits"`` is the *input* of the model's classifier (``model.get_classifier()`` for timm
+   models, else the module named by the model's ``CLASSIFIER`` attribute or one of ``fc``,
+   ``classifier``, ``head``, ``linear``);
+3. a name in the model's declared ``FEATURE_TAPS`` map (``{"stage2": "layer2"}``) is that module's
+   output;
+4. any other name is a dotted module path (``"layer3.1.conv2"``); a ``":input"`` suffix takes the
+   module's input instead of its output.
+
+Taps are captured with forward hooks, so they work for every ``nn.Module`` and under DDP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+CLASSIFIER_NAMES = ("fc", "classifier", "head", "linear")
+
+
+@dataclass
+class ModelOutput:
+    """What a tapped model returns: its logits and the features that were asked for."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+    def detach(self) -> "ModelOutput":
+        return ModelOutput(self.logits.detach(), {k: v.detach() for k, v in self.features.items()})
+
+
+class TapError(ValueError):
+    """A tap name that resolves to nothing in the model."""
+
+
+def classifier_module(model: nn.Module) -> tuple[str, nn.Module]:
+    """The model's final classifier, as (dotted name, module)."""
+    getter = getattr(model, "get_classifier", None)
+    if callable(getter):
+        clf = getter()
+        for name, mod in model.named_modules():
+            if mod is clf:
+                return name, mod
+    declared = getattr(model, "CLASSIFIER", None)
+    for name in ([declared] if declared else []) + list(CLASSIFIER_NAMES):
+        mod = _get(model, name)
+        if mod is not None:
+            return name, mod
+    raise TapError(
+        f"{type(model).__name__} has no recognisable classifier (looked for get_classifier(), "
+        f"CLASSIFIER, {', '.join(CLASSIFIER_NAMES)}); declare CLASSIFIER = '<module path>' on the class "
+        "or tap a module path instead of 'pre_logits'."
+    )
+
+
+def _get(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def resolve_tap(model: nn.Module, tap: str) -> tuple[str, bool]:
+    """Resolve a tap name to (module path, take_input)."""
+    if tap == "pre_logits":
+        return classifier_module(model)[0], True
+    declared: dict[str, str] = dict(getattr(model, "FEATURE_TAPS", {}) or {})
+    path = declared.get(tap, tap)
+    take_input = path.endswith(":input")
+    path = path.removesuffix(":input")
+    if _get(model, path) is None:
+        choices = ["logits", "pre_logits", *declared]
+        raise TapError(
+            f"tap '{tap}' does not name a module of {type(model).__name__}; valid taps are "
+            f"{', '.join(choices)} or any dotted module path (e.g. "
+            f"{', '.join(n for n, _ in list(model.named_children())[:4])})."
+        )
+    return path, take_input
+
+
+class Tapped(nn.Module):
+    """Wrap ``model`` so that calling it returns :class:`ModelOutput` with the requested taps.
+
+    The wrapped model is kept as ``self.model`` so that its state_dict keys are ``model.<...>``;
+    :func:`kdrun.checkpoint` strips that prefix when exporting.
+    """
+
+    def __init__(self, model: nn.Module, taps: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.model = model
+        self._store: dict[str, Tensor] = {}
+        self._handles: list[Any] = []
+        self.taps: tuple[str, ...] = ()
+        self.set_taps(taps)
+
+    def set_taps(self, taps: Iterable[str]) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.taps = tuple(dict.fromkeys(t for t in taps if t != "logits"))
+        for tap in self.taps:
+            path, take_input = resolve_tap(self.model, tap)
+            module = self.model.get_submodule(path)
+            if take_input:
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(tap)))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(tap)))
+
+    def _hook(self, tap: str):
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            self._store[tap] = out[0] if isinstance(out, (tuple, list)) else out
+
+        return hook
+
+    def _pre_hook(self, tap: str):
+        def hook(_m: nn.Module, inp: Any) -> None:
+            self._store[tap] = inp[0] if isinstance(inp, (tuple, list)) else inp
+
+        return hook
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        self._store = {}
+        out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            # timm's distilled DeiT returns (cls_logits, dist_logits) in training mode.
+            logits, extra = out[0], out[1:]
+            feats = dict(self._store)
+            if extra:
+                feats["dist_logits"] = extra[0]
+        else:
+            logits, feats = out, dict(self._store)
+        self._store = {}
+        return ModelOutput(logits, feats)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze a teacher: eval mode, no parameter needs grad."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Optimisers and learning-rate schedules (the ``optimizer`` and ``scheduler`` config groups)."""

@@ -1,0 +1,1 @@
+"""Tasks (the ``task`` config group): own the task loss, the objective grouping and evaluation."""

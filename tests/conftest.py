@@ -1,0 +1,65 @@
+"""Shared fixtures: config composition, an isolated teacher cache, quick digits runs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("KDRUN_CACHE", str(Path(__file__).resolve().parent / ".cache"))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from kdrun.cli import config_dir  # noqa: E402
+
+CONF = config_dir()
+
+# A digits run that takes seconds: small images, few steps, diagnostics on every 5th step.
+QUICK = [
+    "trainer.accelerator=cpu",
+    "trainer.batch_size=64",
+    "logger.log_every=5",
+    "logger.grad_stats_every=5",
+    "logger.progress=false",
+    "scheduler=constant",
+]
+
+
+def compose_cfg(overrides: list[str] = ()) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return cfg
+
+
+def run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    from kdrun.engine import train
+
+    return train(compose_cfg(list(overrides)), run_dir)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A digits ConvNet teacher trained once per session (the quickstart's fit-if-missing path)."""
+    path = tmp_path_factory.mktemp("teacher") / "convnet_l.pt"
+    run(["teacher=convnet_l", f"teacher.checkpoint={path}", "teacher.fit_if_missing_epochs=4",
+         "distill=kl", "trainer.epochs=1", "trainer.max_steps=1", *QUICK],
+        tmp_path_factory.mktemp("fit_probe"))
+    assert path.is_file()
+    return str(path)
+
+
+def event_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Read back every scalar TensorBoard wrote in ``run_dir/tb``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def to_plain(cfg: DictConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
