@@ -450,7 +450,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         # 5. optimiser, unless the update is non-finite (then nothing changes but a counter)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        finite = bool(torch.isfinite(grad_norm).item())  # the one host sync per step
+        # A non-finite objective can still give finite gradients (a NaN constant has zero gradient):
+        # both must be finite for the step to count. This is the one host sync per step.
+        loss_vec = torch.stack([v.detach().float() for v in objectives.values()])
+        finite = bool((torch.isfinite(grad_norm) & torch.isfinite(loss_vec).all()).item())
         values: dict[str, Tensor] = {}
         if finite:
             if t.grad_clip > 0:

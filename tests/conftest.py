@@ -25,7 +25,9 @@ QUICK = [
     "logger.log_every=5",
     "logger.grad_stats_every=5",
     "logger.progress=false",
-    "scheduler=constant",
+    "scheduler=cosine",
+    "scheduler.warmup_epochs=0",
+    "scheduler.min_lr_ratio=0",
 ]
 
 
