@@ -55,16 +55,27 @@ def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> di
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    sd = extract_state_dict(load_file(path), path)
-    result = model.load_state_dict(sd, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+def check_fits(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
         raise CheckpointError(
-            f"checkpoint {path} does not fit {type(model).__name__}: missing keys [{show(result.missing_keys)}], "
-            f"unexpected keys [{show(result.unexpected_keys)}]. Is it a checkpoint of another architecture?"
+            f"checkpoint {path} does not fit {type(model).__name__}: missing keys [{show(missing)}], "
+            f"unexpected keys [{show(unexpected)}], shape mismatches (checkpoint vs model) [{show(shapes)}]. "
+            "Is it a checkpoint of another architecture or class count?"
         )
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    sd = extract_state_dict(load_file(path), path)
+    check_fits(model, sd, path)
+    model.load_state_dict(sd)
 
 
 def build_model(node: DictConfig) -> nn.Module:

@@ -9,7 +9,8 @@ resolved against the model in this order:
    ``classifier``, ``head``, ``linear``);
 3. a name in the model's declared ``FEATURE_TAPS`` map (``{"stage2": "layer2"}``) is that module's
    output;
-4. any other name is a dotted module path (``"layer3.1.conv2"``); a ``":input"`` suffix takes the
+4. ``"dist_logits"`` is the distillation-token head's logits of timm's distilled DeiT;
+5. any other name is a dotted module path (``"layer3.1.conv2"``); a ``":input"`` suffix takes the
    module's input instead of its output.
 
 Taps are captured with forward hooks, so they work for every ``nn.Module`` and under DDP.
@@ -45,6 +46,8 @@ def classifier_module(model: nn.Module) -> tuple[str, nn.Module]:
     getter = getattr(model, "get_classifier", None)
     if callable(getter):
         clf = getter()
+        if isinstance(clf, (tuple, list)):  # distilled DeiT: (head, head_dist); the class head first
+            clf = clf[0]
         for name, mod in model.named_modules():
             if mod is clf:
                 return name, mod
@@ -105,7 +108,16 @@ class Tapped(nn.Module):
             h.remove()
         self._handles = []
         self.taps = tuple(dict.fromkeys(t for t in taps if t != "logits"))
+        if "dist_logits" in self.taps:
+            # DeiT's distillation-token head: timm returns (cls, dist) logits in training mode only
+            # after set_distilled_training(True); in eval mode it returns their average, as DeiT does.
+            if not hasattr(self.model, "set_distilled_training"):
+                raise TapError(f"tap 'dist_logits' needs a model with a distillation token (timm's "
+                               f"deit_*_distilled_*); {type(self.model).__name__} has none.")
+            self.model.set_distilled_training(True)
         for tap in self.taps:
+            if tap == "dist_logits":
+                continue
             path, take_input = resolve_tap(self.model, tap)
             module = self.model.get_submodule(path)
             if take_input:

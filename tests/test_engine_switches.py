@@ -1,0 +1,31 @@
+"""Precision, memory-format and data-loading switches each run and train."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdrun import checkpoint as ckpt
+from tests.conftest import QUICK, run
+
+
+@pytest.mark.parametrize("switches", [
+    ["trainer.precision=bf16"],
+    ["trainer.precision=fp16"],
+    ["trainer.precision=bf16", "trainer.teacher_precision=fp32"],
+    ["trainer.channels_last=true"],
+    ["trainer.num_workers=2"],
+    ["trainer.grad_clip=0.1"],
+    ["optimizer=adamw", "scheduler=cosine", "scheduler.warmup_epochs=0.1"],
+], ids=lambda s: ",".join(s))
+def test_switch_runs(digits_teacher: str, tmp_path: Path, switches: list[str]) -> None:
+    res = run(["teacher=convnet_l", f"teacher.checkpoint={digits_teacher}", "distill=kl", *QUICK,
+               "trainer.max_steps=6", "trainer.epochs=1", *switches], tmp_path)
+    assert res["steps"] == 6
+    assert math.isfinite(res["final"]["loss"])
+    state = ckpt.load(tmp_path / "last.pt")
+    if "trainer.precision=fp16" in switches:
+        assert state["scaler"]["scale"] > 0
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
