@@ -1,0 +1,85 @@
+"""Decoupled Knowledge Distillation (Zhao, Cui, Song, Qiu & Liang, CVPR 2022).
+
+The KD loss is split at the target class t. With p = softmax(z / T) for student (s) and teacher (𝒯):
+
+* binary probabilities b = (p_t, 1 − p_t) and TCKD = KL(b^𝒯 ‖ b^s);
+* the distribution over the non-target classes p̂_c = p_c / (1 − p_t), c ≠ t, and NCKD = KL(p̂^𝒯 ‖ p̂^s);
+
+    ℓ = w(step) · T² · (α · TCKD + β · NCKD),   averaged over the batch,
+
+with w(step) = min((step + 1) / warmup_steps, 1) the linear warm-up of the official code (mdistiller
+multiplies by min(epoch / 20, 1)). Everything is computed from log-sum-exps in fp32, so p_t → 1 does not
+produce log 0 (mdistiller takes ``log`` of the summed binary probabilities).
+
+Defaults follow mdistiller's CIFAR-100 configuration (``CFG.DKD``): α = 1, β = 8, T = 4, warm-up 20
+epochs. The engine counts optimiser steps, so the warm-up is given in steps (``warmup_steps``) and the
+term reads ``self.progress_step``, **which the engine must set before each forward** to the 0-based
+index of the current optimiser step (it stays 0 otherwise, i.e. the first warm-up value forever).
+``conf/distill/dkd.yaml`` uses 15640 steps = 20 epochs × 782 steps (CIFAR-100's 50 000 images at
+mdistiller's batch size 64); scale it to your data. ``warmup_steps: 0`` disables the warm-up.
+
+Note: a balancer that works on log L (MoKD/DTO-style ∇log L) is blind to a multiplicative warm-up,
+since ∇log(w·L) = ∇log L.
+
+Targets must be class indices ``[B]``; soft targets ``[B, C]`` (mixup) are reduced to their arg-max,
+because DKD needs one target class per sample.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdrun.config import Ge, Gt
+from kdrun.losses._common import warmup_factor
+from kdrun.losses.base import DistillLoss, tap
+from kdrun.models.taps import ModelOutput
+
+
+def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float, beta: float,
+             temperature: float) -> Tensor:
+    """T² · (α · TCKD + β · NCKD), mean over the batch (no warm-up)."""
+    t = temperature
+    zs = student_logits.float() / t
+    zt = teacher_logits.detach().float() / t
+    if target.dim() > 1:
+        target = target.argmax(dim=-1)
+    gt = F.one_hot(target.long(), zs.shape[-1]).bool()
+    neg_inf = torch.finfo(zs.dtype).min
+
+    def binary_log_probs(z: Tensor) -> Tensor:
+        lse = torch.logsumexp(z, dim=-1)
+        log_target = z.masked_select(gt) - lse
+        log_other = torch.logsumexp(z.masked_fill(gt, neg_inf), dim=-1) - lse
+        return torch.stack([log_target, log_other], dim=-1)
+
+    log_bs, log_bt = binary_log_probs(zs), binary_log_probs(zt)
+    tckd = (log_bt.exp() * (log_bt - log_bs)).sum(-1)
+    # Non-target distribution: the target logit is pushed to -1e4 so that its probability is exactly 0
+    # (finite, unlike -inf, so 0·(log 0 − log 0) never appears).
+    log_ps_other = F.log_softmax(zs.masked_fill(gt, -1e4), dim=-1)
+    log_pt_other = F.log_softmax(zt.masked_fill(gt, -1e4), dim=-1)
+    nckd = (log_pt_other.exp() * (log_pt_other - log_ps_other)).sum(-1)
+    return (alpha * tckd + beta * nckd).mean() * (t * t)
+
+
+class DKD(DistillLoss):
+    def __init__(self, alpha: Annotated[float, Ge(0.0)] = 1.0, beta: Annotated[float, Ge(0.0)] = 8.0,
+                 temperature: Annotated[float, Gt(0.0)] = 4.0, warmup_steps: Annotated[int, Ge(0)] = 0,
+                 student_logits: Literal["logits", "dist_logits"] = "logits") -> None:
+        super().__init__()
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+        self.warmup_steps = int(warmup_steps)
+        self.student_logits = student_logits
+        self.student_taps = (student_logits,)
+        self.teacher_taps = ("logits",)
+        self.progress_step = 0  # set by the engine: 0-based index of the current optimiser step
+
+    def forward(self, s: ModelOutput, t: ModelOutput, target: Tensor) -> Tensor:
+        loss = dkd_loss(tap(s, self.student_logits), t.logits, target, self.alpha, self.beta,
+                        self.temperature)
+        return loss * warmup_factor(self.progress_step, self.warmup_steps)

@@ -1,0 +1,1 @@
+"""Distillation loss terms (kdrun.losses): values, minima, gradients, batch structure, configs."""

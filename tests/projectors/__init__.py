@@ -1,0 +1,1 @@
+"""Projectors (kdrun.projectors): shapes, teacher normalisation, orthogonality, configs."""
