@@ -62,20 +62,23 @@ def run_train(argv: list[str]) -> None:
             report(e)
             return None
         summarise(results)
-        return results["final"]["top1"]
+        return results["final"][results["primary_metric"]]
 
     sys.argv = ["kdrun train", *argv]
     _main()
 
 
 def summarise(results: dict) -> None:
-    t = results.get("teacher")
+    """The figures a user looks for first, then where everything else is."""
+    def fmt(m: dict) -> str:
+        return "   ".join(f"{k} {v:6.2f}" for k, v in m.items() if k not in ("loss", "epoch", "samples"))
+
+    t, f, b = results.get("teacher"), results["final"], results["best"]
+    key = results.get("primary_metric", "top1")
     lines = ["", "kdrun: done."]
     if t:
-        lines.append(f"  teacher  val top-1 {t['top1']:6.2f}   top-5 {t['top5']:6.2f}")
-    f, b = results["final"], results["best"]
-    lines.append(f"  student  val top-1 {f['top1']:6.2f}   top-5 {f['top5']:6.2f}   "
-                 f"(best {b['top1']:.2f} at epoch {b['epoch']})")
+        lines.append(f"  teacher  val {fmt(t)}")
+    lines.append(f"  student  val {fmt(f)}   (best {key} {b[key]:.2f} at epoch {b['epoch']})")
     lines.append(f"  {results['steps']} steps in {results['wall_time_s']:.1f} s, "
                  f"{results['images_per_s']:.0f} images/s")
     lines.append(f"  run dir  {results['run_dir']}")
@@ -101,8 +104,7 @@ def run_eval(argv: list[str]) -> None:
     if a.json:
         print(json.dumps(metrics))
     else:
-        print(f"val top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
-              f"({metrics['samples']} samples)")
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 
 def main(argv: list[str] | None = None) -> None:

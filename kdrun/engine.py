@@ -38,6 +38,9 @@ from kdrun.logger import Progress, RunLogger, to_floats
 from kdrun.losses.base import DistillLoss
 from kdrun.models.build import build_model, load_weights
 from kdrun.models.taps import ModelOutput, Tapped, freeze
+from kdrun.tasks.base import group
+
+TASK_API = 1  # tasks are used only through kdrun.tasks.base.Task
 
 # ---------------------------------------------------------------------------------------------------
 # What DDP wraps: the student plus every trainable module of the loss terms (projectors, regressors).
@@ -45,6 +48,12 @@ from kdrun.models.taps import ModelOutput, Tapped, freeze
 
 class Trainable(nn.Module):
     """Student (+ distillation modules). ``forward`` returns the student output and the named terms."""
+
+    def set_progress(self, step: int) -> None:
+        """Tell step-scheduled terms (DKD/ReviewKD warm-up) the current 0-based optimiser step."""
+        for loss in self.distill.values():
+            if hasattr(loss, "progress_step"):
+                loss.progress_step = step
 
     def __init__(self, student: Tapped, distill: dict[str, DistillLoss], weights: dict[str, float],
                  task: Any) -> None:
@@ -55,13 +64,15 @@ class Trainable(nn.Module):
         self.task = task
 
     def forward(self, x: Tensor, target: Tensor, teacher: ModelOutput | None,
-                with_distill: bool = True) -> tuple[ModelOutput, dict[str, Tensor]]:
+                with_distill: bool = True, index: Tensor | None = None) -> tuple[ModelOutput, dict[str, Tensor]]:
         s = self.student(x)
         terms = self.task.losses(s, target)
         if with_distill and teacher is not None:
             for name, loss in self.distill.items():
                 w = self.weights.get(name, 1.0)
-                value = loss(s, teacher, target).float()
+                # CRD-style terms need each sample's position in the training set (its memory slot).
+                kw = {"index": index} if getattr(loss, "needs_index", False) else {}
+                value = loss(s, teacher, target, **kw).float()
                 terms[name] = value * w if w != 1.0 else value
         return s, terms
 
@@ -124,6 +135,20 @@ def freeze_bn_stats(module: nn.Module) -> Callable[[], None]:
     return restore
 
 
+class IndexedDataset(torch.utils.data.Dataset):
+    """Yields ``(x, y, index)``: for loss terms that keep per-sample state (CRD's memory bank)."""
+
+    def __init__(self, base: torch.utils.data.Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        x, y = self.base[i][:2]
+        return x, y, i
+
+
 @dataclass
 class Loaders:
     train: DataLoader
@@ -134,9 +159,9 @@ class Loaders:
 
 
 def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.device,
-                 aux: bool) -> Loaders:
+                 aux: bool, with_index: bool = False, task: Any = None) -> Loaders:
     common = dict(num_workers=t.num_workers, pin_memory=t.pin_memory and device.type == "cuda",
-                  collate_fn=data.collate_fn)
+                  collate_fn=data.collate_fn or getattr(task, "collate_fn", None))
     if t.num_workers > 0:
         common["persistent_workers"] = t.persistent_workers
     if data.repeated_augmentation > 1:
@@ -148,7 +173,8 @@ def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.de
     if len(sampler) < t.batch_size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is larger than the {len(sampler)} training "
                           "samples per process; lower it.")
-    train = DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, drop_last=True, **common)
+    train_set = IndexedDataset(data.train) if with_index else data.train
+    train = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=True, **common)
     val = DataLoader(data.val, batch_size=t.val_batch_size or 2 * t.batch_size,
                      sampler=D.EvalSampler(len(data.val)), **common)
     out = Loaders(train, val, sampler)
@@ -163,27 +189,11 @@ def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.de
 # Evaluation.
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, task: Any, device: torch.device,
              precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
-    """Top-k accuracy and loss over every sample exactly once, summed across ranks."""
-    was_training = model.training
-    model.eval()
-    counts = None
-    with torch.inference_mode():
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                out = model(x)
-            logits = out.logits if isinstance(out, ModelOutput) else out
-            c = task.eval_counts(logits.float(), y)
-            counts = c if counts is None else counts + c
-    model.train(was_training)
-    if counts is None:
-        counts = torch.zeros(2 + len(task.topk), dtype=torch.float64, device=device)
-    return task.eval_metrics(D.all_reduce_sum(counts))
+    """The task's val metrics for ``model`` (every sample once, reduced across ranks)."""
+    return task.evaluate(model, loader, device, lambda: autocast(device, precision),
+                         channels_last=channels_last)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,7 +225,7 @@ def fit_teacher(cfg: DictConfig, path: Path) -> None:
     if D.is_main():
         best = ckpt.load(run_dir / "last.pt")
         ckpt.save_atomic({"student": best["student"], "config": best["config"],
-                          "val_top1": results["final"]["top1"]}, path)
+                          "val_metrics": results["final"]}, path)
     D.barrier()
 
 
@@ -228,7 +238,7 @@ class State:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
     epoch_step: int = 0  # steps taken in the current epoch
-    best_top1: float = -math.inf
+    best_metric: float = -math.inf  # the task's primary metric (top-1, AP)
     skipped: int = 0  # non-finite steps skipped
     teacher: dict[str, float] | None = None  # teacher's val metrics, measured once
     history: list[dict[str, float]] = field(default_factory=list)
@@ -288,7 +298,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     balancer.bind(tuple(groups))
     balancer.to(device)
 
-    loaders = make_loaders(data, t, seed, device, aux=balancer.needs_aux_batch)
+    loaders = make_loaders(data, t, seed, device, aux=balancer.needs_aux_batch,
+                           with_index=any(getattr(d, "needs_index", False) for d in distill.values()),
+                           task=task)
     steps_per_epoch = len(loaders.train)
     total_steps = steps_per_epoch * t.epochs if t.max_steps < 0 else min(t.max_steps, steps_per_epoch * t.epochs)
     balancer.total_steps = total_steps  # schedules inside balancers (e.g. distill_decay)
@@ -304,8 +316,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # Probe one batch: loss terms build their shape-dependent modules (projectors) before the
     # optimiser and DDP see the parameters.
     if distill:
-        x0, _ = next(iter(DataLoader(data.train, batch_size=2)))
-        x0 = x0.to(device)
+        probe = DataLoader(data.train, batch_size=2, collate_fn=data.collate_fn or getattr(task, "collate_fn", None))
+        x0, _, _ = task.batch_to_device(next(iter(probe)), device)
         with torch.no_grad():
             restore = freeze_bn_stats(student)
             s0 = student(x0)
@@ -313,6 +325,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         t0 = teacher_forward(x0)
         shapes = lambda o: {"logits": o.logits.shape[1:], **{k: v.shape[1:] for k, v in o.features.items()}}
         for d in distill.values():
+            if getattr(d, "needs_index", False) and getattr(d, "num_data", None) is None:
+                d.num_data = len(data.train)  # one memory slot per training sample (CRD)
             d.setup(shapes(s0), shapes(t0))
 
     trainable = Trainable(student, distill, weights, task).to(device)
@@ -320,7 +334,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if D.is_dist():
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(trainable, device_ids=[device.index] if device.type == "cuda" else None)
+        # broadcast_buffers=False: BatchNorm statistics stay per rank (use SyncBatchNorm to share
+        # them) and large loss buffers (CRD's memory bank) are not re-sent every step.
+        model = DDP(trainable, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False)
     if t.compile:
         model = torch.compile(model)
     optimizer = instantiate(cfg.optimizer)(trainable)
@@ -338,7 +355,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         scheduler.load_state_dict(s["scheduler"])
         balancer.load_state_dict(s["balancer"])
         scaler.load_state_dict(s["scaler"])
-        st = State(epoch=s["epoch"], step=s["step"], epoch_step=s["epoch_step"], best_top1=s["best_top1"],
+        st = State(epoch=s["epoch"], step=s["step"], epoch_step=s["epoch_step"], best_metric=s["best_metric"],
                    skipped=s.get("skipped", 0), history=list(s.get("history", [])),
                    teacher=s.get("teacher_metrics") or None)
         ckpt.set_rng_state(s["rng"])
@@ -351,8 +368,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     if teacher is not None and st.teacher is None:
         st.teacher = evaluate(teacher, loaders.val, task, device, teacher_prec, t.channels_last)
-        logger.log(0, {"teacher/val_top1": st.teacher["top1"], "teacher/val_top5": st.teacher["top5"]},
-                   kind="teacher")
+        logger.log(0, {f"teacher/val_{k}": st.teacher[k] for k in task.metric_keys}, kind="teacher")
 
     def save(name: str, metrics: dict[str, float] | None = None) -> None:
         if not main:
@@ -366,7 +382,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "balancer": balancer.state_dict(),
             "scaler": scaler.state_dict(),
             "epoch": st.epoch, "step": st.step, "epoch_step": st.epoch_step,
-            "best_top1": st.best_top1, "skipped": st.skipped, "history": st.history,
+            "best_metric": st.best_metric, "skipped": st.skipped, "history": st.history,
             "teacher_metrics": st.teacher or {},
             "rng": ckpt.rng_state(),
             "config": OmegaConf.to_yaml(cfg),
@@ -389,24 +405,25 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             except StopIteration:
                 aux_iter, aux_epoch = None, aux_epoch + 1
 
-    def to_device(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if t.channels_last:
+    def to_device(batch: Any) -> tuple[Any, Any, Tensor | None]:
+        x, y, idx = task.batch_to_device(batch, device)
+        if t.channels_last and isinstance(x, Tensor):
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+        return x, y, idx
 
     ddp_sync = (lambda: contextlib.nullcontext()) if (balancer.uses_ddp_backward or not D.is_dist()) \
         else model.no_sync  # gradient-level balancers average their own Jacobians
 
-    def train_step(x: Tensor, y: Tensor) -> tuple[bool, dict[str, Tensor]]:
+    def train_step(x: Any, y: Any, idx: Tensor | None) -> tuple[bool, dict[str, Tensor]]:
+        trainable.set_progress(st.step)
         # 1. teacher forward (frozen, inference_mode)
         t_out = teacher_forward(x)
         if data.mixup is not None:
             x, y = data.mixup(x, y)
         # 2. student forward and 3. the named loss vector
         with ddp_sync(), autocast(device, t.precision):
-            _, terms = model(x, y, t_out)
-        objectives = task.group(terms, groups)
+            _, terms = model(x, y, t_out, index=idx)
+        objectives = group(terms, groups)
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         diag_step = lg.grad_stats_every > 0 and st.step % lg.grad_stats_every == 0
         cache: dict[str, Jacobian] = {}
@@ -417,21 +434,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                               all_reduce_mean=D.all_reduce_mean)
             return cache["j"]
 
+        restores: list[Callable[[], None]] = []
+
         def aux_objectives() -> dict[str, Tensor]:
-            xa, ya = to_device(*next_aux())
-            restore = freeze_bn_stats(trainable)
+            xa, ya, _ = to_device(next_aux())
+            # The auxiliary forward must not move BatchNorm statistics; they are restored after the
+            # balancer step, because its backward still needs the saved tensors.
+            restores.append(freeze_bn_stats(trainable))
             with ddp_sync(), autocast(device, t.precision):
                 _, aterms = trainable(xa, ya, None, with_distill=False)
-            restore()
             # Only objectives whose terms need no teacher (the task) exist on the auxiliary batch.
-            return task.group(aterms, {g: m for g, m in groups.items() if all(n in aterms for n in m)})
+            return group(aterms, {g: m for g, m in groups.items() if all(n in aterms for n in m)})
 
         def recompute_objectives() -> dict[str, Tensor]:
             restore = freeze_bn_stats(trainable)
             with torch.no_grad(), autocast(device, t.precision):
-                _, rterms = trainable(x, y, t_out)
+                _, rterms = trainable(x, y, t_out, index=idx)
             restore()
-            return {k: v.detach() for k, v in task.group(rterms, groups).items()}
+            return {k: v.detach() for k, v in group(rterms, groups).items()}
 
         ctx = StepContext(
             step=st.step, objectives=objectives,
@@ -447,6 +467,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             jacobian()
         # 4. the balancer turns the loss vector into .grad
         result: StepResult = balancer.step(ctx)
+        for restore in restores:
+            restore()
         # 5. optimiser, unless the update is non-finite (then nothing changes but a counter)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -502,13 +524,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             sampler.set_epoch(st.epoch, skip=st.epoch_step * t.batch_size)
         else:
             sampler.set_epoch(st.epoch)
-        for x, y in loaders.train:
-            x, y = to_device(x, y)
-            finite, values = train_step(x, y)
+        for batch in loaders.train:
+            x, y, idx = to_device(batch)
+            finite, values = train_step(x, y, idx)
             st.step += 1
             st.epoch_step += 1
-            images += len(x) * D.world_size()
-            window_images += len(x) * D.world_size()
+            n_images = task.batch_size(x) * D.world_size()
+            images += n_images
+            window_images += n_images
             if values:
                 now = time.perf_counter()
                 values["train/images_per_s"] = torch.tensor(window_images / max(1e-9, now - window_t))
@@ -529,10 +552,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if ended_epoch and (st.epoch % t.val_every == 0 or st.epoch == t.epochs or stop):
             last_val = evaluate(student, loaders.val, task, device, t.precision, t.channels_last)
             st.history.append({"epoch": st.epoch, "step": st.step, **last_val})
-            logger.log(st.step, {"val/top1": last_val["top1"], "val/top5": last_val["top5"],
-                                 "val/loss": last_val["loss"], "epoch": st.epoch}, kind="val")
-            improved = last_val["top1"] > st.best_top1
-            st.best_top1 = max(st.best_top1, last_val["top1"])
+            logger.log(st.step, {**{f"val/{k}": last_val[k] for k in task.metric_keys}, "epoch": st.epoch},
+                       kind="val")
+            improved = last_val[task.primary_metric] > st.best_metric
+            st.best_metric = max(st.best_metric, last_val[task.primary_metric])
             if t.save_best and improved:
                 save("best.pt", last_val)
         if t.save_last and (ended_epoch or stop):
@@ -542,12 +565,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         last_val = evaluate(student, loaders.val, task, device, t.precision, t.channels_last)
     wall = time.perf_counter() - t_start
     logger.close()
-    best = max(st.history, key=lambda h: h["top1"]) if st.history else last_val
+    best = max(st.history, key=lambda h: h[task.primary_metric]) if st.history else last_val
     results = {
         "run_dir": str(run_dir),
-        "final": {"top1": last_val["top1"], "top5": last_val["top5"], "loss": last_val["loss"]},
-        "best": {"top1": best["top1"], "top5": best["top5"], "epoch": best.get("epoch")},
-        "teacher": None if st.teacher is None else {"top1": st.teacher["top1"], "top5": st.teacher["top5"]},
+        "primary_metric": task.primary_metric,
+        "final": {k: last_val[k] for k in task.metric_keys},
+        "best": {**{k: best[k] for k in task.metric_keys}, "epoch": best.get("epoch")},
+        "teacher": None if st.teacher is None else {k: st.teacher[k] for k in task.metric_keys},
         "epochs": st.epoch, "steps": st.step, "nonfinite_skipped": st.skipped,
         "wall_time_s": wall, "images_per_s": images / max(wall, 1e-9),
         "world_size": D.world_size(), "device": str(device),

@@ -40,5 +40,5 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), device: str
     model = build_model(OmegaConf.create({"model": cfg.student.model, "checkpoint": None}))
     model.load_state_dict(extract_state_dict(state, p))
     model.to(dev)
-    loaders = make_loaders(data, t, 0, dev, aux=False)
+    loaders = make_loaders(data, t, 0, dev, aux=False, task=task)
     return evaluate(model, loaders.val, task, dev, t.precision, t.channels_last)

@@ -111,5 +111,5 @@ def test_cli_errors_are_one_paragraph_without_traceback() -> None:
 def test_cli_help_lists_groups_and_options() -> None:
     r = _kdrun("train", "--help")
     assert r.returncode == 0
-    for line in ("balancer: fixed", "dataset: ", "student: ", "recipe: ", "quickstart"):
+    for line in ("balancer: ", "fixed", "dto", "dataset: ", "student: ", "recipe: ", "quickstart"):
         assert line in r.stdout

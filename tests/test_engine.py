@@ -126,5 +126,5 @@ def test_quickstart_cli_prints_the_figures(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "cache" / "teachers" / "digits_convnet_l.pt").is_file()
-    assert "teacher  val top-1" in out.stdout and "student  val top-1" in out.stdout
+    assert "teacher  val top1" in out.stdout and "student  val top1" in out.stdout
     assert f"tensorboard --logdir {tmp_path / 'run' / 'tb'}" in out.stdout

@@ -11,18 +11,23 @@ exactly once.
 """
 from __future__ import annotations
 
-from typing import Annotated, Iterable, Sequence
+from typing import Annotated, Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdrun.config import ConfigError, Ge, Le
+from kdrun.config import Ge, Le
+from kdrun.distributed import all_reduce_sum
 from kdrun.models.taps import ModelOutput
+from kdrun.tasks.base import group, objective_groups
 
 
 class Classification:
     task_terms = ("ce",)
+    primary_metric = "top1"
+    metric_keys = ("top1", "top5", "loss")
+    collate_fn = None
 
     def __init__(self, label_smoothing: Annotated[float, Ge(0.0), Le(1.0)] = 0.0,
                  objectives: dict[str, list[str]] | None = None, topk: Sequence[int] = (1, 5)) -> None:
@@ -40,28 +45,19 @@ class Classification:
         return {"ce": ce}
 
     def objective_groups(self, distill_terms: Iterable[str]) -> dict[str, list[str]]:
-        distill_terms = list(distill_terms)
-        if self.objectives_spec is None:
-            groups = {"distill": distill_terms} if distill_terms else {}
-            groups["task"] = list(self.task_terms)
-            return groups
-        terms = distill_terms + list(self.task_terms)
-        used = [t for ts in self.objectives_spec.values() for t in ts]
-        unknown = sorted(set(used) - set(terms))
-        missing = sorted(set(terms) - set(used))
-        twice = sorted({t for t in used if used.count(t) > 1})
-        if unknown or missing or twice:
-            raise ConfigError(
-                "task.objectives must use every loss term exactly once; terms are "
-                f"{', '.join(terms)}" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
-                + (f"; unused: {', '.join(missing)}" if missing else "")
-                + (f"; used twice: {', '.join(twice)}" if twice else "") + "."
-            )
-        return self.objectives_spec
+        return objective_groups(self.task_terms, self.objectives_spec, list(distill_terms))
+
+    group = staticmethod(group)
+
+    # -- batches ---------------------------------------------------------------------------------
+    def batch_to_device(self, batch: Sequence[Any], device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        idx = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
+        return x, y, idx
 
     @staticmethod
-    def group(terms: dict[str, Tensor], groups: dict[str, list[str]]) -> dict[str, Tensor]:
-        return {name: sum(terms[t] for t in members) for name, members in groups.items()}  # type: ignore[misc]
+    def batch_size(inputs: Tensor) -> int:
+        return len(inputs)
 
     # -- evaluation ------------------------------------------------------------------------------
     def eval_counts(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -82,3 +78,22 @@ class Classification:
         m["loss"] = counts[-1].item() / max(n, 1)
         m["samples"] = int(n)
         return m
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device,
+                 autocast_ctx: Callable[[], Any], channels_last: bool = False) -> dict[str, float]:
+        """Top-k accuracy and mean CE over every val sample exactly once, summed across ranks."""
+        was_training = model.training
+        model.eval()
+        counts = torch.zeros(2 + len(self.topk), dtype=torch.float64, device=device)
+        with torch.inference_mode():
+            for batch in loader:
+                x, y, _ = self.batch_to_device(batch, device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast_ctx():
+                    out = model(x)
+                logits = out.logits if isinstance(out, ModelOutput) else out
+                counts += self.eval_counts(logits.float(), y)
+        model.train(was_training)
+        return self.eval_metrics(all_reduce_sum(counts))
