@@ -90,6 +90,11 @@ class TrainerConfig:
     deterministic: bool = False
     grad_clip: Annotated[float, Ge(0.0)] = 0.0  # max global grad norm; 0 disables
     nonfinite: Literal["skip", "raise"] = "skip"
+    # Where per-objective gradients live (for gradient-level balancers and the diagnostics):
+    # params = the shared student parameters (exact); features = a shared representation named by
+    # grad_feature (MGDA-UB style: one backward per step).
+    grad_space: Literal["params", "features"] = "params"
+    grad_feature: str = "pre_logits"
     val_every: Annotated[int, Ge(1)] = 1  # epochs
     resume: Optional[str] = None  # null | auto | PATH
     save_last: bool = True
@@ -272,6 +277,12 @@ def validate(cfg: DictConfig) -> None:
     for name, term in (cfg.get("distill") or {}).items():
         validate_target_node(f"distill.{name}", term, extra_keys=("weight",))
         check_value(f"distill.{name}.weight", term.get("weight", 1.0), Annotated[float, Ge(0.0)])
+    if cfg.trainer.get("grad_space") == "features":
+        cls = import_target(str(cfg.balancer._target_), "balancer")
+        if not getattr(cls, "supports_feature_space", True):
+            raise ConfigError(
+                f"balancer {cfg.balancer._target_} needs parameter gradients and cannot run with "
+                "trainer.grad_space=features; use trainer.grad_space=params.")
     distill = dict(cfg.get("distill") or {})
     if distill and cfg.get("teacher") is None:
         raise ConfigError(

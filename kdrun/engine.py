@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from kdrun import checkpoint as ckpt
 from kdrun import distributed as D
 from kdrun.balancers.base import Balancer, StepContext, StepResult
-from kdrun.balancers.gradients import Jacobian, compute_jacobian, diagnostics
+from kdrun.balancers.gradients import Jacobian, compute_feature_jacobian, compute_jacobian, diagnostics
 from kdrun.config import ConfigError, TrainerConfig, validate
 from kdrun.data.base import DataModule
 from kdrun.logger import Progress, RunLogger, to_floats
@@ -288,7 +288,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         freeze(teacher)
         if t.channels_last:
             teacher.to(memory_format=torch.channels_last)
-    student = Tapped(build_model(cfg.student), [tp for d in distill.values() for tp in d.student_taps])
+    feature_space = t.grad_space == "features"
+    student = Tapped(build_model(cfg.student), [tp for d in distill.values() for tp in d.student_taps]
+                     + ([t.grad_feature] if feature_space else []))
     student.to(device)
     if t.channels_last:
         student.to(memory_format=torch.channels_last)
@@ -411,8 +413,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y, idx
 
-    ddp_sync = (lambda: contextlib.nullcontext()) if (balancer.uses_ddp_backward or not D.is_dist()) \
-        else model.no_sync  # gradient-level balancers average their own Jacobians
+    # Gradient-level balancers average their own Jacobians outside DDP's reducer; in feature space the
+    # update is an ordinary backward, so DDP's reducer stays on.
+    ddp_sync = (lambda: contextlib.nullcontext()) if (balancer.uses_ddp_backward or feature_space
+                                                       or not D.is_dist()) else model.no_sync
 
     def train_step(x: Any, y: Any, idx: Tensor | None) -> tuple[bool, dict[str, Tensor]]:
         trainable.set_progress(st.step)
@@ -422,16 +426,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             x, y = data.mixup(x, y)
         # 2. student forward and 3. the named loss vector
         with ddp_sync(), autocast(device, t.precision):
-            _, terms = model(x, y, t_out, index=idx)
+            s_out, terms = model(x, y, t_out, index=idx)
         objectives = group(terms, groups)
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         diag_step = lg.grad_stats_every > 0 and st.step % lg.grad_stats_every == 0
         cache: dict[str, Jacobian] = {}
 
+        def backward(loss: Tensor) -> None:
+            scaler.scale(loss).backward()
+
         def jacobian() -> Jacobian:
             if "j" not in cache:
-                cache["j"] = compute_jacobian(objectives, params, retain_graph=diag_step, scale=scale,
-                                              all_reduce_mean=D.all_reduce_mean)
+                if feature_space:
+                    cache["j"] = compute_feature_jacobian(
+                        objectives, s_out.features[t.grad_feature], backward, scale=scale,
+                        all_reduce_sum=D.all_reduce_sum, world_size=D.world_size())
+                else:
+                    cache["j"] = compute_jacobian(objectives, params, retain_graph=diag_step, scale=scale,
+                                                  all_reduce_mean=D.all_reduce_mean)
             return cache["j"]
 
         restores: list[Callable[[], None]] = []
@@ -455,7 +467,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         ctx = StepContext(
             step=st.step, objectives=objectives,
-            backward=lambda loss: scaler.scale(loss).backward(),
+            backward=backward,
             jacobian=jacobian,
             gradients=lambda objs: compute_jacobian(objs, params, scale=scale, all_reduce_mean=D.all_reduce_mean),
             aux_objectives=aux_objectives if balancer.needs_aux_batch else None,

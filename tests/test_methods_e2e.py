@@ -56,3 +56,20 @@ def test_three_objectives_mokd_remark_a1(digits_teacher: str, tmp_path: Path) ->
     s = event_scalars(tmp_path)
     for tag in ("pi/kl", "pi/feature", "pi/task", "grad/cosine/kl__feature", "grad/cosine/kl__task"):
         assert tag in s, tag
+
+
+@pytest.mark.parametrize("balancer", ["dto_exact", "mgda", "upgrad"])
+def test_feature_space_gradients_run_with_gram_balancers(digits_teacher: str, tmp_path: Path, balancer: str) -> None:
+    res = run(base(digits_teacher, "distill=kl", f"balancer={balancer}", "trainer.grad_space=features"), tmp_path)
+    assert res["steps"] == 4 and res["nonfinite_skipped"] == 0
+    s = event_scalars(tmp_path)
+    assert all(math.isfinite(v) for _, v in s["grad/dominance"])
+
+
+def test_feature_space_is_refused_where_parameter_gradients_are_needed() -> None:
+    from kdrun.config import ConfigError, validate
+    from tests.conftest import compose_cfg
+
+    with pytest.raises(ConfigError, match="cannot run with trainer.grad_space=features"):
+        validate(compose_cfg(["teacher=convnet_l", "distill=kl", "balancer=cross_batch",
+                              "trainer.grad_space=features"]))

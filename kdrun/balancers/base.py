@@ -84,6 +84,9 @@ class Balancer(nn.Module):
     uses_ddp_backward: ClassVar[bool] = True
     needs_aux_batch: ClassVar[bool] = False
     needs_recompute: ClassVar[bool] = False
+    # Whether the weight rule works from the Gram matrix alone, so that trainer.grad_space=features
+    # (gradients w.r.t. a shared representation, one backward per step) can serve it.
+    supports_feature_space: ClassVar[bool] = True
     min_objectives: ClassVar[int] = 2
     max_objectives: ClassVar[int | None] = None
 

@@ -160,6 +160,7 @@ def _aligned_reference(ref: Jacobian, params: list[Tensor], like: Tensor) -> Ten
 
 class CrossBatch(Balancer):
     """Cross-batch KD weighting; see the module docstring."""
+    supports_feature_space = False  # needs parameter gradients (see kdrun.balancers.gradients.FeatureJacobian)
 
     uses_ddp_backward = False
     needs_aux_batch = True

@@ -105,6 +105,61 @@ def compute_jacobian(
                     private, scale)
 
 
+class FeatureJacobian(Jacobian):
+    """Per-objective gradients w.r.t. a shared *representation* z instead of the parameters
+    (``trainer.grad_space=features``; MGDA-UB, Sener & Koltun 2018, §3.3).
+
+    ``matrix`` is (k, B·d): ∂Lᵢ/∂z for this rank's batch. Because the samples differ across ranks, the
+    global Gram matrix is not the Gram of an averaged matrix but the sum of the ranks' Grams:
+    L = (1/W) Σ_r L_r gives ∂L/∂z_r = (1/W) ∂L_r/∂z_r, hence G = (1/W²) Σ_r G_r — one k×k all-reduce.
+    The update is then one ordinary backward of Σ wᵢ Lᵢ (through DDP's reducer), so a step costs one
+    backward to z per objective (cheap: z is the last shared layer) plus one full backward. Weight
+    rules that need only G (DTO exact, the torchjd Gramian methods) work unchanged; methods that need
+    parameter gradients (cross-batch, GradNorm) refuse this space.
+    """
+
+    def __init__(self, names: tuple[str, ...], matrix: Tensor, gram_global: Tensor,
+                 objectives: dict[str, Tensor], backward: Callable[[Tensor], None], scale: float = 1.0) -> None:
+        super().__init__(names, matrix, [], [], [[] for _ in names], scale)
+        self._gram = gram_global
+        self._objectives = objectives
+        self._backward = backward
+
+    def gram(self) -> Tensor:
+        return self._gram
+
+    def combine(self, weights: Tensor) -> Tensor:
+        raise RuntimeError("a feature-space Jacobian has no parameter-space direction; use write_grad(weights)")
+
+    def write_grad(self, weights: Tensor, direction: Tensor | None = None) -> None:
+        if direction is not None:
+            raise RuntimeError("trainer.grad_space=features supports weighted sums only (no explicit direction)")
+        w = weights.detach().to(self.matrix.device, torch.float32)
+        self._backward(sum(w[i] * self._objectives[n] for i, n in enumerate(self.names)))
+
+
+def compute_feature_jacobian(
+    objectives: dict[str, Tensor],
+    z: Tensor,
+    backward: Callable[[Tensor], None],
+    *,
+    scale: float = 1.0,
+    all_reduce_sum: Callable[[Tensor], Tensor] = lambda t: t,
+    world_size: int = 1,
+) -> FeatureJacobian:
+    """∂Lᵢ/∂z for every objective (graph retained for the final backward) and the global Gram."""
+    names = tuple(objectives)
+    rows = []
+    for n in names:
+        loss = objectives[n] * scale if scale != 1.0 else objectives[n]
+        (g,) = torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(z).reshape(-1).float() if g is None else g.reshape(-1).float())
+    matrix = torch.stack(rows)
+    m = matrix.double()
+    gram = all_reduce_sum(m @ m.T) / float(world_size * world_size)
+    return FeatureJacobian(names, matrix, gram, objectives, backward, scale)
+
+
 def log_space(gram: Tensor, losses: Tensor, eps: float) -> Tensor:
     """G of the log-losses from G of the raw losses: D G D with D = diag(1 / max(L, eps))."""
     d = 1.0 / losses.detach().double().clamp_min(eps)

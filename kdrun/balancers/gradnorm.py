@@ -74,6 +74,7 @@ def renormalise(weights: Tensor) -> Tensor:
 
 
 class GradNorm(Balancer):
+    supports_feature_space = False  # needs parameter gradients (see kdrun.balancers.gradients.FeatureJacobian)
     uses_ddp_backward = False
 
     def __init__(
