@@ -46,6 +46,17 @@ def test_timm_models_tap_pre_logits_and_distillation_head() -> None:
         Tapped(m, ["dist_logits"])
 
 
+def test_patch_mean_tap_pools_patch_tokens_only() -> None:
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = Tapped(deit, ["patch_mean"])(x)
+    tokens = deit.forward_features(x)  # (B, 2 prefix + 4 patches, 192)
+    assert deit.num_prefix_tokens == 2
+    assert torch.allclose(out.features["patch_mean"], tokens[:, 2:].mean(1), atol=1e-6)
+    with pytest.raises(TapError, match="needs a timm ViT"):
+        Tapped(ConvNet([4, 8]), ["patch_mean"])
+
+
 def test_build_model_from_config_and_freeze() -> None:
     node = OmegaConf.create({"model": {"_target_": "timm.create_model", "model_name": "resnet18",
                                        "num_classes": 5, "in_chans": 1, "pretrained": False},

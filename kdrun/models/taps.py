@@ -10,6 +10,8 @@ resolved against the model in this order:
 3. a name in the model's declared ``FEATURE_TAPS`` map (``{"stage2": "layer2"}``) is that module's
    output;
 4. ``"dist_logits"`` is the distillation-token head's logits of timm's distilled DeiT;
+   ``"patch_mean"`` is the mean of a timm ViT's final-norm patch tokens (prefix tokens — class,
+   distillation, registers — excluded), the feature VkD (Miles & Deng 2024) distils from DeiT;
 5. any other name is a dotted module path (``"layer3.1.conv2"``); a ``":input"`` suffix takes the
    module's input instead of its output.
 
@@ -118,6 +120,14 @@ class Tapped(nn.Module):
         for tap in self.taps:
             if tap == "dist_logits":
                 continue
+            if tap == "patch_mean":
+                norm = getattr(self.model, "norm", None)
+                prefix = getattr(self.model, "num_prefix_tokens", None)
+                if not isinstance(norm, nn.Module) or prefix is None:
+                    raise TapError(f"tap 'patch_mean' needs a timm ViT (a `norm` module and "
+                                   f"`num_prefix_tokens`); {type(self.model).__name__} is not one.")
+                self._handles.append(norm.register_forward_hook(self._patch_mean_hook(int(prefix))))
+                continue
             path, take_input = resolve_tap(self.model, tap)
             module = self.model.get_submodule(path)
             if take_input:
@@ -128,6 +138,13 @@ class Tapped(nn.Module):
     def _hook(self, tap: str):
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
             self._store[tap] = out[0] if isinstance(out, (tuple, list)) else out
+
+        return hook
+
+    def _patch_mean_hook(self, prefix: int):
+        def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
+            if out.ndim == 3:  # (B, tokens, D); fc_norm-style pooled outputs are 2-D and skipped
+                self._store["patch_mean"] = out[:, prefix:].mean(dim=1)
 
         return hook
 
