@@ -73,3 +73,11 @@ def test_feature_space_is_refused_where_parameter_gradients_are_needed() -> None
     with pytest.raises(ConfigError, match="cannot run with trainer.grad_space=features"):
         validate(compose_cfg(["teacher=convnet_l", "distill=kl", "balancer=cross_batch",
                               "trainer.grad_space=features"]))
+
+
+def test_feature_loss_with_mismatched_dims_and_no_projector_names_both_dims(digits_teacher: str,
+                                                                            tmp_path: Path) -> None:
+    from kdrun.projectors.identity import ProjectorDimError
+
+    with pytest.raises(ProjectorDimError, match="student feature dim 32 != teacher feature dim 128"):
+        run(base(digits_teacher, "distill=smooth_l1", "projector=identity"), tmp_path)
