@@ -596,3 +596,26 @@ def test_distill_yaml_instantiates_with_exact_keys(path: Path) -> None:
         module = instantiate(term, _convert_="all")
         assert isinstance(module, DistillLoss)
         assert keys - {"weight"} == _params(type(module)), f"{path.name}: keys != constructor parameters"
+
+
+def test_normalized_l1_neg_similarity_mode_is_minus_cosine_of_mokd_s() -> None:
+    from functools import partial
+
+    from kdrun.projectors.subspace import Subspace
+
+    torch.manual_seed(0)
+    zs, zt = torch.randn(5, 3), torch.randn(5, 4)
+    term = NormalizedL1(projector=partial(Subspace, teacher_norm="none"), mode="neg_similarity")
+    term.setup({"pre_logits": torch.Size([3])}, {"pre_logits": torch.Size([4])})
+    with torch.no_grad():
+        term.projector.d.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))  # an indefinite D
+    out = term(ModelOutput(torch.zeros(5, 2), {"pre_logits": zs}), ModelOutput(torch.zeros(5, 2), {"pre_logits": zt}),
+               torch.zeros(5, dtype=torch.long))
+    p = term.projector
+    a, b = p.d * (zs @ p.P_s.T), zt @ p.P_t.T
+    s = (b * a).sum(-1)  # (P_t z_t)ᵀ D (P_s z_s)
+    ref = -(s / (a.norm(dim=-1) * b.norm(dim=-1))).mean()
+    assert torch.allclose(out, ref, atol=1e-6)
+    same = term(ModelOutput(torch.zeros(5, 2), {"pre_logits": zs}), ModelOutput(torch.zeros(5, 2), {"pre_logits": zt}),
+                torch.zeros(5, dtype=torch.long))
+    assert -1.0 - 1e-6 <= float(same) <= 1.0 + 1e-6
