@@ -14,7 +14,6 @@ names the key, the bad value and what is allowed; :func:`kdrun.cli.main` prints 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -82,7 +81,10 @@ class TrainerConfig:
     pin_memory: bool = True
     persistent_workers: bool = True
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"
-    devices: Any = 1  # int or "auto"; >1 is the scale-out issue's launcher
+    # Processes on this machine: N > 1 makes kdrun start N workers (one GPU each; gloo processes on
+    # the CPU); "auto" = every visible GPU. Ignored when torchrun/srun already started the processes.
+    devices: Any = 1  # int >= 1 or "auto"; checked by kdrun.launch.resolve_devices (a clearer message)
+    sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch (CUDA only)
     precision: Precision = "fp32"
     teacher_precision: Literal["same", "fp32", "bf16"] = "same"
     channels_last: bool = False
@@ -99,7 +101,13 @@ class TrainerConfig:
     resume: Optional[str] = None  # null | auto | PATH
     save_last: bool = True
     save_best: bool = True
+    save_every_steps: Annotated[int, Ge(0)] = 0  # also write last.pt every N steps mid-epoch (0: epoch ends only)
     seed: Optional[int] = None  # null: use the top-level `seed`
+    # Preemption (kdrun.preemption): these signals make the run write last.pt at the next step boundary
+    # and exit 0 (130 for SIGINT); ranks agree on the stop every preempt_check_every steps.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
+    preempt_check_every: Annotated[int, Ge(1)] = 1
+    preempt_grace_s: Annotated[float, Ge(0.0)] = 120.0  # kdrun's launcher: wait this long for workers to checkpoint before SIGKILL
 
 
 @dataclass
@@ -184,14 +192,14 @@ def _resolve_hints(obj: Any) -> dict[str, Any]:
 
 
 def import_target(path: str, key: str) -> Any:
-    module, _, attr = path.rpartition(".")
+    """Resolve ``path`` exactly as Hydra's ``instantiate`` will (``hydra.utils.get_object``), so that a
+    target that validates also instantiates."""
+    from hydra.utils import get_object
+
     try:
-        obj = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"{key}._target_={path!r} cannot be imported ({e}).") from None
+        return get_object(path)
+    except Exception as e:
+        raise ConfigError(f"{key}._target_={path!r} cannot be imported ({str(e).splitlines()[0]}).") from None
 
 
 def validate_target_node(key: str, node: DictConfig, extra_keys: tuple[str, ...] = ()) -> None:

@@ -36,7 +36,10 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
     extra = ["teacher=convnet_l"] if group == "distill" and option != "none" else []
     if group == "teacher" and option != "none":
         extra = ["distill=kl"]
-    cfg = compose_cfg([f"{group}={option}", *extra])
+    if group == "method":  # presets are added on top (+method=mokd), like recipes
+        extra = ["teacher=convnet_l"]
+    prefix = "+" if group == "method" else ""
+    cfg = compose_cfg([f"{prefix}{group}={option}", *extra])
     validate(cfg)
 
 

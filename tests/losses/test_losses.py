@@ -619,3 +619,13 @@ def test_normalized_l1_neg_similarity_mode_is_minus_cosine_of_mokd_s() -> None:
     same = term(ModelOutput(torch.zeros(5, 2), {"pre_logits": zs}), ModelOutput(torch.zeros(5, 2), {"pre_logits": zt}),
                 torch.zeros(5, dtype=torch.long))
     assert -1.0 - 1e-6 <= float(same) <= 1.0 + 1e-6
+
+
+def test_deit_hard_is_ce_against_teacher_argmax() -> None:
+    from kdrun.losses.deit_hard import DeiTHard
+
+    s = ModelOutput(torch.zeros(2, 3), {"dist_logits": torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])})
+    t = ModelOutput(torch.tensor([[0.1, 5.0, 0.0], [9.0, 0.0, 1.0]]))
+    out = DeiTHard()(s, t, torch.zeros(2, dtype=torch.long))
+    ref = (-math.log(math.exp(0) / (math.exp(2) + 2)) - math.log(1 / 3)) / 2  # targets 1 and 0
+    assert float(out) == pytest.approx(ref, rel=1e-6)
