@@ -154,9 +154,13 @@ class Tapped(nn.Module):
 
         return hook
 
-    def forward(self, x: Tensor) -> ModelOutput:
+    def forward(self, x: Any) -> ModelOutput:
         self._store = {}
         out = self.model(x)
+        if isinstance(out, ModelOutput):  # models that return their own features (ViDT's tokens)
+            merged = ModelOutput(out.logits, {**out.features, **self._store})
+            self._store = {}
+            return merged
         if isinstance(out, (tuple, list)):
             # timm's distilled DeiT returns (cls_logits, dist_logits) in training mode.
             logits, extra = out[0], out[1:]
