@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kdrun.config import ConfigError
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "export", "tables", "plot")
 
 
 def config_dir() -> Path:
@@ -47,25 +47,90 @@ def report(e: BaseException) -> None:
 
 
 def run_train(argv: list[str]) -> None:
+    """``kdrun train``: one process, N local workers (``trainer.devices=N``), or one rank of a job that
+    torchrun/srun started (then every rank runs this; see :func:`kdrun.distributed.launch_env`)."""
+    import shutil
+    import tempfile
+
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
+    from kdrun import distributed as D
+
+    try:
+        env = D.launch_env()
+    except ConfigError as e:
+        report(e)
+        return
+    joined = env is not None and env.world_size > 1
+    scratch: str | None = None
+    if joined and env is not None and env.rank != 0:
+        # Every rank runs Hydra, but only rank 0's output directory is the run directory (it is
+        # broadcast below). The other ranks' Hydra writes into a scratch directory that is removed at
+        # exit, so no per-rank ${now:...} directories appear beside the run.
+        scratch = tempfile.mkdtemp(prefix=f"kdrun-rank{env.rank}-")
+        argv = [*argv, f"hydra.run.dir={scratch}/run", f"hydra.sweep.dir={scratch}/sweep",
+                "hydra.output_subdir=null"]
+
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> float | None:
+        import copy
+
+        from omegaconf import OmegaConf
+
+        from kdrun.config import TrainerConfig, validate
         from kdrun.engine import train
+        from kdrun.launch import WorkerFailed, check_devices, launch_train, resolve_devices
 
         try:
             run_dir = Path(HydraConfig.get().runtime.output_dir)
-            results = train(cfg, run_dir)
+            checked = copy.deepcopy(cfg)
+            validate(checked)  # fail before any process starts
+            t = TrainerConfig(**OmegaConf.to_container(checked.trainer, resolve=True))
+            # Read the environment here, not before Hydra: under hydra/launcher=submitit_slurm this
+            # function runs in each SLURM task on the compute nodes, not in the submitting process.
+            job_env = D.launch_env()
+            if job_env is not None and job_env.world_size > 1:
+                check_devices(t.devices)  # the value must be valid, but the launcher decided the count
+                D.init_process_group(D.device_type(t.accelerator), job_env)  # once per process
+                run_dir = Path(D.broadcast_object(str(run_dir)))
+                if D.is_main() and t.devices not in (1, "auto", job_env.local_world_size):
+                    print(f"[kdrun] note: trainer.devices={t.devices} is ignored: {job_env.source} started "
+                          f"{job_env.world_size} processes, and kdrun joins them.", file=sys.stderr, flush=True)
+                results = train(cfg, run_dir)
+            else:
+                dev, nproc = resolve_devices(t.accelerator, t.devices)
+                if nproc > 1:
+                    results = launch_train(checked, run_dir, nproc, dev, t.preempt_signals, t.preempt_grace_s)
+                else:
+                    results = train(cfg, run_dir)
         except _user_errors() as e:
             report(e)
             return None
-        summarise(results)
+        except WorkerFailed as e:
+            if str(e):
+                print(f"kdrun: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
+        if results.get("preempted"):
+            # An orderly stop: the checkpoint is written. Exiting here (not returning) also ends a
+            # multirun sweep, whose remaining jobs belong to the same preempted allocation.
+            if D.is_main():
+                print(f"\nkdrun: stopped by {results['preempted']} after step {results['steps']}; "
+                      f"checkpoint {results['checkpoint']}.\n  continue with trainer.resume=auto "
+                      f"(and the same hydra.run.dir={results['run_dir']})", flush=True)
+            raise SystemExit(results["exit_code"])
+        if D.is_main():
+            summarise(results)
         return results["final"][results["primary_metric"]]
 
     sys.argv = ["kdrun train", *argv]
-    _main()
+    try:
+        _main()
+    finally:
+        D.destroy_process_group()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def summarise(results: dict) -> None:
@@ -110,16 +175,27 @@ def run_eval(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: kdrun {train,eval} ...\n\n"
+        print("usage: kdrun {train,eval,export,tables,plot} ...\n\n"
               "  train   train/distil a model: kdrun train [group=option ...] [key=value ...] [+recipe=NAME]\n"
               "          (kdrun train --help lists the config groups and options)\n"
-              "  eval    evaluate a checkpoint: kdrun eval RUN_DIR|CHECKPOINT [key=value ...]")
+              "  eval    evaluate a checkpoint: kdrun eval RUN_DIR|CHECKPOINT [key=value ...]\n"
+              "  export  the student alone as a plain state_dict: kdrun export RUN_DIR\n"
+              "  tables  the papers' tables from run dirs: kdrun tables --table cifar100 RUNS_DIR...\n"
+              "  plot    conflict/dominance/pi/accuracy figures: kdrun plot RUN_DIR...")
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         run_train(rest)
     elif cmd == "eval":
         run_eval(rest)
+    elif cmd in ("export", "tables", "plot"):
+        import importlib
+
+        module = importlib.import_module(f"kdrun.{cmd}")
+        try:
+            sys.exit(module.main(rest))
+        except _user_errors() as e:
+            report(e)
     else:
         print(f"kdrun: unknown command '{cmd}'; valid commands are {', '.join(COMMANDS)}.", file=sys.stderr)
         sys.exit(2)

@@ -1,17 +1,24 @@
-"""Process-group helpers: rank facts, reductions, and samplers that are exact under DDP.
+"""Process-group helpers: rank facts, reductions, samplers that are exact under DDP, and joining a
+process group that someone else launched.
 
-Everything here is a no-op on one process, so the engine has a single code path. Launching several
-processes (torch's elastic launcher, torchrun/SLURM join) is the scale-out layer's job; this module
-only assumes that ``torch.distributed`` may have been initialised.
+Everything here is a no-op on one process, so the engine has a single code path. Who starts the
+processes: :mod:`kdrun.launch` (``trainer.devices=N`` on one machine, torch's elastic launcher) or an
+outside launcher (``torchrun``, SLURM's ``srun``), whose environment :func:`launch_env` reads.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import datetime
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Sampler
+
+from kdrun.config import ConfigError
 
 
 def is_dist() -> bool:
@@ -52,6 +59,167 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (pickled; for small things such as a path or a decision)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (pickled; for small per-rank state such as RNG states)."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_max_int(value: int) -> int:
+    """The largest ``value`` over all ranks, as a host int.
+
+    The tensor lives on the CPU whenever the process group has a CPU backend (kdrun initialises
+    ``cpu:gloo,cuda:nccl``), so this never waits on the GPU stream; with a bare NCCL group it
+    falls back to the current CUDA device.
+    """
+    if not is_dist():
+        return value
+    device = torch.device("cpu")
+    if "gloo" not in str(dist.get_backend()) and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Joining a process group started by torchrun, SLURM's srun, or kdrun's own launcher.
+
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in a job that an outside launcher started."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int | None
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" (also kdrun's own workers) or "slurm"
+
+
+def _int(environ: Mapping[str, str], key: str) -> int:
+    try:
+        return int(environ[key])
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={environ[key]!r} must be an integer.") from None
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
+    """The launch facts in the environment, or ``None`` for a plain single process.
+
+    torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) win over SLURM's,
+    because ``srun torchrun ...`` sets both and torchrun's are the per-worker ones. Under ``srun``
+    alone (one task per GPU) the rank comes from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the
+    rendezvous address from MASTER_ADDR/MASTER_PORT, which the batch script must export (SLURM has no
+    such variable). A partial set is an error that names what is missing: guessing would either hang
+    waiting for ranks that never come or silently train on one process.
+    """
+    env = os.environ if environ is None else environ
+    torch_set = [k for k in TORCH_VARS[:3] if k in env]
+    if torch_set:
+        missing = [k for k in TORCH_VARS if k not in env]
+        if missing:
+            raise ConfigError(
+                f"the environment looks like a torchrun/torch.distributed launch ({', '.join(torch_set)} "
+                f"set) but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing; set all of "
+                f"{', '.join(TORCH_VARS)} (torchrun does) or none of them.")
+        lws = env.get("LOCAL_WORLD_SIZE")
+        out = LaunchEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK"),
+                        int(lws) if lws and lws.isdigit() else None, env["MASTER_ADDR"],
+                        _int(env, "MASTER_PORT"), "torchrun")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
+        # One SLURM task of several: join them (a single-task allocation is an ordinary process, so
+        # kdrun may still spawn trainer.devices workers in it).
+        missing = [k for k in (*SLURM_VARS, "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise ConfigError(
+                f"kdrun runs as SLURM task {env['SLURM_PROCID']} of {env['SLURM_NTASKS']} but "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Export MASTER_ADDR "
+                "and MASTER_PORT in the batch script before srun, e.g. MASTER_ADDR=$(scontrol show "
+                "hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) MASTER_PORT=29500 (see README, "
+                "'Multi-GPU and multi-node'), or start one task per node with torchrun.")
+        lws = env.get("SLURM_NTASKS_PER_NODE", "")
+        out = LaunchEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID"),
+                        int(lws) if lws.isdigit() else None, env["MASTER_ADDR"], _int(env, "MASTER_PORT"),
+                        "slurm")
+    else:
+        return None
+    if not 0 <= out.rank < out.world_size or out.local_rank < 0:
+        raise ConfigError(f"inconsistent launch environment: rank {out.rank}, world size {out.world_size}, "
+                          f"local rank {out.local_rank}.")
+    return out
+
+
+def device_type(accelerator: str) -> str:
+    """``cuda`` or ``cpu`` for ``trainer.accelerator`` (auto: CUDA when a GPU is visible)."""
+    if accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def backend_for(dev_type: str) -> str:
+    """NCCL for CUDA tensors plus gloo for CPU tensors (small control messages such as the stop flag
+    stay on the host); gloo alone on the CPU."""
+    return "cpu:gloo,cuda:nccl" if dev_type == "cuda" else "gloo"
+
+
+def init_process_group(dev_type: str, env: LaunchEnv | None = None,
+                       timeout_s: float = 1800.0) -> None:
+    """Join the process group described by ``env`` (default: :func:`launch_env`).
+
+    Exports the torch variables (so ``env://`` works after a SLURM launch, and ``LOCAL_RANK`` picks
+    the GPU in :func:`kdrun.engine.pick_device`) and binds this process to its GPU before NCCL starts,
+    so that ranks never share a device. A no-op when already initialised or on one process.
+    """
+    if is_dist():
+        return
+    env = env or launch_env()
+    if env is None or env.world_size <= 1:
+        return
+    os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
+                       "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
+                       "MASTER_PORT": str(env.master_port)})
+    if dev_type == "cuda":
+        torch.cuda.set_device(cuda_index(env.local_rank))
+    dist.init_process_group(backend=backend_for(dev_type), init_method="env://", rank=env.rank,
+                            world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def cuda_index(local_rank: int) -> int:
+    """The GPU of the process with this local rank: GPU ``local_rank`` when each process sees all of
+    the node's GPUs, GPU 0 when the launcher gave each process its own (``srun --gpus-per-task=1``
+    sets CUDA_VISIBLE_DEVICES per task)."""
+    n = torch.cuda.device_count()
+    if local_rank < n:
+        return local_rank
+    if n == 1:
+        return 0
+    raise ConfigError(f"local rank {local_rank} has no GPU: {n} are visible to it; start at most that many "
+                      "processes per node, or give each process its own GPU (CUDA_VISIBLE_DEVICES).")
+
+
+def destroy_process_group() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
 class TrainSampler(Sampler[int]):
     """Shuffled, rank-sharded indices whose order depends only on (seed, epoch), with a start offset.
 
@@ -82,6 +250,25 @@ class TrainSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, self.per_rank() - self.skip)
+
+
+class ResumableSampler(Sampler[int]):
+    """Gives any epoch-seeded sampler (DeiT's RepeatAugSampler) :class:`TrainSampler`'s resume offset:
+    ``set_epoch(e, skip=k)`` drops the first ``k`` indices of epoch ``e``'s order, so a run stopped
+    mid-epoch continues with exactly the batches it had not seen."""
+
+    def __init__(self, base: Sampler[int]) -> None:
+        self.base, self.skip = base, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.base.set_epoch(epoch)  # type: ignore[attr-defined]
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)  # type: ignore[arg-type]
 
 
 class EvalSampler(Sampler[int]):

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
 import random
+import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +33,14 @@ from torch.utils.data import DataLoader
 
 from kdrun import checkpoint as ckpt
 from kdrun import distributed as D
+from kdrun import preemption as P
 from kdrun.balancers.base import Balancer, StepContext, StepResult
 from kdrun.balancers.gradients import Jacobian, compute_feature_jacobian, compute_jacobian, diagnostics
 from kdrun.config import ConfigError, TrainerConfig, validate
 from kdrun.data.base import DataModule
 from kdrun.logger import Progress, RunLogger, to_floats
 from kdrun.losses.base import DistillLoss
-from kdrun.models.build import build_model, load_weights
+from kdrun.models.build import CheckpointError, build_model, check_fits, load_weights
 from kdrun.models.taps import ModelOutput, Tapped, freeze
 from kdrun.tasks.base import group
 
@@ -87,11 +91,12 @@ def clone_output(out: ModelOutput) -> ModelOutput:
 
 
 def pick_device(accelerator: str) -> torch.device:
-    if accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available()):
+    """This process's device: under DDP, LOCAL_RANK picks the GPU (one GPU per process)."""
+    if D.device_type(accelerator) == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("trainer.accelerator=cuda but no CUDA device is visible; use "
                               "trainer.accelerator=cpu or auto.")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", D.cuda_index(int(os.environ.get("LOCAL_RANK", 0))))
     return torch.device("cpu")
 
 
@@ -99,6 +104,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """``trainer.sync_batchnorm``: BatchNorm statistics over the global batch (all ranks) instead of each
+    rank's slice. Only meaningful under DDP; PyTorch's SyncBatchNorm runs on GPUs only."""
+    if device.type == "cpu":
+        raise ConfigError("trainer.sync_batchnorm=true needs CUDA (PyTorch's SyncBatchNorm has no CPU "
+                          "kernel); set trainer.sync_batchnorm=false or trainer.accelerator=cuda.")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -149,13 +163,43 @@ class IndexedDataset(torch.utils.data.Dataset):
         return x, y, i
 
 
+def ignore_signals(signums: tuple[int, ...], worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals: the training process decides when to stop, but
+    SLURM and the elastic launcher signal every process of a job (loader workers included), and a
+    loader worker killed mid-step would crash the run before it can checkpoint. (They still exit
+    with their parent.)"""
+    for s in signums:
+        signal.signal(s, signal.SIG_IGN)
+
+
 @dataclass
 class Loaders:
     train: DataLoader
     val: DataLoader
-    sampler: D.TrainSampler
+    sampler: D.TrainSampler | D.ResumableSampler
+    generator: torch.Generator
     aux: DataLoader | None = None
     aux_sampler: D.TrainSampler | None = None
+    aux_generator: torch.Generator | None = None
+
+    def start_epoch(self, epoch: int, skip_batches: int, seed: int) -> None:
+        """Position the train sampler at batch ``skip_batches`` of ``epoch`` and seed the loader.
+
+        The loader draws its worker base seed from its own generator, seeded from (seed, epoch, rank),
+        not from the global RNG: otherwise creating the iterator consumes a global random number, and a
+        run resumed mid-epoch (which creates it after restoring the RNG) would diverge from one that
+        was never interrupted."""
+        self.sampler.set_epoch(epoch, skip=skip_batches * int(self.train.batch_size or 1))
+        self.generator.manual_seed(loader_seed(seed, epoch))
+
+    def start_aux_epoch(self, epoch: int, skip_batches: int, seed: int) -> None:
+        assert self.aux_sampler is not None and self.aux_generator is not None and self.aux is not None
+        self.aux_sampler.set_epoch(epoch, skip=skip_batches * int(self.aux.batch_size or 1))
+        self.aux_generator.manual_seed(loader_seed(seed + 104_729, epoch))
+
+
+def loader_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + D.rank()) % 2**63
 
 
 def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.device,
@@ -164,24 +208,30 @@ def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.de
                   collate_fn=data.collate_fn or getattr(task, "collate_fn", None))
     if t.num_workers > 0:
         common["persistent_workers"] = t.persistent_workers
+        common["worker_init_fn"] = functools.partial(
+            ignore_signals, tuple(int(s) for s in P.parse_signals(t.preempt_signals)))
     if data.repeated_augmentation > 1:
         from kdrun.data.samplers import RepeatAugSampler  # DeiT protocol
 
-        sampler = RepeatAugSampler(data.train, num_repeats=data.repeated_augmentation, seed=seed)
+        sampler = D.ResumableSampler(RepeatAugSampler(data.train, num_repeats=data.repeated_augmentation,
+                                                      seed=seed))
     else:
         sampler = D.TrainSampler(len(data.train), seed)
     if len(sampler) < t.batch_size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is larger than the {len(sampler)} training "
                           "samples per process; lower it.")
     train_set = IndexedDataset(data.train) if with_index else data.train
-    train = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=True, **common)
+    gen = torch.Generator()
+    train = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=True, generator=gen,
+                       **common)
     val = DataLoader(data.val, batch_size=t.val_batch_size or 2 * t.batch_size,
                      sampler=D.EvalSampler(len(data.val)), **common)
-    out = Loaders(train, val, sampler)
+    out = Loaders(train, val, sampler, gen)
     if aux:  # cross-batch: an independently shuffled view of the same training set
         out.aux_sampler = D.TrainSampler(len(data.train), seed + 104_729)
+        out.aux_generator = torch.Generator()
         out.aux = DataLoader(data.train, batch_size=t.batch_size, sampler=out.aux_sampler, drop_last=True,
-                             **common)
+                             generator=out.aux_generator, **common)
     return out
 
 
@@ -190,8 +240,13 @@ def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.de
 
 
 def evaluate(model: nn.Module, loader: DataLoader, task: Any, device: torch.device,
-             precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
-    """The task's val metrics for ``model`` (every sample once, reduced across ranks)."""
+             precision: str = "fp32", channels_last: bool = False,
+             results_path: Path | None = None) -> dict[str, float]:
+    """The task's val metrics for ``model`` (every sample once, reduced across ranks). Tasks that save
+    their predictions (detection: the COCO results json that ``kdrun tide`` reads) write them to
+    ``results_path``."""
+    if hasattr(task, "results_path"):
+        task.results_path = results_path
     return task.evaluate(model, loader, device, lambda: autocast(device, precision),
                          channels_last=channels_last)
 
@@ -205,9 +260,10 @@ def teacher_checkpoint(cfg: DictConfig) -> Path | None:
     return Path(os.path.expanduser(str(p))) if p else None
 
 
-def fit_teacher(cfg: DictConfig, path: Path) -> None:
+def fit_teacher(cfg: DictConfig, path: Path) -> dict[str, Any]:
     """Train the teacher with plain supervision (the same engine, no teacher, fixed balancer) and save
-    its weights to ``path``, so that the next run finds them."""
+    its weights to ``path``, so that the next run finds them. Returns the fit's results (a preempted
+    fit saves no teacher; the next run fits it again)."""
     sub = copy.deepcopy(cfg)
     OmegaConf.set_struct(sub, False)
     sub.student = {"model": cfg.teacher.model, "checkpoint": None}
@@ -219,14 +275,43 @@ def fit_teacher(cfg: DictConfig, path: Path) -> None:
     sub.trainer.resume = None
     sub.trainer.max_steps = -1
     run_dir = path.with_suffix("").with_name(path.stem + "_fit")
-    print(f"[kdrun] no teacher checkpoint at {path}: training the teacher for "
-          f"{sub.trainer.epochs} epochs (run dir {run_dir})", flush=True)
+    if D.is_main():
+        print(f"[kdrun] no teacher checkpoint at {path}: training the teacher for "
+              f"{sub.trainer.epochs} epochs (run dir {run_dir})", flush=True)
     results = train(sub, run_dir)
+    if results.get("preempted"):
+        return results
     if D.is_main():
         best = ckpt.load(run_dir / "last.pt")
         ckpt.save_atomic({"student": best["student"], "config": best["config"],
                           "val_metrics": results["final"]}, path)
     D.barrier()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume.
+
+
+def load_resume(path: Path, trainable: nn.Module) -> dict[str, Any]:
+    """Read a training checkpoint for ``trainable``; errors name the file and what to do instead.
+
+    A checkpoint that cannot be read (truncated, corrupted) points at the previous good one, which
+    rotation kept untouched (``last.pt.prev``, ``best.pt``); a checkpoint of another model names the
+    mismatched keys (:func:`kdrun.models.build.check_fits`) instead of torch's bare RuntimeError."""
+    path = Path(path)
+    try:
+        s = ckpt.load(path)
+    except CheckpointError as e:
+        good = [p for p in (P.previous_path(path), path.with_name("best.pt")) if p.is_file() and p != path]
+        hint = (" The previous good checkpoint is untouched: resume from it with "
+                + " or ".join(f"trainer.resume={p}" for p in good) + ".") if good else ""
+        raise CheckpointError(f"{e}{hint}") from None
+    if not isinstance(s.get("trainable"), dict):
+        raise CheckpointError(f"{path} holds no training state (no 'trainable'); resume needs a last.pt "
+                              "or best.pt written by `kdrun train`.")
+    check_fits(trainable, s["trainable"], path)
+    return s
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,6 +325,7 @@ class State:
     epoch_step: int = 0  # steps taken in the current epoch
     best_metric: float = -math.inf  # the task's primary metric (top-1, AP)
     skipped: int = 0  # non-finite steps skipped
+    aux_batches: int = 0  # auxiliary batches drawn (cross-batch), so a resumed run draws the next ones
     teacher: dict[str, float] | None = None  # teacher's val metrics, measured once
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -249,6 +335,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     validate(cfg)
     t = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))  # validated above
+    P.parse_signals(t.preempt_signals)  # a bad signal name fails now, not at the first step
     lg = cfg.logger
     run_dir = Path(run_dir)
     main = D.is_main()
@@ -256,7 +343,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(t.accelerator)
     seed = int(t.seed if t.seed is not None else cfg.get("seed", 0))
-    seed_everything(seed + D.rank())
+    # Every rank builds the models from the same seed (a teacher without a checkpoint, projectors and
+    # balancer state must agree across ranks; DDP would only broadcast the Trainable); the per-rank
+    # stream (seed + rank: augmentation, dropout) starts after building.
+    seed_everything(seed)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -281,7 +371,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.get("teacher") is not None:
         path = teacher_checkpoint(cfg)
         if path is not None and not path.is_file() and int(cfg.teacher.get("fit_if_missing_epochs", 0)) > 0:
-            fit_teacher(cfg, path)
+            fitted = fit_teacher(cfg, path)
+            if fitted.get("preempted"):
+                return fitted
+            seed_everything(seed)
         t_model = build_model(cfg.teacher)
         teacher = Tapped(freeze(t_model), [tp for d in distill.values() for tp in d.teacher_taps])
         teacher.to(device)
@@ -332,26 +425,40 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             d.setup(shapes(s0), shapes(t0))
 
     trainable = Trainable(student, distill, weights, task).to(device)
+    if D.is_dist() and t.sync_batchnorm:
+        trainable = sync_batchnorm(trainable, device)  # type: ignore[assignment]
     model: nn.Module = trainable
     if D.is_dist():
+        # Only the Trainable (student + loss modules) is wrapped; the frozen teacher never is.
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # broadcast_buffers=False: BatchNorm statistics stay per rank (use SyncBatchNorm to share
-        # them) and large loss buffers (CRD's memory bank) are not re-sent every step.
-        model = DDP(trainable, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False)
+        # No buffer sync in forward: BatchNorm statistics stay per rank (use SyncBatchNorm to share
+        # them) and large loss buffers (CRD's memory bank) are not re-sent every step. (Newer torch
+        # spells it forward_sync_buffers; its one sync at construction is harmless, since every rank
+        # built the same buffers from the same seed.)
+        import inspect
+
+        sync_kw = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                   else {"broadcast_buffers": False})
+        model = DDP(trainable, device_ids=[device.index] if device.type == "cuda" else None, **sync_kw)
     if t.compile:
         model = torch.compile(model)
     optimizer = instantiate(cfg.optimizer)(trainable)
     scheduler = instantiate(cfg.scheduler)(optimizer, steps_per_epoch=steps_per_epoch, epochs=t.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     params = [p for p in trainable.parameters() if p.requires_grad]
+    seed_everything(seed + D.rank())
 
     # -- resume -----------------------------------------------------------------------------------
     st = State()
-    resume_path = ckpt.find_resume(run_dir, t.resume)
+    # Rank 0 decides (a shared file system may show a fresh file to some nodes later than to others);
+    # every rank then reads the same file, after a barrier, onto the CPU. Every rank looks, so that a
+    # missing trainer.resume=PATH fails on all of them alike instead of leaving some waiting.
+    resume_path = D.broadcast_object(ckpt.find_resume(run_dir, t.resume))
+    D.barrier()
     if resume_path is not None:
-        s = ckpt.load(resume_path)
+        s = load_resume(resume_path, trainable)
         trainable.load_state_dict(s["trainable"])
         optimizer.load_state_dict(s["optimizer"])
         scheduler.load_state_dict(s["scheduler"])
@@ -359,22 +466,40 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         scaler.load_state_dict(s["scaler"])
         st = State(epoch=s["epoch"], step=s["step"], epoch_step=s["epoch_step"], best_metric=s["best_metric"],
                    skipped=s.get("skipped", 0), history=list(s.get("history", [])),
-                   teacher=s.get("teacher_metrics") or None)
-        ckpt.set_rng_state(s["rng"])
+                   teacher=s.get("teacher_metrics") or None, aux_batches=int(s.get("aux_batches", 0)))
+        rngs = s.get("rng_ranks") or [s["rng"]]
+        if len(rngs) == D.world_size():
+            ckpt.set_rng_state(rngs[D.rank()])  # each rank continues its own random stream
+        else:
+            seed_everything(seed + D.rank() + 1_000_003 * st.step)
+            if main:
+                print(f"[kdrun] warning: {resume_path} was written by {len(rngs)} process(es), this run has "
+                      f"{D.world_size()}: random streams are re-seeded and the rest of epoch {st.epoch + 1} "
+                      "is sharded differently, so the run is not bit-identical to an uninterrupted one.",
+                      file=sys.stderr, flush=True)
         if main:
-            print(f"[kdrun] resumed from {resume_path} at epoch {st.epoch}, step {st.step}", flush=True)
+            print(f"[kdrun] resumed from {resume_path} at epoch {st.epoch}, step {st.step}"
+                  + (f" (step {st.epoch_step} of the epoch)" if st.epoch_step else ""), flush=True)
+    if main:
+        P.clear_marker(run_dir)
 
     logger = RunLogger(run_dir, lg.tensorboard, lg.jsonl, enabled=main,
                        purge_step=st.step if resume_path is not None else None)
     if main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     if teacher is not None and st.teacher is None:
-        st.teacher = evaluate(teacher, loaders.val, task, device, teacher_prec, t.channels_last)
+        st.teacher = evaluate(teacher, loaders.val, task, device, teacher_prec, t.channels_last,
+                              results_path=run_dir / "teacher_val_detections.json")
         logger.log(0, {f"teacher/val_{k}": st.teacher[k] for k in task.metric_keys}, kind="teacher")
 
     def save(name: str, metrics: dict[str, float] | None = None) -> None:
+        # Collective (every rank calls it at the same points): each rank's RNG state goes into the
+        # checkpoint, so that every rank resumes its own random stream.
+        rngs = D.all_gather_object(ckpt.rng_state())
         if not main:
             return
+        if name == "last.pt":
+            P.keep_previous(run_dir / name)  # last.pt.prev: the previous good checkpoint
         ckpt.save_atomic({
             "format": ckpt.FORMAT,
             "student": student.model.state_dict(),
@@ -386,26 +511,30 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "epoch": st.epoch, "step": st.step, "epoch_step": st.epoch_step,
             "best_metric": st.best_metric, "skipped": st.skipped, "history": st.history,
             "teacher_metrics": st.teacher or {},
-            "rng": ckpt.rng_state(),
+            "aux_batches": st.aux_batches, "world_size": D.world_size(),
+            "rng": rngs[0], "rng_ranks": rngs,
             "config": OmegaConf.to_yaml(cfg),
             "metrics": dict(metrics or {}),
         }, run_dir / name)
 
     # -- the step -----------------------------------------------------------------------------------
     aux_iter: Iterator | None = None
-    aux_epoch = 0
 
     def next_aux() -> tuple[Tensor, Tensor]:
-        nonlocal aux_iter, aux_epoch
+        nonlocal aux_iter
         assert loaders.aux is not None and loaders.aux_sampler is not None
         while True:
             if aux_iter is None:
-                loaders.aux_sampler.set_epoch(aux_epoch)
+                # Position from the count of batches drawn so far: a resumed run continues the stream.
+                per_epoch = max(1, loaders.aux_sampler.per_rank() // t.batch_size)
+                loaders.start_aux_epoch(st.aux_batches // per_epoch, st.aux_batches % per_epoch, seed)
                 aux_iter = iter(loaders.aux)
             try:
-                return next(aux_iter)
+                batch = next(aux_iter)
+                st.aux_batches += 1
+                return batch
             except StopIteration:
-                aux_iter, aux_epoch = None, aux_epoch + 1
+                aux_iter = None
 
     def to_device(batch: Any) -> tuple[Any, Any, Tensor | None]:
         x, y, idx = task.batch_to_device(batch, device)
@@ -522,6 +651,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 values.update(diagnostics(j.gram(), j.names, result.raw_weights, j.scale))
         return finite, values
 
+    def stopped(pre: P.Preemption) -> dict[str, Any]:
+        """The orderly end after a stop signal: ``last.pt`` at the last completed step, a marker for
+        the launcher, every rank past the save, then the handler that was there before ours."""
+        save("last.pt", last_val)
+        if main:
+            P.write_marker(run_dir, {"signal": pre.signal_name, "step": st.step, "epoch": st.epoch,
+                                     "epoch_step": st.epoch_step, "time": time.time()})
+            print(f"[kdrun] {pre.signal_name}: stopped after step {st.step} (epoch {st.epoch + 1}, step "
+                  f"{st.epoch_step} of it); saved {run_dir / 'last.pt'}. Continue with trainer.resume=auto.",
+                  flush=True)
+        logger.close()
+        D.barrier()
+        pre.chain()  # e.g. submitit's requeue; returns unless that handler exits the process
+        return {"run_dir": str(run_dir), "preempted": pre.signal_name, "exit_code": pre.exit_code,
+                "steps": st.step, "epochs": st.epoch, "epoch_step": st.epoch_step,
+                "world_size": D.world_size(), "checkpoint": str(run_dir / "last.pt")}
+
     # -- the loop ------------------------------------------------------------------------------------
     trainable.train()
     progress = Progress(total_steps, enabled=main and lg.progress)
@@ -530,51 +676,64 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     window_t, window_images = time.perf_counter(), 0
     last_val: dict[str, float] = {}
     stop = False
-    while st.epoch < t.epochs and not stop:
-        sampler = loaders.sampler
-        if isinstance(sampler, D.TrainSampler):
-            sampler.set_epoch(st.epoch, skip=st.epoch_step * t.batch_size)
-        else:
-            sampler.set_epoch(st.epoch)
-        for batch in loaders.train:
-            x, y, idx = to_device(batch)
-            finite, values = train_step(x, y, idx)
-            st.step += 1
-            st.epoch_step += 1
-            n_images = task.batch_size(x) * D.world_size()
-            images += n_images
-            window_images += n_images
-            if values:
-                now = time.perf_counter()
-                values["train/images_per_s"] = torch.tensor(window_images / max(1e-9, now - window_t))
-                window_t, window_images = now, 0
-                vals = logger.log(st.step, values)
-                if vals:
-                    progress.update(st.step, f"ep {st.epoch + 1}/{t.epochs} "
-                                    f"loss {vals.get('loss/total', float('nan')):.4f}")
-            if 0 < t.max_steps <= st.step:
-                stop = True
+    # Stop signals are only recorded; the loop acts on them at a step boundary that all ranks agree on.
+    preempt = P.Preemption(t.preempt_signals, t.preempt_check_every)
+    with preempt:  # handlers restored on exit, also when a step raises
+        while st.epoch < t.epochs and not stop:
+            loaders.start_epoch(st.epoch, st.epoch_step, seed)
+            for batch in loaders.train:
+                x, y, idx = to_device(batch)
+                finite, values = train_step(x, y, idx)
+                st.step += 1
+                st.epoch_step += 1
+                n_images = task.batch_size(x) * D.world_size()
+                images += n_images
+                window_images += n_images
+                if values:
+                    now = time.perf_counter()
+                    values["train/images_per_s"] = torch.tensor(window_images / max(1e-9, now - window_t))
+                    window_t, window_images = now, 0
+                    vals = logger.log(st.step, values)
+                    if vals:
+                        progress.update(st.step, f"ep {st.epoch + 1}/{t.epochs} "
+                                        f"loss {vals.get('loss/total', float('nan')):.4f}")
+                if 0 < t.max_steps <= st.step:
+                    stop = True
+                    break
+                if preempt.should_stop(st.step):  # collective: every rank stops after the same step
+                    stop = True
+                    break
+                if 0 < t.save_every_steps and st.step % t.save_every_steps == 0 and st.epoch_step < steps_per_epoch:
+                    save("last.pt", last_val)  # mid-epoch: survives a kill -9 (epoch ends save below)
+            else:
+                st.epoch += 1
+                st.epoch_step = 0
+            if preempt.agreed:
+                # Saved as is, even when the epoch's last step was just taken (epoch_step == steps per
+                # epoch): the resumed run then runs the epoch's end (validation, best.pt) itself, so a
+                # stop costs no time for evaluation inside the grace period.
                 break
-        else:
-            st.epoch += 1
-            st.epoch_step = 0
-        if stop and st.epoch_step == steps_per_epoch:  # max_steps landed on an epoch end
-            st.epoch, st.epoch_step = st.epoch + 1, 0
-        ended_epoch = st.epoch_step == 0
-        if ended_epoch and (st.epoch % t.val_every == 0 or st.epoch == t.epochs or stop):
-            last_val = evaluate(student, loaders.val, task, device, t.precision, t.channels_last)
-            st.history.append({"epoch": st.epoch, "step": st.step, **last_val})
-            logger.log(st.step, {**{f"val/{k}": last_val[k] for k in task.metric_keys}, "epoch": st.epoch},
-                       kind="val")
-            improved = last_val[task.primary_metric] > st.best_metric
-            st.best_metric = max(st.best_metric, last_val[task.primary_metric])
-            if t.save_best and improved:
-                save("best.pt", last_val)
-        if t.save_last and (ended_epoch or stop):
-            save("last.pt", last_val)
+            if stop and st.epoch_step == steps_per_epoch:  # max_steps landed on an epoch end
+                st.epoch, st.epoch_step = st.epoch + 1, 0
+            ended_epoch = st.epoch_step == 0
+            if ended_epoch and (st.epoch % t.val_every == 0 or st.epoch == t.epochs or stop):
+                last_val = evaluate(student, loaders.val, task, device, t.precision, t.channels_last,
+                                    results_path=run_dir / "val_detections.json")
+                st.history.append({"epoch": st.epoch, "step": st.step, **last_val})
+                logger.log(st.step, {**{f"val/{k}": last_val[k] for k in task.metric_keys}, "epoch": st.epoch},
+                           kind="val")
+                improved = last_val[task.primary_metric] > st.best_metric
+                st.best_metric = max(st.best_metric, last_val[task.primary_metric])
+                if t.save_best and improved:
+                    save("best.pt", last_val)
+            if t.save_last and (ended_epoch or stop):
+                save("last.pt", last_val)
     progress.close()
+    if preempt.agreed:
+        return stopped(preempt)
     if not last_val:  # resumed a finished run, or stopped mid-epoch: evaluate what we have
-        last_val = evaluate(student, loaders.val, task, device, t.precision, t.channels_last)
+        last_val = evaluate(student, loaders.val, task, device, t.precision, t.channels_last,
+                                    results_path=run_dir / "val_detections.json")
     wall = time.perf_counter() - t_start
     logger.close()
     best = max(st.history, key=lambda h: h[task.primary_metric]) if st.history else last_val
@@ -584,6 +743,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "final": {k: last_val[k] for k in task.metric_keys},
         "best": {**{k: best[k] for k in task.metric_keys}, "epoch": best.get("epoch")},
         "teacher": None if st.teacher is None else {k: st.teacher[k] for k in task.metric_keys},
+        "val_samples": last_val.get("samples"),  # every val sample once, summed over ranks
         "epochs": st.epoch, "steps": st.step, "nonfinite_skipped": st.skipped,
         "wall_time_s": wall, "images_per_s": images / max(wall, 1e-9),
         "world_size": D.world_size(), "device": str(device),
@@ -592,4 +752,5 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     }
     if main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    D.barrier()
     return results
