@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kdrun.config import ConfigError
 
-COMMANDS = ("train", "eval", "export", "tables", "plot")
+COMMANDS = ("train", "eval", "export", "tables", "plot", "tide")
 
 
 def config_dir() -> Path:
@@ -175,19 +175,27 @@ def run_eval(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: kdrun {train,eval,export,tables,plot} ...\n\n"
+        print("usage: kdrun {train,eval,export,tables,plot,tide} ...\n\n"
               "  train   train/distil a model: kdrun train [group=option ...] [key=value ...] [+recipe=NAME]\n"
               "          (kdrun train --help lists the config groups and options)\n"
               "  eval    evaluate a checkpoint: kdrun eval RUN_DIR|CHECKPOINT [key=value ...]\n"
               "  export  the student alone as a plain state_dict: kdrun export RUN_DIR\n"
               "  tables  the papers' tables from run dirs: kdrun tables --table cifar100 RUNS_DIR...\n"
-              "  plot    conflict/dominance/pi/accuracy figures: kdrun plot RUN_DIR...")
+              "  plot    conflict/dominance/pi/accuracy figures: kdrun plot RUN_DIR...\n"
+              "  tide    TIDE error analysis of a detection run: kdrun tide RUN_DIR")
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         run_train(rest)
     elif cmd == "eval":
         run_eval(rest)
+    elif cmd == "tide":
+        from kdrun.tide import main_run_dir
+
+        try:
+            sys.exit(main_run_dir(rest))
+        except (FileNotFoundError, *_user_errors()) as e:
+            report(e)
     elif cmd in ("export", "tables", "plot"):
         import importlib
 

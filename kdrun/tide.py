@@ -327,5 +327,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main_run_dir(argv: Sequence[str]) -> int:
+    """``kdrun tide RUN_DIR``: TIDE on the student's saved val detections of a detection run
+    (``RUN_DIR/val_detections.json``, written at every evaluation), against the ground truth of the
+    run's own val split (rebuilt from ``RUN_DIR/config.yaml`` unless ``--gt`` is given). Prints the six
+    dAP values and writes ``RUN_DIR/tide.png``."""
+    import argparse
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    ap = argparse.ArgumentParser(prog="kdrun tide", description=main_run_dir.__doc__)
+    ap.add_argument("run_dir")
+    ap.add_argument("--gt", default=None, help="COCO annotation json (default: the run's val split)")
+    ap.add_argument("--detections", default=None, help="default: RUN_DIR/val_detections.json")
+    ap.add_argument("--out", default=None, help="bar chart PNG (default: RUN_DIR/tide.png)")
+    ap.add_argument("--pos-thresh", type=float, default=0.5)
+    ap.add_argument("--bg-thresh", type=float, default=0.1)
+    args = ap.parse_args(list(argv))
+    run = Path(args.run_dir)
+    dets = Path(args.detections) if args.detections else run / "val_detections.json"
+    if not dets.is_file():
+        raise FileNotFoundError(f"{dets} does not exist: is {run} a detection run (task=detection) that "
+                                "has evaluated at least once?")
+    gt: Any = args.gt
+    if gt is None:
+        cfg = OmegaConf.load(run / "config.yaml")
+        gt = instantiate(cfg.dataset, _convert_="all").val.coco  # the exact split the run evaluated
+    res = tide(gt, dets, args.pos_thresh, args.bg_thresh)
+    print(json.dumps(res.to_dict(), indent=2))
+    print(f"plot: {plot_tide(res, args.out or run / 'tide.png')}")
+    return 0
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -118,7 +118,7 @@ def test_cli_help_lists_groups_and_options() -> None:
         assert line in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["eval", "export", "tables", "plot"])
+@pytest.mark.parametrize("cmd", ["eval", "export", "tables", "plot", "tide"])
 def test_every_subcommand_has_help(cmd: str) -> None:
     r = _kdrun(cmd, "--help")
     assert r.returncode == 0 and "usage: kdrun" in r.stdout
@@ -126,4 +126,4 @@ def test_every_subcommand_has_help(cmd: str) -> None:
 
 def test_unknown_command_lists_the_valid_ones() -> None:
     r = _kdrun("trian")
-    assert r.returncode == 2 and "valid commands are train, eval, export, tables, plot" in r.stderr
+    assert r.returncode == 2 and "valid commands are train, eval, export, tables, plot, tide" in r.stderr
