@@ -9,6 +9,7 @@ projectors. :func:`train` builds everything from a validated config, runs, and r
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import functools
@@ -17,6 +18,7 @@ import math
 import os
 import random
 import signal
+import weakref
 import subprocess
 import sys
 import time
@@ -198,6 +200,26 @@ class Loaders:
         self.aux_generator.manual_seed(loader_seed(seed + 104_729, epoch))
 
 
+def close_loaders(loaders: Loaders) -> None:
+    """Shut persistent loader workers down now, through the loader's own orderly path (its done event).
+
+    Needed because the workers ignore the stop signals (``ignore_signals``): multiprocessing's
+    exit-time ``terminate()`` (a SIGTERM) cannot stop them, so a worker still alive at interpreter exit
+    would make the exit join hang forever."""
+    for dl in (loaders.train, loaders.val, loaders.aux):
+        it = getattr(dl, "_iterator", None) if dl is not None else None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        if dl is not None:
+            dl._iterator = None
+
+
+def _close_at_exit(ref: "weakref.ReferenceType[Loaders]") -> None:
+    loaders = ref()
+    if loaders is not None:
+        close_loaders(loaders)
+
+
 def loader_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + D.rank()) % 2**63
 
@@ -232,6 +254,8 @@ def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.de
         out.aux_generator = torch.Generator()
         out.aux = DataLoader(data.train, batch_size=t.batch_size, sampler=out.aux_sampler, drop_last=True,
                              generator=out.aux_generator, **common)
+    if t.num_workers > 0:  # a run that dies before train() closes them must not hang the exit
+        atexit.register(_close_at_exit, weakref.ref(out))
     return out
 
 
@@ -730,6 +754,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 save("last.pt", last_val)
     progress.close()
     if preempt.agreed:
+        close_loaders(loaders)
         return stopped(preempt)
     if not last_val:  # resumed a finished run, or stopped mid-epoch: evaluate what we have
         last_val = evaluate(student, loaders.val, task, device, t.precision, t.channels_last,
@@ -753,4 +778,5 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     D.barrier()
+    close_loaders(loaders)
     return results

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from kdrun import checkpoint as ckpt
 from kdrun.config import ConfigError, validate
-from kdrun.engine import autocast, evaluate, make_loaders, pick_device
+from kdrun.engine import close_loaders, evaluate, make_loaders, pick_device
 from kdrun.config import TrainerConfig
 from kdrun.models.build import CheckpointError, build_model, extract_state_dict
 
@@ -41,4 +41,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), device: str
     model.load_state_dict(extract_state_dict(state, p))
     model.to(dev)
     loaders = make_loaders(data, t, 0, dev, aux=False, task=task)
-    return evaluate(model, loaders.val, task, dev, t.precision, t.channels_last)
+    try:
+        return evaluate(model, loaders.val, task, dev, t.precision, t.channels_last)
+    finally:
+        close_loaders(loaders)

@@ -29,3 +29,27 @@ def test_switch_runs(digits_teacher: str, tmp_path: Path, switches: list[str]) -
     if "trainer.precision=fp16" in switches:
         assert state["scaler"]["scale"] > 0
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_process_with_live_persistent_loader_workers_exits() -> None:
+    """Loader workers ignore stop signals, so multiprocessing's exit-time terminate() cannot stop them:
+    loaders still referenced at interpreter exit must be shut down by kdrun's exit hook, or the exit
+    join hangs (as it once did at the end of the test suite)."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from omegaconf import OmegaConf
+from hydra.utils import instantiate
+from kdrun.config import TrainerConfig
+from kdrun.engine import make_loaders
+from tests.conftest import compose_cfg, QUICK
+cfg = compose_cfg([*QUICK, "trainer.num_workers=2"])
+t = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+KEEP = make_loaders(instantiate(cfg.dataset), t, 0, torch.device("cpu"), aux=False, task=instantiate(cfg.task))
+next(iter(KEEP.train))  # starts the persistent workers; KEEP stays alive until exit
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
