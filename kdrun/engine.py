@@ -40,9 +40,9 @@ from kdrun.balancers.base import Balancer, StepContext, StepResult
 from kdrun.balancers.gradients import Jacobian, compute_feature_jacobian, compute_jacobian, diagnostics
 from kdrun.config import ConfigError, TrainerConfig, validate
 from kdrun.data.base import DataModule
-from kdrun.logger import Progress, RunLogger, to_floats
+from kdrun.logger import Progress, RunLogger
 from kdrun.losses.base import DistillLoss
-from kdrun.models.build import CheckpointError, build_model, check_fits, load_weights
+from kdrun.models.build import CheckpointError, build_model, check_fits
 from kdrun.models.taps import ModelOutput, Tapped, freeze
 from kdrun.tasks.base import group
 

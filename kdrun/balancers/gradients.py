@@ -16,7 +16,6 @@ sees the same G, computes the same weights and writes the same update.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -201,7 +200,3 @@ def diagnostics(
         w = raw_weights.detach().double().to(g.device)
         out["grad/combined_norm"] = (w @ g @ w).clamp_min(0).sqrt()
     return out
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -20,7 +20,7 @@ from torch import Tensor
 from kdrun.config import Ge, Le
 from kdrun.distributed import all_reduce_sum
 from kdrun.models.taps import ModelOutput
-from kdrun.tasks.base import group, objective_groups
+from kdrun.tasks.base import objective_groups
 
 
 class Classification:
@@ -46,8 +46,6 @@ class Classification:
 
     def objective_groups(self, distill_terms: Iterable[str]) -> dict[str, list[str]]:
         return objective_groups(self.task_terms, self.objectives_spec, list(distill_terms))
-
-    group = staticmethod(group)
 
     # -- batches ---------------------------------------------------------------------------------
     def batch_to_device(self, batch: Sequence[Any], device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
