@@ -17,7 +17,8 @@ two projections" and Algorithm 1's ẑ_t, ẑ_s.
 For the feature losses this module returns (D P_s z_s, P_t ẑ_t), where ẑ_t is the teacher feature after
 ``teacher_norm``; their inner product is s, and a distance between them (smooth-L1, normalised L1) is
 the distillation loss. P_t is trained too; it is an isometry (‖P_t z‖ = ‖z‖), so the teacher target
-cannot shrink to zero. Orthonormality is exact at every step (``torch.nn.utils.parametrizations``).
+cannot shrink to zero. Orthonormality is exact at every step (``orthogonal_map``: the chart, see
+:func:`kdrun.projectors._common.stiefel`).
 """
 from __future__ import annotations
 
@@ -25,15 +26,15 @@ from typing import Annotated
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import orthogonal
 
 from kdrun.config import Ge
-from kdrun.projectors._common import TeacherNorm, check_teacher_norm, normalize_teacher
+from kdrun.projectors._common import OrthogonalMap, TeacherNorm, check_teacher_norm, normalize_teacher, stiefel
 
 
 class Subspace(nn.Module):
     def __init__(self, student_dim: Annotated[int, Ge(1)], teacher_dim: Annotated[int, Ge(1)],
-                 n: Annotated[int, Ge(1)] | None = None, teacher_norm: TeacherNorm = "layernorm") -> None:
+                 n: Annotated[int, Ge(1)] | None = None, teacher_norm: TeacherNorm = "layernorm",
+                 orthogonal_map: OrthogonalMap = "auto") -> None:
         super().__init__()
         n_min = max(student_dim, teacher_dim)
         n = n_min if n is None else int(n)
@@ -42,8 +43,8 @@ class Subspace(nn.Module):
                              f"teacher_dim={teacher_dim}) so that P_s and P_t have orthonormal columns.")
         self.n = n
         # nn.Linear(in, out) holds an (out × in) = (n × n_dim) weight: orthonormal columns since n ≥ n_dim.
-        self.p_s = orthogonal(nn.Linear(student_dim, n, bias=False))
-        self.p_t = orthogonal(nn.Linear(teacher_dim, n, bias=False))
+        self.p_s = stiefel(nn.Linear(student_dim, n, bias=False), orthogonal_map)
+        self.p_t = stiefel(nn.Linear(teacher_dim, n, bias=False), orthogonal_map)
         self.d = nn.Parameter(torch.ones(n))  # the diagonal of D, stored as a vector so it stays diagonal
         self.teacher_norm = check_teacher_norm(teacher_norm)
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from kdrun.config import validate_target_node
-from kdrun.projectors._common import normalize_teacher
+from kdrun.projectors._common import _QRStiefel, normalize_teacher, stiefel
 from kdrun.projectors.ensemble import Ensemble
 from kdrun.projectors.identity import Identity, ProjectorDimError
 from kdrun.projectors.linear import Linear
@@ -43,9 +43,10 @@ def _train(module: nn.Module, s_dim: int, t_dim: int, steps: int = 100) -> None:
         opt.step()
 
 
+@pytest.mark.parametrize("omap", ["auto", "householder", "cayley", "qr"])
 @pytest.mark.parametrize("s_dim,t_dim", [(8, 16), (16, 8), (12, 12)])
-def test_orthogonal_stays_semi_orthogonal_after_training(s_dim: int, t_dim: int) -> None:
-    proj = Orthogonal(student_dim=s_dim, teacher_dim=t_dim, teacher_norm="none")
+def test_orthogonal_stays_semi_orthogonal_after_training(s_dim: int, t_dim: int, omap: str) -> None:
+    proj = Orthogonal(student_dim=s_dim, teacher_dim=t_dim, teacher_norm="none", orthogonal_map=omap)
     w0 = proj.weight.detach().clone()
     _train(proj, s_dim, t_dim)
     assert proj.weight.shape == (t_dim, s_dim)
@@ -54,8 +55,9 @@ def test_orthogonal_stays_semi_orthogonal_after_training(s_dim: int, t_dim: int)
     assert not any(n.endswith("bias") for n, _ in proj.named_parameters())
 
 
-def test_subspace_projections_stay_orthonormal_and_d_diagonal() -> None:
-    proj = Subspace(student_dim=6, teacher_dim=10, n=16, teacher_norm="none")
+@pytest.mark.parametrize("omap", ["auto", "qr"])
+def test_subspace_projections_stay_orthonormal_and_d_diagonal(omap: str) -> None:
+    proj = Subspace(student_dim=6, teacher_dim=10, n=16, teacher_norm="none", orthogonal_map=omap)
     _train(proj, 6, 10)
     assert proj.P_s.shape == (16, 6) and proj.P_t.shape == (16, 10)
     assert _orthonormal_columns_error(proj.P_s) < 1e-5
@@ -63,6 +65,31 @@ def test_subspace_projections_stay_orthonormal_and_d_diagonal() -> None:
     # D is stored as its diagonal: a vector, so it cannot acquire off-diagonal terms.
     assert proj.d.shape == (16,)
     assert not torch.allclose(proj.d, torch.ones(16))
+
+
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (5, 5)])
+def test_qr_chart_is_orthonormal_smooth_and_identity_on_the_manifold(shape: tuple[int, int]) -> None:
+    """The QR chart: orthonormal output for any full-rank A, W ↦ W on the manifold (so the stored
+    parameter starts equal to the initial weight), and analytic gradients equal finite differences."""
+    chart = _QRStiefel()
+    torch.manual_seed(3)
+    a = torch.randn(*shape, dtype=torch.float64)
+    w = chart(a)
+    assert _orthonormal_columns_error(w) < 1e-12
+    assert torch.allclose(chart(w), w, atol=1e-12)  # identity on orthonormal inputs (sign fix)
+    assert torch.allclose(chart(3.0 * a), w, atol=1e-12)  # scale-invariant: weight decay on A is harmless
+    assert torch.autograd.gradcheck(chart, (a.requires_grad_(),))
+    lin = stiefel(nn.Linear(shape[1], shape[0], bias=False), "qr")
+    assert torch.allclose(lin.parametrizations.weight.original, lin.weight)
+
+
+def test_bad_orthogonal_map_is_refused() -> None:
+    with pytest.raises(ValueError, match="orthogonal_map='svd' is not one of auto, householder"):
+        stiefel(nn.Linear(3, 4), "svd")
+    node = OmegaConf.create({"_target_": "kdrun.projectors.orthogonal.Orthogonal", "_partial_": True,
+                             "orthogonal_map": "svd"})
+    with pytest.raises(Exception, match="orthogonal_map"):
+        validate_target_node("projector", node)
 
 
 def test_subspace_formula_and_default_dimension() -> None:
