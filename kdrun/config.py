@@ -96,6 +96,10 @@ class TrainerConfig:
     # params = the shared student parameters (exact); features = a shared representation named by
     # grad_feature (MGDA-UB style: one backward per step).
     grad_space: Literal["params", "features"] = "params"
+    # How the k per-objective parameter gradients are taken: one backward each (loop), one vmapped
+    # backward (batched: autograd.grad with is_grads_batched), or batched where the model's ops allow
+    # it (auto; kdrun.balancers.gradients.JacobianMode).
+    jacobian: Literal["loop", "batched", "auto"] = "auto"
     grad_feature: str = "pre_logits"
     val_every: Annotated[int, Ge(1)] = 1  # epochs
     resume: Optional[str] = None  # null | auto | PATH

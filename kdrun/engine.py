@@ -37,7 +37,8 @@ from kdrun import checkpoint as ckpt
 from kdrun import distributed as D
 from kdrun import preemption as P
 from kdrun.balancers.base import Balancer, StepContext, StepResult
-from kdrun.balancers.gradients import Jacobian, compute_feature_jacobian, compute_jacobian, diagnostics
+from kdrun.balancers.gradients import (Jacobian, JacobianMode, compute_feature_jacobian, compute_jacobian,
+                                       diagnostics)
 from kdrun.config import ConfigError, TrainerConfig, validate
 from kdrun.data.base import DataModule
 from kdrun.logger import Progress, RunLogger
@@ -406,6 +407,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if t.channels_last:
             teacher.to(memory_format=torch.channels_last)
     feature_space = t.grad_space == "features"
+    jac_mode = JacobianMode(t.jacobian)
     student = Tapped(build_model(cfg.student), [tp for d in distill.values() for tp in d.student_taps]
                      + ([t.grad_feature] if feature_space else []))
     student.to(device)
@@ -596,6 +598,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         all_reduce_sum=D.all_reduce_sum, world_size=D.world_size())
                 else:
                     cache["j"] = compute_jacobian(objectives, params, retain_graph=diag_step, scale=scale,
+                                                  mode=jac_mode,
                                                   all_reduce_mean=D.all_reduce_mean)
             return cache["j"]
 

@@ -6,7 +6,10 @@ step and gradient diagnostics off (they are optional and would be charged to eve
 the per-step wall time is read back from ``metrics.jsonl`` (``batch / train/images_per_s``, which the
 engine measures between consecutive steps, after its per-step host sync, so GPU time is included).
 The median over the steps after ``--warmup`` is reported, with the ratio to ``fixed`` measured in the
-same process; ``fixed`` is run first and last, and the table reports both to show drift.
+same process; ``fixed`` is run first and last, and the table reports both to show drift. With
+``--rounds R`` the whole list is run R times in turn (so slow drifts of a shared machine spread over
+every balancer), each row is the median over all its rounds' steps, and the ratios are taken to the
+median of every ``fixed`` step (first and last rows, all rounds).
 
     python scripts/bench_balancers.py --pair cifar --steps 30 --warmup 5
     python scripts/bench_balancers.py --pair deit --device cuda --precision bf16 --image-size 224
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -36,7 +40,7 @@ PAIRS = {
     "deit": ["teacher=timm", "teacher.model.model_name=regnety_160", "student=timm",
              "student.model.model_name=deit_tiny_distilled_patch16_224", "distill=[kl,smooth_l1]",
              "distill.kl.student_logits=dist_logits", "distill.smooth_l1.student_tap=patch_mean",
-             "projector=orthogonal", "dataset.num_classes=1000", "dataset.in_chans=3"],
+             "projector=orthogonal", "projector.orthogonal_map=qr", "dataset.num_classes=1000", "dataset.in_chans=3"],
 }
 
 BALANCERS = [
@@ -44,6 +48,7 @@ BALANCERS = [
     ("dto (amortised, lagged)", ["balancer=dto", "balancer.next_loss=lagged"]),
     ("dto (amortised, same_batch)", ["balancer=dto"]),
     ("dto_exact (params)", ["balancer=dto_exact"]),
+    ("dto_exact (params, loop jacobian)", ["balancer=dto_exact", "trainer.jacobian=loop"]),
     ("dto_exact (features)", ["balancer=dto_exact", "trainer.grad_space=features"]),
     ("famo", ["balancer=famo"]),
     ("cross_batch", ["balancer=cross_batch"]),
@@ -87,6 +92,7 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--only", nargs="*", default=None, help="run only these balancer labels")
+    p.add_argument("--rounds", type=int, default=1, help="run the whole list this many times in turn")
     a = p.parse_args()
     size = a.image_size or (32 if a.pair == "cifar" else 64)
     batch = a.batch_size or (64 if a.pair == "cifar" else 16)
@@ -95,18 +101,21 @@ def main() -> None:
               f"trainer.precision={a.precision}", "optimizer=sgd", "scheduler=constant", *PAIRS[a.pair]]
     if a.pair == "deit":
         common.append(f"+student.model.img_size={size}")
-    rows, base = [], None
-    for label, over in BALANCERS:
-        if a.only and label not in a.only and not label.startswith("fixed"):
-            continue
-        t = statistics.median(step_times(common + over, a.steps, a.warmup))
-        base = base or t
-        rows.append((label, t, t / base))
-        print(f"{label:32s} {1000 * t:9.1f} ms/step  {t / base:5.2f}x", flush=True)
+    chosen = [(label, over) for label, over in BALANCERS
+              if not a.only or label in a.only or label.startswith("fixed")]
+    times: dict[str, list[float]] = {label: [] for label, _ in chosen}
+    for r in range(a.rounds):
+        for label, over in chosen:
+            times[label] += step_times(common + over, a.steps, a.warmup)
+            print(f"round {r + 1}/{a.rounds} {label:36s} {1000 * statistics.median(times[label]):9.1f} ms/step",
+                  flush=True)
+    base = statistics.median(times["fixed"] + times["fixed (again)"])
+    rows = [(label, statistics.median(ts), statistics.median(ts) / base) for label, ts in times.items()]
     dev = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     print(f"\n### {a.pair} pair — {time.strftime('%Y-%m-%d')}, {dev}, torch {torch.__version__}")
-    print(f"`python scripts/bench_balancers.py {' '.join(sys.argv[1:])}` — batch {batch}, {size}×{size}, "
-          f"{a.precision}, median of {a.steps - a.warmup} steps after {a.warmup} warm-up\n")
+    print(f"`python scripts/bench_balancers.py {shlex.join(sys.argv[1:])}` — batch {batch}, {size}×{size}, "
+          f"{a.precision}, median of {a.steps - a.warmup} steps after {a.warmup} warm-up × {a.rounds} round(s); "
+          "× fixed = against the median of all `fixed` steps\n")
     print("| balancer | ms/step | × fixed |\n| --- | ---: | ---: |")
     for label, t, r in rows:
         print(f"| {label} | {1000 * t:.1f} | {r:.2f} |")
