@@ -13,6 +13,7 @@ names the key, the bad value and what is allowed; :func:`kdrun.cli.main` prints 
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
 import typing
@@ -132,6 +133,16 @@ GROUP_SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "logger": LoggerConf
 # Validation.
 
 
+_MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+
+
+def _mentions_mapping(annotation: Any) -> bool:
+    """Whether ``annotation`` is (an Optional/Union/Annotated of) ``dict[...]``/``Mapping[...]``."""
+    if typing.get_origin(annotation) in _MAPPINGS:
+        return True
+    return any(_mentions_mapping(a) for a in typing.get_args(annotation) if not isinstance(a, (str, int, float)))
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
@@ -157,6 +168,13 @@ def check_value(key: str, value: Any, annotation: Any) -> None:
                 f"{key}={value!r} is not a valid choice; valid choices are "
                 f"{', '.join(repr(c) for c in choices)}."
             )
+        return
+    if origin in _MAPPINGS:  # dict[K, V] / Mapping[K, V]: a mapping whose values are checked against V
+        if not isinstance(value, (dict, DictConfig)):
+            raise ConfigError(f"{key}={value!r} must be a mapping ({{name: value, ...}}).")
+        args = typing.get_args(annotation)
+        for k in value:
+            check_value(f"{key}.{k}", value[k], args[1] if len(args) == 2 else Any)
         return
     if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
         args = typing.get_args(annotation)
@@ -235,6 +253,8 @@ def validate_target_node(key: str, node: DictConfig, extra_keys: tuple[str, ...]
         if isinstance(value, (DictConfig, ListConfig)):
             if isinstance(value, DictConfig) and "_target_" in value:
                 validate_target_node(f"{key}.{k}", value)
+            elif isinstance(value, DictConfig) and _mentions_mapping(hints.get(k, params[k].annotation)):
+                check_value(f"{key}.{k}", node[k], hints.get(k, params[k].annotation))
             continue
         check_value(f"{key}.{k}", node[k], hints.get(k, params[k].annotation))
     for n, p in params.items():
