@@ -9,6 +9,13 @@ mean ± sample standard deviation over the runs (seeds) of that cell, their coun
 Δ = kdrun mean − paper. Missing values are blanks ("—"). The table layouts and the published numbers
 live in ``kdrun/paper_numbers.yaml`` (``--definitions PATH`` uses another file with the same schema).
 
+Which number of a run a table shows is its *metrics*: ``results.json[final|best][key] × scale`` —
+``top1`` (× 1) for the classification tables, COCO's ``AP``, ``AP50``, … (× 100: pycocotools gives
+0..1, the papers print percentages) for the detection ones. A table with several metrics (COCO: six per
+run) keeps one cell per (row, column) — one group of runs — and shows every metric of it: rendered in
+the papers' layout, one block of rows per column with the metrics as the table's columns. Negative
+values (COCO's −1 for an area range without ground truth) count as missing.
+
 The functions below are pure (definitions + results in, cells/strings out), so that the tests can check
 the statistics without going through the command line.
 """
@@ -29,7 +36,7 @@ import yaml
 
 DEFINITIONS = Path(__file__).resolve().parent / "paper_numbers.yaml"
 BLANK = "—"
-METRICS = {"final": "final top-1 (last epoch)", "best": "best top-1 (best val epoch)"}
+METRICS = {"final": ("final", "(last epoch)"), "best": ("best", "(best val epoch)")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -47,15 +54,43 @@ class Line:
     from_teacher: bool = False  # kdrun value = the teacher accuracy measured by the runs of the column
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One number of a run: ``results.json[final|best][key] × scale``."""
+
+    key: str = "top1"
+    label: str = "top-1"
+    scale: float = 1.0
+
+
+TOP1 = Metric()
+
+
 @dataclass
 class TableDef:
     name: str
     title: str
-    metric: str
+    metric: str                     # what the paper's numbers are (printed in the legend)
     rows: list[Line]
     columns: list[Line]
-    paper: dict[tuple[str, str], float] = field(default_factory=dict)
-    sources: dict[tuple[str, str], str] = field(default_factory=dict)
+    metrics: list[Metric] = field(default_factory=lambda: [TOP1])
+    # published numbers and their sources, per (row, column, metric key)
+    numbers: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    number_sources: dict[tuple[str, str, str], str] = field(default_factory=dict)
+
+    def paper_for(self, key: str) -> dict[tuple[str, str], float]:
+        """The paper's numbers of one metric, per (row, column)."""
+        return {(r, c): v for (r, c, k), v in self.numbers.items() if k == key}
+
+    @property
+    def paper(self) -> dict[tuple[str, str], float]:
+        """The paper's numbers of the first (primary) metric, per (row, column)."""
+        return self.paper_for(self.metrics[0].key)
+
+    @property
+    def sources(self) -> dict[tuple[str, str], str]:
+        k0 = self.metrics[0].key
+        return {(r, c): v for (r, c, k), v in self.number_sources.items() if k == k0}
 
 
 class TableError(ValueError):
@@ -70,6 +105,18 @@ def _line(d: Any, where: str) -> Line:
         raise TableError(f"{where}.{d['id']}: aggregate must be 'mean' (got {agg!r})")
     return Line(str(d["id"]), str(d.get("label", d["id"])), bool(d.get("reference", False)), agg,
                 bool(d.get("from_teacher", False)))
+
+
+def _metric(d: Any, where: str) -> Metric:
+    if isinstance(d, str):
+        d = {"key": d}
+    if not isinstance(d, dict) or "key" not in d:
+        raise TableError(f"{where}: every metric needs a `key` (got {d!r})")
+    try:
+        scale = float(d.get("scale", 1.0))
+    except (TypeError, ValueError):
+        raise TableError(f"{where}.{d['key']}: scale must be a number (got {d.get('scale')!r})") from None
+    return Metric(str(d["key"]), str(d.get("label", d["key"])), scale)
 
 
 def load_definitions(path: str | Path | None = None) -> dict[str, TableDef]:
@@ -87,14 +134,33 @@ def load_definitions(path: str | Path | None = None) -> dict[str, TableDef]:
         cols = [_line(c, f"{name}.columns") for c in t.get("columns") or []]
         if not rows or not cols:
             raise TableError(f"{path}: table {name} needs rows and columns")
-        td = TableDef(str(name), str(t.get("title", name)), str(t.get("metric", "top-1 (%)")), rows, cols)
+        metrics = [_metric(m, f"{name}.metrics") for m in t.get("metrics") or []] or [TOP1]
+        if len({m.key for m in metrics}) != len(metrics):
+            raise TableError(f"{path}: table {name} lists a metric key twice")
+        td = TableDef(str(name), str(t.get("title", name)), str(t.get("metric", "top-1 (%)")), rows, cols,
+                      metrics)
         row_ids, col_ids = {r.id for r in rows}, {c.id for c in cols}
+        keys = [m.key for m in metrics]
         for n in t.get("numbers") or []:
-            key = (str(n["row"]), str(n["column"]))
-            if key[0] not in row_ids or key[1] not in col_ids:
-                raise TableError(f"{path}: table {name} has a number for unknown cell {key}")
-            td.paper[key] = float(n["value"])
-            td.sources[key] = str(n.get("source", ""))
+            cell = (str(n["row"]), str(n["column"]))
+            if cell[0] not in row_ids or cell[1] not in col_ids:
+                raise TableError(f"{path}: table {name} has a number for unknown cell {cell}")
+            raw = n["value"]
+            if isinstance(raw, list):  # one value per metric, in the order of `metrics`
+                if "metric" in n or len(raw) != len(keys):
+                    raise TableError(f"{path}: table {name}, cell {cell}: a list of values needs one per "
+                                     f"metric ({', '.join(keys)}) and no `metric`")
+                pairs = list(zip(keys, raw))
+            else:
+                k = str(n.get("metric", keys[0]))
+                if k not in keys:
+                    raise TableError(f"{path}: table {name}, cell {cell}: unknown metric {k!r}")
+                pairs = [(k, raw)]
+            for k, v in pairs:
+                if v is None:  # a blank of the paper
+                    continue
+                td.numbers[(*cell, k)] = float(v)
+                td.number_sources[(*cell, k)] = str(n.get("source", ""))
         out[str(name)] = td
     return out
 
@@ -144,25 +210,35 @@ def find_runs(dirs: Iterable[str | Path]) -> list[Run]:
     return runs
 
 
+def value(node: Any, m: Metric = TOP1) -> float | None:
+    """``node[m.key] × m.scale``, or None when absent, not a finite number, or negative (COCO's −1)."""
+    v = node.get(m.key) if isinstance(node, dict) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        return None
+    return float(v) * m.scale
+
+
 def top1(results: dict[str, Any], metric: str) -> float | None:
-    v = (results.get(metric) or {}).get("top1")
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    return value(results.get(metric), TOP1)
 
 
-def collect(table: TableDef, runs: list[Run], metric: str) -> dict[tuple[str, str], list[float]]:
-    """kdrun's values per (row, column) of ``table``: one per run (seed) that claims the cell; for
-    ``from_teacher`` rows, the distinct teacher accuracies measured by the runs of the column (every
-    run of a column evaluates the same pretrained teacher, so they are one measurement, not n)."""
+def collect(table: TableDef, runs: list[Run], metric: str, m: Metric | None = None
+            ) -> dict[tuple[str, str], list[float]]:
+    """kdrun's values of metric ``m`` (default: the table's first) per (row, column) of ``table``: one
+    per run (seed) that claims the cell; for ``from_teacher`` rows, the distinct teacher values measured
+    by the runs of the column (every run of a column evaluates the same pretrained teacher, so they are
+    one measurement, not n)."""
+    m = m or table.metrics[0]
     values: dict[tuple[str, str], list[float]] = {}
     teacher_rows = [r.id for r in table.rows if r.from_teacher]
     for run in runs:
         for t, row, col in run.cells:
             if t != table.name:
                 continue
-            v = top1(run.results, metric)
+            v = value(run.results.get(metric), m)
             if v is not None:
                 values.setdefault((row, col), []).append(v)
-            tv = (run.results.get("teacher") or {}).get("top1")
+            tv = value(run.results.get("teacher"), m)
             if tv is not None:
                 for tr in teacher_rows:
                     vals = values.setdefault((tr, col), [])
@@ -190,11 +266,17 @@ def summarise(values: list[float], paper: float | None) -> Cell:
                 len(values))
 
 
-def build_cells(table: TableDef, runs: list[Run], metric: str) -> dict[tuple[str, str], Cell]:
-    """Every cell of ``table``, aggregates included (mean of the kdrun means of the averaged cells,
-    only when all of them have runs; n is then the smallest n among them)."""
-    vals = collect(table, runs, metric)
-    cells = {(r.id, c.id): summarise(vals.get((r.id, c.id), []), table.paper.get((r.id, c.id)))
+def build_cells(table: TableDef, runs: list[Run], metric: str, key: str | None = None
+                ) -> dict[tuple[str, str], Cell]:
+    """Every cell of ``table`` for the metric ``key`` (default: the table's first), aggregates included
+    (mean of the kdrun means of the averaged cells, only when all of them have runs; n is then the
+    smallest n among them)."""
+    m = next((x for x in table.metrics if x.key == key), None) if key else table.metrics[0]
+    if m is None:
+        raise TableError(f"table {table.name} has no metric {key!r}")
+    vals = collect(table, runs, metric, m)
+    paper = table.paper_for(m.key)
+    cells = {(r.id, c.id): summarise(vals.get((r.id, c.id), []), paper.get((r.id, c.id)))
              for r in table.rows for c in table.columns}
     plain_rows = [r.id for r in table.rows if not r.aggregate]
     plain_cols = [c.id for c in table.columns if not c.aggregate]
@@ -241,20 +323,51 @@ def cell_text(cell: Cell, latex: bool = False) -> str:
     return f"{_f(cell.paper)} / {kd} / {delta}"
 
 
+Cells = dict[str, dict[tuple[str, str], Cell]]  # metric key -> (row, column) -> cell
+
+
+def _what(table: TableDef) -> str:
+    ms = table.metrics
+    if len(ms) == 1 and ms[0].scale == 1.0:
+        return ms[0].label
+    scale = {m.scale for m in ms}
+    s = f" (results.json value x {scale.pop():g})" if len(scale) == 1 else " (scaled per metric)"
+    return ", ".join(m.label for m in ms) + s
+
+
 def legend(table: TableDef, metric: str, n_runs: int) -> str:
-    return (f"{table.title}\nmetric: kdrun {METRICS[metric]}; paper: {table.metric}. "
+    when, paren = METRICS[metric]
+    return (f"{table.title}\nmetric: kdrun {when} {_what(table)} {paren}; paper: {table.metric}. "
             f"Cell: paper / kdrun mean ± std over seeds (n runs) / Δ = kdrun − paper; {BLANK} = none. "
             f"{n_runs} run(s) matched this table.")
 
 
-def render_markdown(table: TableDef, cells: dict[tuple[str, str], Cell], metric: str, n_runs: int) -> str:
-    lines = [f"**{legend(table, metric, n_runs).splitlines()[0]}**", "",
-             legend(table, metric, n_runs).splitlines()[1], ""]
-    lines.append("| | " + " | ".join(c.label for c in table.columns) + " |")
-    lines.append("|---" * (len(table.columns) + 1) + "|")
-    for r in table.rows:
-        label = r.label + (" *(paper only)*" if r.reference else "")
-        lines.append(f"| {label} | " + " | ".join(cell_text(cells[(r.id, c.id)]) for c in table.columns) + " |")
+def _layout(table: TableDef) -> tuple[list[str], list[tuple[str, Line, Line | None]]]:
+    """Header labels and body lines ``(label, row, column)`` of the printed table. One metric: rows ×
+    columns as defined. Several metrics (the papers' detection layout): one block of rows per column,
+    a line per (column, row), the metrics across."""
+    if len(table.metrics) == 1:
+        return [c.label for c in table.columns], [(r.label, r, None) for r in table.rows]
+    return ([m.label for m in table.metrics],
+            [(f"{c.label}: {r.label}", r, c) for c in table.columns for r in table.rows])
+
+
+def _line_cells(table: TableDef, cells: Cells, r: Line, c: Line | None) -> list[Cell]:
+    if c is None:  # one metric: the row across the columns
+        k = table.metrics[0].key
+        return [cells[k][(r.id, col.id)] for col in table.columns]
+    return [cells[m.key][(r.id, c.id)] for m in table.metrics]  # several: (row, column) across the metrics
+
+
+def render_markdown(table: TableDef, cells: Cells, metric: str, n_runs: int) -> str:
+    title, note = legend(table, metric, n_runs).splitlines()
+    header, body = _layout(table)
+    lines = [f"**{title}**", "", note, ""]
+    lines.append("| | " + " | ".join(header) + " |")
+    lines.append("|---" * (len(header) + 1) + "|")
+    for label, r, c in body:
+        label += " *(paper only)*" if r.reference else ""
+        lines.append(f"| {label} | " + " | ".join(cell_text(x) for x in _line_cells(table, cells, r, c)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,32 +377,43 @@ def _tex(s: str) -> str:
             .replace("—", "--").replace("−", "$-$"))
 
 
-def render_latex(table: TableDef, cells: dict[tuple[str, str], Cell], metric: str, n_runs: int) -> str:
+def render_latex(table: TableDef, cells: Cells, metric: str, n_runs: int) -> str:
     title, note = legend(table, metric, n_runs).splitlines()
-    lines = [f"% {title}", f"% {note}", r"\begin{tabular}{l" + "c" * len(table.columns) + "}", r"\toprule",
-             " & ".join(["Method", *(_tex(c.label) for c in table.columns)]) + r" \\", r"\midrule"]
-    for r in table.rows:
-        label = _tex(r.label) + (r"$^\dagger$" if r.reference else "")
-        lines.append(" & ".join([label, *(cell_text(cells[(r.id, c.id)], latex=True) for c in table.columns)])
+    header, body = _layout(table)
+    lines = [f"% {title}", f"% {note}", r"\begin{tabular}{l" + "c" * len(header) + "}", r"\toprule",
+             " & ".join(["Method", *(_tex(h) for h in header)]) + r" \\", r"\midrule"]
+    previous = None
+    for label, r, c in body:
+        if len(table.metrics) > 1:  # a block per column, headed by its label (the papers' detection layout)
+            if c is not previous:
+                if previous is not None:
+                    lines.append(r"\midrule")
+                lines.append(rf"\multicolumn{{{len(header) + 1}}}{{l}}{{\emph{{{_tex(c.label)}}}}} \\")
+            label, previous = r.label, c
+        label = _tex(label) + (r"$^\dagger$" if r.reference else "")
+        lines.append(" & ".join([label, *(cell_text(x, latex=True) for x in _line_cells(table, cells, r, c))])
                      + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}",
               r"% cell: paper / kdrun mean $\pm$ std (n) / $\Delta$; $^\dagger$ paper-only row"]
     return "\n".join(lines) + "\n"
 
 
-def render_csv(table: TableDef, cells: dict[tuple[str, str], Cell], metric: str, n_runs: int) -> str:
+def render_csv(table: TableDef, cells: Cells, metric: str, n_runs: int) -> str:
+    """One line per (row, column, metric key); ``key`` is the results.json key, values already scaled."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["table", "metric", "row", "row_label", "column", "column_label", "paper", "kdrun_mean",
+    w.writerow(["table", "metric", "row", "row_label", "column", "column_label", "key", "paper", "kdrun_mean",
                 "kdrun_std", "n", "delta", "source"])
     for r in table.rows:
         for c in table.columns:
-            cell = cells[(r.id, c.id)]
-            w.writerow([table.name, metric, r.id, r.label, c.id, c.label,
-                        "" if cell.paper is None else f"{cell.paper:.2f}",
-                        "" if cell.mean is None else f"{cell.mean:.4f}",
-                        "" if cell.std is None else f"{cell.std:.4f}", cell.n,
-                        "" if cell.delta is None else f"{cell.delta:.4f}", table.sources.get((r.id, c.id), "")])
+            for m in table.metrics:
+                cell = cells[m.key][(r.id, c.id)]
+                w.writerow([table.name, metric, r.id, r.label, c.id, c.label, m.key,
+                            "" if cell.paper is None else f"{cell.paper:.2f}",
+                            "" if cell.mean is None else f"{cell.mean:.4f}",
+                            "" if cell.std is None else f"{cell.std:.4f}", cell.n,
+                            "" if cell.delta is None else f"{cell.delta:.4f}",
+                            table.number_sources.get((r.id, c.id, m.key), "")])
     return buf.getvalue()
 
 
@@ -302,7 +426,7 @@ def render(table: TableDef, runs: list[Run], metric: str = "final", fmt: str = "
         raise TableError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
     if fmt not in RENDERERS:
         raise TableError(f"--format {fmt!r}: choose one of {', '.join(RENDERERS)}")
-    cells = build_cells(table, runs, metric)
+    cells = {m.key: build_cells(table, runs, metric, m.key) for m in table.metrics}
     n = sum(1 for run in runs if any(t == table.name for t, _, _ in run.cells))
     return RENDERERS[fmt](table, cells, metric, n)
 
@@ -323,9 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "tables: paper number / kdrun mean ± std (n seeds) / delta per cell.")
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="directories searched recursively for results.json")
     p.add_argument("--table", required=True, help="table name (imagenet, cifar100, cifar100_dynamic, "
-                   "cifar100_dynamic_mtl, or one of --definitions)")
-    p.add_argument("--metric", default="final", choices=sorted(METRICS), help="final: last-epoch top-1 (default); "
-                   "best: best val top-1")
+                   "cifar100_dynamic_mtl, coco, coco_teachers, or one of --definitions)")
+    p.add_argument("--metric", default="final", choices=sorted(METRICS), help="final: the last epoch's values "
+                   "(default); best: the values of the epoch with the best primary metric (top-1 or AP)")
     p.add_argument("--format", default="markdown", choices=sorted(RENDERERS))
     p.add_argument("--definitions", default=None, help="table definitions YAML (default: kdrun/paper_numbers.yaml)")
     a = p.parse_args(argv)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Generate the paper recipes (``recipes/*.yaml``) and the reproduction scripts
-(``scripts/reproduce_{imagenet,cifar100,cifar100_dynamic}.sh``) from the tables below.
+(``scripts/reproduce_{imagenet,cifar100,cifar100_dynamic,coco}.sh``) from the tables below.
 
 A paper table row x model pair is one recipe; many rows share a protocol and differ in one or two
 values, so the recipes are written by this script rather than by hand: a protocol fix is one edit here,
@@ -18,7 +18,8 @@ cells, so that the same runs fill every table.
 
 Sources of values (cited again in each file): DTO-KD = /work/shared/papers/dto-kd.txt, MoKD = mokd.txt,
 cross-batch = cross-batch-kd.txt; the CIFAR-100 protocol is the CRD/RepDistiller one as packaged by
-mdistiller (``configs/cifar100/*.yaml``), which all three papers follow.
+mdistiller (``configs/cifar100/*.yaml``), which all three papers follow; the COCO protocol is ViDT's
+(naver-ai/vidt ``arguments.py``, ``main.py``, README training commands), which DTO-KD and MoKD follow.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ METHOD_LABEL = {"kd": "KD (Hinton et al. 2015)", "fitnet": "FitNet (Romero et al
                 "at": "AT (Zagoruyko & Komodakis 2017)", "kdsvd": "KD-SVD (Lee et al. 2018)",
                 "dto_kd": "DTO-KD", "mokd": "MoKD"}
 
-SEEDS = {"imagenet": [0], "cifar100": [0, 1, 2], "cifar100_dynamic": [0, 1, 2, 3, 4]}
+SEEDS = {"imagenet": [0], "cifar100": [0, 1, 2], "cifar100_dynamic": [0, 1, 2, 3, 4], "coco": [0]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -452,8 +453,158 @@ def imagenet_recipes() -> dict[str, Recipe]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# COCO object detection (ViDT).
+
+VIDT_LABEL = {"vidt_nano": "Swin-nano", "vidt_tiny": "Swin-tiny", "vidt_small": "Swin-small", "vidt_base": "Swin-base"}
+COCO_STUDENTS = ["vidt_nano", "vidt_tiny", "vidt_small"]   # DTO-KD Table 3 / MoKD Table 1 blocks
+COCO_TEACHER_STUDENTS = ["vidt_nano", "vidt_tiny"]         # DTO-KD Table 5 / MoKD Table 4 students
+COCO_ROWS = {  # row id -> (method preset or None, projector, balancer, what)
+    "nokd": ("none", None, None, "no distillation (the plain ViDT, Song et al. ICLR 2022)"),
+    "token_matching": (None, "identity", "fixed",
+                       ("ViDT+ token matching (Song et al. 2022, §3.4): [PATCH]/body-[DET]/neck-[DET] tokens "
+                        "compared as they are, fixed unit weights (the release's total loss)")),
+    "vkd": ("vkd", "orthogonal", "fixed",
+            ("VkD-style: token matching through VkD's orthogonal projector (one per token family, teacher "
+             "tokens layer-normed), fixed unit weights")),
+    "dto_kd": ("dto_kd", "orthogonal", "dto",
+               ("DTO-KD: token matching through the orthogonal projector (Table 4's 'Proj') with the amortised "
+                "DTO balancer on L_distill vs L_task (Table 4's 'Optimization')")),
+    "mokd": ("mokd", "subspace", "dto",
+             ("MoKD: token matching through the subspace projector (§3.2) with the amortised balancer on "
+              "L_distill = L_patch + L_neck + L_head vs L_task = L_cls + L_bbox + L_giou (App. A Eq. 2)")),
+}
+COCO_ROW_LABEL = {"nokd": "No distillation", "token_matching": "Token-Matching", "vkd": "VkD",
+                  "dto_kd": "DTO-KD", "mokd": "MoKD"}
+VIDT_WEIGHTS = "${oc.env:KDRUN_CACHE,'~/.cache/kdrun'}/teachers/%s_50.pth"
+# ViDT's optimiser (naver-ai/vidt main.py build_optimizer): AdamW, every group at --lr; weight decay on
+# everything but the backbone's 1-d parameters (norms, biases: `len(shape) == 1 or name.endswith(".bias")`)
+# and its [DET] tokens (`backbone.no_weight_decay()` = {det_token, det_pos_embed}). Neck/head norms and
+# biases ARE decayed. As kdrun globs over Trainable's names (student.model.backbone...):
+VIDT_NO_DECAY = ["*backbone.*.bias", "*backbone.*norm*", "backbone.det_token", "backbone.det_pos_embed"]
+# Deformable DETR trains sampling_offsets / reference_points at lr x 0.1 (--lr_linear_proj_mult). ViDT's
+# arguments.py declares the same two flags, but its main.py build_optimizer never reads them: every ViDT
+# group trains at --lr. The recipes follow the release (the protocol the papers cite); for Deformable
+# DETR's variant set {"sampling_offsets": 0.1, "reference_points": 0.1} here and re-run the generator.
+VIDT_LR_MULT: dict[str, float] | None = None
+# ViDT initialises the Swin body from ImageNet weights (Swin-nano: the release's swin_nano_patch4_window7_224
+# (IN-1K); tiny/small: Microsoft's IN-1K Swin; base: IN-22K). kdrun's ViDT constructors load whole-detector
+# checkpoints only (`weights`, `checkpoint`), not a body alone, so a student here starts from scratch.
+BACKBONE_NOTE = ("Student initialisation: ViDT starts the Swin body from ImageNet weights (Swin-nano: the ViDT "
+                 "release's swin_nano_patch4_window7_224.pth; Swin-tiny/small: Microsoft's ImageNet-1K Swin). "
+                 "kdrun's ViDT loads whole-detector state_dicts only (student.model.weights / student.checkpoint), "
+                 "so until a backbone-only loader exists these students start from random weights and will "
+                 "not reach the papers' AP.")
+COCO_PROTOCOL = ("Protocol: ViDT's (Song et al. ICLR 2022; naver-ai/vidt), which DTO-KD §4 and MoKD §4 follow: "
+                 "50 epochs, total batch 16 (ViDT: 8 GPUs x 2), AdamW lr 1e-4 weight decay 1e-4 (no decay on the "
+                 "backbone's norms/biases and [DET] tokens), cosine from 1e-4 to 1e-7 without warm-up, gradient "
+                 "clipping 0.1 (--clip_max_norm), DETR augmentation (conf/dataset/coco.yaml), 100 [DET] tokens, "
+                 "6 decoder layers, aux losses + box refinement, losses focal 2 / L1 5 / GIoU 2. kdrun steps the "
+                 "cosine per iteration (ViDT per epoch) and trains in bf16 (ViDT: fp32).")
+# Estimated H100-hours of one run (see COCO_BASIS): the nano student alone = 100; relative student cost
+# ~ 1 / FPS in DTO-KD Table 3 (nano 20.0, tiny 17.2, small 12.1, base 9.0 FPS); a teacher forward ~1/3 of
+# its training cost; DTO's extra no-grad student forward (next_loss: same_batch) ~1/3 of the student's.
+COCO_NANO_HOURS = 100.0
+VIDT_COST = {"vidt_nano": 1.0, "vidt_tiny": 20.0 / 17.2, "vidt_small": 20.0 / 12.1, "vidt_base": 20.0 / 9.0}
+
+
+def coco_hours(teacher: str | None, student: str, balancer: str | None) -> float:
+    cost = VIDT_COST[student] * (4.0 / 3.0 if balancer == "dto" else 1.0)
+    if teacher:
+        cost += VIDT_COST[teacher] / 3.0
+    return round(COCO_NANO_HOURS * cost / 5.0) * 5.0
+
+
+def coco_recipe(teacher: str | None, student: str, row: str, cells: list[tuple[str, str, str]]) -> Recipe:
+    method, projector, balancer, what = COCO_ROWS[row]
+    kd = teacher is not None
+    name = f"coco_{teacher}_{student}_{row}" if kd else f"coco_student_{student}"
+    defaults = [f"/method: {method}"] if method else []
+    defaults += ["override /task: detection", "override /dataset: coco",
+                 f"override /teacher: {teacher or 'none'}", f"override /student: {student}"]
+    if kd:
+        defaults.append("override /distill: token_matching")  # replaces the preset's classification losses
+        if not method:
+            defaults += [f"override /projector: {projector}", f"override /balancer: {balancer}"]
+    defaults += ["override /optimizer: adamw", "override /scheduler: cosine"]
+    values: dict[str, Any] = {}
+    comments: dict[str, str] = {}
+    if kd:
+        values["teacher"] = {"model": {"weights": VIDT_WEIGHTS % teacher}}
+        comments["teacher.model.weights"] = (f"the naver-ai/vidt release's {teacher}_50.pth (v0.1-vidt: ViDT "
+                                             f"{VIDT_LABEL[teacher]}, 50 epochs); or teacher.checkpoint=<kdrun run>")
+        values["distill"] = {"token_matching": {"weight": 4.0}}
+        comments["distill.token_matching.weight"] = "ViDT's --distil_loss_coef (a constant factor: no effect on DTO's log-loss weights)"
+    if balancer == "dto":
+        values["balancer"] = {"lr": 0.025, "weight_decay": 0.01}
+        comments["balancer.lr"] = "π optimiser lr 0.025, weight decay 0.01 (DTO-KD §4 / MoKD §4, also for detection)"
+    values["task"] = {"objectives": None}
+    comments["task.objectives"] = "null: {distill: every distill term, task: class + bbox + giou} (MoKD App. A Eq. 2)"
+    values["optimizer"] = {"lr": 1.0e-4, "weight_decay": 1.0e-4, "betas": [0.9, 0.999], "eps": 1.0e-8,
+                           "decay_norm_and_bias": True, "no_decay": list(VIDT_NO_DECAY), "lr_mult": VIDT_LR_MULT}
+    comments["optimizer.lr"] = "ViDT --lr 1e-4 (body, neck and head alike; DTO-KD/MoKD §4) at a TOTAL batch of 16"
+    comments["optimizer.decay_norm_and_bias"] = "ViDT decays the neck's/heads' norms and biases too"
+    comments["optimizer.no_decay"] = ("ViDT's backbone exclusions: its 1-d parameters (norms, biases) and the "
+                                      "[DET] tokens (backbone.no_weight_decay())")
+    comments["optimizer.lr_mult"] = ("ViDT declares --lr_linear_proj_mult 0.1 but never applies it (main.py "
+                                     "build_optimizer); Deformable DETR's: {sampling_offsets: 0.1, reference_points: 0.1}")
+    values["scheduler"] = {"warmup_epochs": 0.0, "min_lr_ratio": 1.0e-3}
+    comments["scheduler.warmup_epochs"] = "ViDT --sched warmupcos with --warmup-epochs 0"
+    comments["scheduler.min_lr_ratio"] = "ViDT --min-lr 1e-7 = 1e-3 x lr"
+    values["trainer"] = {"epochs": 50, "batch_size": 16, "val_batch_size": 8, "precision": "bf16",
+                         "grad_clip": 0.1, "num_workers": 8}
+    comments["trainer.batch_size"] = ("PER PROCESS: total = trainer.devices x this = 16 (ViDT: 8 GPUs x 2 = "
+                                      "trainer.devices=8 trainer.batch_size=2; the papers' 4 H100s: "
+                                      "trainer.devices=4 trainer.batch_size=4)")
+    comments["trainer.val_batch_size"] = "per process; 800 x 1333 images"
+    comments["trainer.grad_clip"] = "ViDT --clip_max_norm 0.1 (DTO-KD Table 4's gradient clipping)"
+    comments["trainer.precision"] = "bf16 autocast (the release trains fp32)"
+    if kd:
+        title = f"ViDT {VIDT_LABEL[student]} <- ViDT {VIDT_LABEL[teacher]} on COCO 2017: {row}."
+    else:
+        title = f"ViDT {VIDT_LABEL[student]} on COCO 2017 without a teacher: {row}."
+    paper = []
+    for t, _, c in cells:
+        t3, t5 = {"dto_kd": ("DTO-KD Table 3", "DTO-KD Table 5"), "mokd": ("MoKD Table 1", "MoKD Table 4")}.get(
+            row, ("DTO-KD Table 3 / MoKD Table 1", "DTO-KD Table 5 / MoKD Table 4"))
+        if t == "coco":
+            paper.append(f"{t3}, block {VIDT_LABEL[student]}, row '{COCO_ROW_LABEL[row]}' (table coco, column {c}).")
+        else:
+            paper.append(f"{t5}, row '{COCO_ROW_LABEL[row]}', column {c} (table coco_teachers).")
+    who = f"{VIDT_LABEL[student]} student" + (f", {VIDT_LABEL[teacher]} teacher" if kd else "")
+    notes = [f"{who}, COCO 2017, 50 epochs: {what}.", *[f"Paper: {p}" for p in paper], COCO_PROTOCOL]
+    if kd:
+        notes.append("Losses: the method presets' classification terms (KL + feature loss) are replaced by ViDT's "
+                     "token matching (conf/distill/token_matching.yaml), the detection L_distill of MoKD App. A "
+                     "Eq. 2; the projector group applies per token family (patch, body [DET], neck [DET]).")
+    notes.append(BACKBONE_NOTE)
+    return Recipe(name=name, title=title, notes=notes, defaults=defaults, values=ordered(values),
+                  cells=list(cells), comments=comments, hours=coco_hours(teacher, student, balancer))
+
+
+def coco_recipes() -> dict[str, Recipe]:
+    out: dict[str, Recipe] = {}
+    for s in COCO_STUDENTS:
+        cells = [("coco", "nokd", s)]
+        if s in COCO_TEACHER_STUDENTS:
+            cells += [("coco_teachers", "nokd", f"{t}_{s}") for t in ("vidt_small", "vidt_base")]
+        r = coco_recipe(None, s, "nokd", cells)
+        out[r.name] = r
+    for t in ("vidt_base", "vidt_small"):
+        for s in COCO_STUDENTS:
+            if t == "vidt_small" and s not in COCO_TEACHER_STUDENTS:
+                continue
+            for row in ("token_matching", "vkd", "dto_kd", "mokd"):
+                cells = [("coco", row, s)] if t == "vidt_base" else []
+                if s in COCO_TEACHER_STUDENTS:
+                    cells.append(("coco_teachers", row, f"{t}_{s}"))
+                r = coco_recipe(t, s, row, cells)
+                out[r.name] = r
+    return out
+
+
 def all_recipes() -> dict[str, Recipe]:
-    return {**imagenet_recipes(), **cifar_recipes()}
+    return {**imagenet_recipes(), **cifar_recipes(), **coco_recipes()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -462,7 +613,7 @@ def all_recipes() -> dict[str, Recipe]:
 HEADER = """#!/usr/bin/env bash
 {marker}; edit the generator, not this file.
 # {title}
-# Every run of the table, one command per line (runnable on its own after the two variables below are
+# Every run of the table, one command per line (runnable on its own after the variables below are
 # set). Run dirs are $KDRUN_RUNS/<recipe>/seed<N>, so `kdrun tables --table {table} $KDRUN_RUNS` finds
 # them; trainer.resume=auto makes every line idempotent (a finished run is not trained again, a killed
 # one continues). Runs of recipes that several tables share are the same directories.
@@ -490,9 +641,21 @@ IMAGENET_BASIS = """# GPU-hour basis (estimates, not measurements): DeiT (Touvro
 # and timm's regnety_160.deit_in1k weights (network or a populated HF cache)."""
 
 
-def run_line(recipe: Recipe, seed: int) -> str:
+COCO_BASIS = """# GPU-hour basis (estimates, not measurements): Deformable DETR (Zhu et al. 2021, Table 1) trains its
+# ResNet-50 model for 50 epochs in ~325 V100-hours; a ViDT-nano student (16M parameters, no encoder) is
+# assumed to cost about as much per image with kdrun's pure-PyTorch deformable attention (no CUDA kernel),
+# and an H100 ~3x a V100: ~100 H100-h for a nano run without a teacher. Other models scale with 1/FPS of
+# DTO-KD Table 3 (tiny x1.16, small x1.65, base x2.2); a teacher's forward adds ~1/3 of its training cost
+# (Swin-base +74 %, Swin-small +55 % of a nano run); DTO's extra no-grad student forward (DTO-KD, MoKD)
+# x4/3. Wall time on 8 H100s ~ the hours / 8 plus evaluation (COCO val every epoch, a few minutes).
+# Needs COCO 2017 in $KDRUN_DATA/coco (train2017/, val2017/, annotations/) and the release teachers in
+# $TEACHERS (below). Every line runs on $GPUS GPUs of one machine at a total batch of 16 (16 / $GPUS per
+# process; GPUS must divide 16)."""
+
+
+def run_line(recipe: Recipe, seed: int, extra: str = "") -> str:
     d = f"$KDRUN_RUNS/{recipe.name}/seed{seed}"
-    return (f"kdrun train +recipe={recipe.name} seed={seed} hydra.run.dir={d} trainer.resume=auto"
+    return (f"kdrun train +recipe={recipe.name} seed={seed} hydra.run.dir={d} trainer.resume=auto{extra}"
             f"  # ~{recipe.hours:g} H100-h")
 
 
@@ -507,7 +670,7 @@ def teacher_lines(recipes: dict[str, Recipe], archs: list[str]) -> list[str]:
 
 
 def script(table: str, title: str, basis: str, blocks: list[tuple[str, list[Recipe]]], seeds: list[int],
-           pre: Sequence[str] = (), pre_runs: Sequence[Recipe] = ()) -> str:
+           pre: Sequence[str] = (), pre_runs: Sequence[Recipe] = (), extra: str = "") -> str:
     runs = [(r, s) for _, rs in blocks for r in rs for s in seeds]
     count = len(runs) + len(pre_runs)
     hours = sum(r.hours for r, _ in runs) + sum(r.hours for r in pre_runs)
@@ -517,7 +680,7 @@ def script(table: str, title: str, basis: str, blocks: list[tuple[str, list[Reci
     lines = list(pre)
     for heading, rs in blocks:
         lines += ["", f"# -- {heading} --"]
-        lines += [run_line(r, s) for r in rs for s in seeds]
+        lines += [run_line(r, s, extra) for r in rs for s in seeds]
     return text + "\n".join(lines) + "\n"
 
 
@@ -530,7 +693,23 @@ def scripts(recipes: dict[str, Recipe]) -> dict[str, str]:
     dyn = [r for r in recipes.values() if any(c[0] in ("cifar100_dynamic", "cifar100_dynamic_mtl") for c in r.cells)]
     t_cifar = sorted({t for t, _ in CIFAR_PAIRS})
     t_dyn = sorted({t for t, _ in DYN_PAIRS + MTL_PAIRS})
+    coco = by_cell("coco") + [r for r in by_cell("coco_teachers") if not any(c[0] == "coco" for c in r.cells)]
+    coco_pre = ["GPUS=${GPUS:-8}   # GPUs per run; total batch 16 = GPUS x trainer.batch_size",
+                "",
+                "# -- teachers: the ViDT release's checkpoints (naver-ai/vidt, release v0.1-vidt), once --",
+                "# mkdir -p \"$TEACHERS\" && for m in vidt_base_50 vidt_small_50; do",
+                "#   curl -L -o \"$TEACHERS/$m.pth\" https://github.com/naver-ai/vidt/releases/download/v0.1-vidt/$m.pth; done"]
     return {
+        "reproduce_coco.sh": script(
+            "coco", "COCO 2017 detection with ViDT: DTO-KD Table 3 / MoKD Table 1 (Swin-base teacher; `kdrun tables "
+            "--table coco`) and DTO-KD Table 5 / MoKD Table 4 (Swin-small vs Swin-base teachers; `--table "
+            "coco_teachers`).",
+            COCO_BASIS, [("students without a teacher (Table 3 and Table 5 'No distillation')",
+                          [r for r in coco if r.name.startswith("coco_student_")]),
+                         ("Swin-base teacher (Table 3; nano/tiny also Table 5)",
+                          [r for r in coco if r.name.startswith("coco_vidt_base_")]),
+                         ("Swin-small teacher (Table 5)", [r for r in coco if r.name.startswith("coco_vidt_small_")])],
+            SEEDS["coco"], pre=coco_pre, extra=" trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))"),
         "reproduce_imagenet.sh": script(
             "imagenet", "ImageNet-1K: DTO-KD Table 1 / MoKD Table 2 (DeiT-Ti/S students, RegNetY-160 teacher).",
             IMAGENET_BASIS, [("DeiT-Ti", [r for r in imnet if r.name.startswith("deit_tiny")]),

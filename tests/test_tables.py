@@ -109,24 +109,30 @@ def test_latex_renders(mini_sweep: Path, mini_defs: Path, capsys: pytest.Capture
     assert r"\begin{tabular}{lcc}" in out and out.count(r"\\") == 1 + 4 and "(n=2)" in out
 
 
-@pytest.mark.parametrize("name", ["imagenet", "cifar100", "cifar100_dynamic", "cifar100_dynamic_mtl"])
+@pytest.mark.parametrize("name", ["imagenet", "cifar100", "cifar100_dynamic", "cifar100_dynamic_mtl", "coco",
+                                  "coco_teachers"])
 def test_real_tables_render_paper_numbers_without_runs(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     defs = tables.load_definitions()
     t = defs[name]
     assert tables.main(["--table", name, "--format", "csv", str(tmp_path)]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(rows) == len(t.rows) * len(t.columns)
+    assert len(rows) == len(t.rows) * len(t.columns) * len(t.metrics)
     for r in rows:
-        key = (r["row"], r["column"])
+        key = (r["row"], r["column"], r["key"])
         assert r["kdrun_mean"] == "" and r["n"] == "0"
-        if key in t.paper:
-            assert float(r["paper"]) == t.paper[key] and r["source"]
+        if key in t.numbers:
+            assert float(r["paper"]) == t.numbers[key] and r["source"]
         else:
             assert r["paper"] == ""
     assert tables.main(["--table", name, str(tmp_path)]) == 0
     md = capsys.readouterr().out
-    for v in t.paper.values():
+    for v in t.numbers.values():
         assert f"{v:.2f} / — / —" in md
+    body = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| |")]
+    # one metric: a line per row; several (COCO): a line per (column, row), the metrics across
+    assert len(body) == len(t.rows) * (len(t.columns) if len(t.metrics) > 1 else 1)
+    assert tables.main(["--table", name, "--format", "latex", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count(r"\\") == 1 + len(body) + (len(t.columns) if len(t.metrics) > 1 else 0)
 
 
 def test_headline_numbers() -> None:
@@ -137,6 +143,93 @@ def test_headline_numbers() -> None:
     assert d["cifar100"].paper[("mokd", "wrn_40_2_wrn_40_1")] == 75.54  # MoKD's only differing number
     assert d["cifar100_dynamic"].paper[("kd_cross_batch", "avg")] == 76.66
     assert d["cifar100_dynamic_mtl"].paper[("average", "cross_batch")] == 75.40
+
+
+def test_coco_tables_metrics_layout() -> None:
+    d = tables.load_definitions()
+    coco, teachers = d["coco"], d["coco_teachers"]
+    assert [m.key for m in coco.metrics] == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    assert all(m.scale == 100 for m in coco.metrics + teachers.metrics)
+    assert coco.numbers[("dto_kd", "vidt_nano", "AP")] == 43.7 and coco.paper[("mokd", "vidt_small")] == 49.6
+    assert coco.numbers[("teacher", "vidt_tiny", "APl")] == 66.8
+    assert teachers.paper[("dto_kd", "vidt_small_vidt_nano")] == 43.2
+    # Table 3 and Table 5 print different token-matching numbers for the same (tiny <- base) runs
+    assert coco.paper[("token_matching", "vidt_tiny")] == 46.6
+    assert teachers.paper[("token_matching", "vidt_base_vidt_tiny")] == 46.5
+
+
+def _det_results(ap: float, teacher_ap: float = 0.494, apl: float = 0.6,
+                 cells: tuple = (("coco", "dto_kd", "vidt_nano"), ("coco_teachers", "dto_kd", "vidt_base_vidt_nano"))
+                 ) -> dict:
+    """A detection results.json as kdrun.engine writes it: COCOeval's 0..1 values, -1 for an area range
+    without ground truth."""
+    metrics = {"AP": ap, "AP50": ap + 0.2, "AP75": ap + 0.03, "APs": ap / 2, "APm": ap + 0.02, "APl": apl}
+    (t, r, c), *also = cells
+    return {"primary_metric": "AP", "final": metrics, "best": {**metrics, "AP": ap + 0.01, "epoch": 3},
+            "teacher": {"AP": teacher_ap, "AP50": 0.696, "AP75": 0.534, "APs": 0.316, "APm": 0.524, "APl": 0.668},
+            "config": {"paper": {"table": t, "row": r, "column": c,
+                                 "also": [{"table": a, "row": b, "column": x} for a, b, x in also]}}}
+
+
+def test_coco_tables_from_detection_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two seeds of the nano DTO-KD recipe: mean ± std in the cells, x 100, COCO's -1 skipped, the teacher
+    row from the runs' teacher evaluation, the same runs in Table 5's column through `paper.also`."""
+    for seed, (ap, apl) in enumerate([(0.430, 0.61), (0.441, -1.0)]):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(_det_results(ap, apl=apl)))
+    assert tables.main(["--table", "coco", "--format", "csv", str(tmp_path)]) == 0
+    rows = {(r["row"], r["column"], r["key"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    ap = rows[("dto_kd", "vidt_nano", "AP")]
+    assert int(ap["n"]) == 2 and float(ap["paper"]) == 43.7
+    assert float(ap["kdrun_mean"]) == pytest.approx(43.55, abs=1e-4)
+    assert float(ap["kdrun_std"]) == pytest.approx(statistics.stdev([43.0, 44.1]), abs=1e-4)
+    assert float(ap["delta"]) == pytest.approx(43.55 - 43.7, abs=1e-4)
+    assert float(rows[("dto_kd", "vidt_nano", "AP50")]["kdrun_mean"]) == pytest.approx(63.55, abs=1e-4)
+    apl = rows[("dto_kd", "vidt_nano", "APl")]  # -1 (no large objects) is missing, not -100
+    assert int(apl["n"]) == 1 and float(apl["kdrun_mean"]) == pytest.approx(61.0) and apl["kdrun_std"] == ""
+    teacher = rows[("teacher", "vidt_nano", "AP")]
+    assert int(teacher["n"]) == 1 and float(teacher["kdrun_mean"]) == pytest.approx(49.4)
+    assert rows[("teacher", "vidt_tiny", "AP")]["kdrun_mean"] == ""  # no run of the tiny block
+    assert all(r["kdrun_mean"] == "" for k, r in rows.items() if k[:2] not in {("dto_kd", "vidt_nano"),
+                                                                             ("teacher", "vidt_nano")})
+    # markdown: the paper's layout, block "Swin-nano", six metric columns
+    assert tables.main(["--table", "coco", str(tmp_path)]) == 0
+    md = capsys.readouterr().out
+    line = next(x for x in md.splitlines() if x.startswith("| Swin-nano: DTO-KD |"))
+    assert line.count(" / ") == 2 * 6
+    assert f"43.70 / 43.55 ± {statistics.stdev([43.0, 44.1]):.2f} (n=2) / -0.15" in line
+    assert "x 100" in md and "final" in md
+    # --metric best reads the `best` dict (AP of the best epoch)
+    assert tables.main(["--table", "coco", "--metric", "best", "--format", "csv", str(tmp_path)]) == 0
+    best = {(r["row"], r["column"], r["key"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert float(best[("dto_kd", "vidt_nano", "AP")]["kdrun_mean"]) == pytest.approx(44.55, abs=1e-4)
+    # Table 5: the same two runs, AP only, through paper.also
+    assert tables.main(["--table", "coco_teachers", "--format", "csv", str(tmp_path)]) == 0
+    t5 = {(r["row"], r["column"], r["key"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert len(t5) == 6 * 4
+    cell = t5[("dto_kd", "vidt_base_vidt_nano", "AP")]
+    assert int(cell["n"]) == 2 and float(cell["kdrun_mean"]) == pytest.approx(43.55, abs=1e-4)
+    assert float(cell["paper"]) == 43.7
+    assert float(t5[("teacher", "vidt_base_vidt_nano", "AP")]["kdrun_mean"]) == pytest.approx(49.4)
+
+
+def test_metrics_definitions_are_checked(tmp_path: Path) -> None:
+    bad = {"tables": {"t": {"metrics": [{"key": "AP", "scale": 100}, {"key": "AP50", "scale": 100}],
+                            "rows": [{"id": "r"}], "columns": [{"id": "c"}],
+                            "numbers": [{"row": "r", "column": "c", "value": [1.0]}]}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(tables.TableError, match="one per metric"):
+        tables.load_definitions(path)
+    bad["tables"]["t"]["numbers"] = [{"row": "r", "column": "c", "metric": "APx", "value": 1.0}]
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(tables.TableError, match="unknown metric"):
+        tables.load_definitions(path)
+    bad["tables"]["t"]["numbers"] = [{"row": "r", "column": "c", "value": [1.0, None]}]
+    path.write_text(yaml.safe_dump(bad))
+    t = tables.load_definitions(path)["t"]
+    assert t.numbers == {("r", "c", "AP"): 1.0} and t.paper == {("r", "c"): 1.0}
 
 
 def test_teacher_row_from_runs_counts_one_measurement() -> None:
@@ -218,3 +311,48 @@ def test_imagenet_numbers_match_dto_kd_table1() -> None:
     expect = ([t.paper[(r, "deit_tiny")] for r in ("teacher", "cait_s24", "deit3_b")]
               + [t.paper[(r, "deit_tiny")] for r in ti_rows] + [t.paper[(r, "deit_small")] for r in s_rows])
     assert tops == expect
+
+
+def _after_50(line: str) -> list[float]:
+    """The six AP values of a Table 3 / MoKD Table 1 line: the numbers after the Epochs field (50)."""
+    fields = [f.strip() for f in line.split("\t")]
+    i = fields.index("50")
+    return [float(v) for v in fields[i + 1:i + 7]]
+
+
+@pytest.mark.parametrize("paper, start, stop, own", [("dto-kd.txt", "ViDT Model\t\tEpochs", "Table 3:", "dto_kd"),
+                                                     ("mokd.txt", "\tViDT Model\tEpochs", "Table 1.", "mokd")])
+def test_coco_numbers_match_dto_kd_table3_and_mokd_table1(paper: str, start: str, stop: str, own: str) -> None:
+    t = tables.load_definitions()["coco"]
+    text = _paper(paper)
+    block = text[text.index(start):text.index(stop, text.index(start))]
+    lines = [line for line in block.splitlines()[1:] if "\t50\t" in line]
+    assert len(lines) == 13
+    order = [("teacher", "vidt_nano")] + [(r, s) for s in ("vidt_nano", "vidt_tiny", "vidt_small")
+                                          for r in ("nokd", "token_matching", "vkd", own)]
+    for line, (row, col) in zip(lines, order):
+        assert _after_50(line) == [t.numbers[(row, col, m.key)] for m in t.metrics], (paper, row, col, line)
+    for col in ("vidt_tiny", "vidt_small"):  # one teacher heads every block
+        assert [t.numbers[("teacher", col, m.key)] for m in t.metrics] == _after_50(lines[0])
+
+
+@pytest.mark.parametrize("paper, start, stop, own, skip", [("dto-kd.txt", "Student\tViDT-nano", "Table 5:", "DTO-KD (ours)", 0),
+                                                           ("mokd.txt", "Student\t\tViDT-nano", "Table 4.", "MoKD", 1)])
+def test_coco_teacher_numbers_match_dto_kd_table5_and_mokd_table4(paper: str, start: str, stop: str, own: str,
+                                                                   skip: int) -> None:
+    t = tables.load_definitions()["coco_teachers"]
+    cols = [c.id for c in t.columns]
+    assert cols == ["vidt_small_vidt_nano", "vidt_base_vidt_nano", "vidt_small_vidt_tiny", "vidt_base_vidt_tiny"]
+    text = _paper(paper)
+    block = text[text.index(start):text.index(stop, text.index(start))]
+    labels = {"nokd": "No Distillation", "token_matching": "Token Matching", "vkd": "V", "dto_kd": own, "mokd": own}
+    row_ids = ["nokd", "token_matching", "vkd", "dto_kd" if own.startswith("DTO") else "mokd"]
+    for row in row_ids:
+        line = next(x for x in block.splitlines() if x.startswith(labels[row]) and "\t" in x)
+        fields = line.split("\t")[1 + skip:] + [""] * 4
+        printed = [float(f) if f.strip() else None for f in fields[:4]]
+        mine = [t.paper.get((row, c)) for c in cols]
+        if row == "nokd":  # one number per student across its two teacher columns (no teacher)
+            assert printed == [mine[0], None, mine[2], None] and mine[1] == mine[0] and mine[3] == mine[2]
+        else:
+            assert printed == mine, (paper, row, line)

@@ -9,6 +9,11 @@ its balancer. :func:`stratified_sample` picks, greedily and cheapest first, reci
 those parts that occurs in any recipe -- every (student, teacher) pair, every distill term, every projector
 a term uses, every balancer (and DTO mode) -- is covered at least once. That is ~30 short runs (≈2 min
 on 2 cores) instead of ~170, and a newly added recipe with a new part is picked up automatically.
+
+The COCO detection recipes (ViDT, DTO-KD Tables 3/5, MoKD Tables 1/4) are sampled the same way over their
+own parts (student, teacher, distill term, projector, balancer) and run on ``coco_synthetic`` at 64 px with
+10 [DET] tokens and 2 decoder layers; their protocol (ViDT's optimiser groups included) is checked on the
+composed configs of all of them.
 """
 from __future__ import annotations
 
@@ -48,8 +53,11 @@ COMPOSED: dict[str, DictConfig | Exception] = {n: _compose(n) for n in NAMES}
 
 
 def test_recipes_exist() -> None:
-    # ImageNet 10, CIFAR (DTO-KD/MoKD) 66 + 13 scratch, cross-batch 64 + 17 unique, quickstart 1.
-    assert len(NAMES) >= 150, NAMES
+    # ImageNet 10, CIFAR (DTO-KD/MoKD) 66 + 13 scratch, cross-batch 64 + 17 unique, quickstart 1, COCO 23.
+    assert len(NAMES) >= 170, NAMES
+    coco = [n for n in NAMES if n.startswith("coco_")]
+    # Table 3: 3 students x (no KD + 4 methods); Table 5: 2 students x 4 methods with the Swin-small teacher
+    assert len(coco) == 3 * 5 + 2 * 4, coco
 
 
 def test_generated_files_are_up_to_date() -> None:
@@ -149,9 +157,11 @@ def classification(cfg: DictConfig | Exception) -> bool:
     return not isinstance(cfg, Exception) and cfg.task._target_.endswith(".Classification")
 
 
-def stratified_sample(composed: dict[str, DictConfig | Exception]) -> list[str]:
+def stratified_sample(composed: dict[str, DictConfig | Exception], keep: Any = None, parts_of: Any = None,
+                      cost_of: Any = None) -> list[str]:
     """Greedy set cover of every part, maximising newly covered parts per unit cost (ties by name)."""
-    cands = {n: (parts(c), cost(c)) for n, c in composed.items() if classification(c)}
+    keep, parts_of, cost_of = keep or classification, parts_of or parts, cost_of or cost
+    cands = {n: (parts_of(c), cost_of(c)) for n, c in composed.items() if keep(c)}
     todo = set().union(*(p for p, _ in cands.values())) if cands else set()
     chosen: list[str] = []
     while todo:
@@ -243,3 +253,159 @@ def test_sampled_recipe_trains_two_steps(name: str, tmp_path: Path) -> None:
         assert any(k.startswith("pi/") for k in r)
     if cfg.get("distill"):
         assert "grad/conflict" in train[0] and "grad/dominance" in train[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# COCO detection recipes (ViDT): protocol on every recipe, ViDT's optimiser groups, engine runs of a sample.
+
+
+def detection(cfg: DictConfig | Exception) -> bool:
+    return not isinstance(cfg, Exception) and cfg.task._target_.endswith(".Detection")
+
+
+COCO = {n: c for n, c in COMPOSED.items() if detection(c)}
+# row -> (projector, balancer) of the method, as DTO-KD §4 / MoKD §3-4 describe them (see gen_recipes.py)
+COCO_METHODS = {"token_matching": ("Identity", "Fixed"), "vkd": ("Orthogonal", "Fixed"),
+                "dto_kd": ("Orthogonal", "DTO"), "mokd": ("Subspace", "DTO")}
+
+
+def test_coco_recipes_follow_the_vidt_protocol() -> None:
+    assert len(COCO) == 23
+    for name, cfg in COCO.items():
+        assert cfg.dataset._target_ == "kdrun.data.coco.build", name  # the real COCO, not the synthetic set
+        o, sch, t = cfg.optimizer, cfg.scheduler, cfg.trainer
+        assert o._target_.endswith(".adamw") and o.lr == 1e-4 and o.weight_decay == 1e-4, name
+        assert sch._target_.endswith(".cosine") and sch.warmup_epochs == 0 and sch.min_lr_ratio == 1e-3, name
+        assert t.epochs == 50 and t.batch_size * (t.devices if isinstance(t.devices, int) else 0) == 16, name
+        assert t.grad_clip == 0.1 and t.precision == "bf16", name
+        assert cfg.student.model._target_.startswith("kdrun.models.vidt.vidt_"), name
+        assert cfg.student.model.det_tokens == 100 and cfg.student.model.dec_layers == 6, name
+        row = cfg.paper.row
+        if row == "nokd":
+            assert cfg.teacher is None and not cfg.distill and cfg.balancer._target_.endswith(".Fixed"), name
+            continue
+        assert cfg.teacher.model._target_ in ("kdrun.models.vidt.vidt_base", "kdrun.models.vidt.vidt_small"), name
+        assert cfg.teacher.model.weights.endswith(f"{cfg.teacher.model._target_.rsplit('.', 1)[-1]}_50.pth"), name
+        assert set(cfg.distill) == {"token_matching"} and cfg.distill.token_matching.weight == 4.0, name
+        projector, balancer = COCO_METHODS[row]
+        assert cfg.projector._target_.endswith("." + projector), (name, cfg.projector._target_)
+        assert cfg.balancer._target_.endswith("." + balancer), (name, cfg.balancer._target_)
+        if balancer == "DTO":
+            assert cfg.balancer.mode == "amortised" and cfg.balancer.lr == 0.025, name
+            assert cfg.balancer.weight_decay == 0.01, name
+        else:
+            assert cfg.balancer.alpha_task == 1.0 and cfg.balancer.alpha_distill == 1.0, name
+        assert cfg.task.objectives is None, name  # {distill, task}: MoKD App. A Eq. 2
+        student = cfg.student.model._target_.rsplit(".", 1)[-1]
+        teacher = cfg.teacher.model._target_.rsplit(".", 1)[-1]
+        assert name == f"coco_{teacher}_{student}_{row}", name
+
+
+def test_coco_optimizer_groups_are_vidts() -> None:
+    """The recipes' optimizer on a (small) ViDT under the engine's names gives ViDT's groups (naver-ai/vidt
+    main.py build_optimizer): no weight decay exactly for the backbone's 1-d parameters and [DET] tokens,
+    decay for everything else (the neck's/heads' norms and biases included), every group at the base lr."""
+    from hydra.utils import instantiate
+    from torch import nn
+
+    from kdrun.models.vidt import vidt_nano
+
+    nodes = {json.dumps(OmegaConf.to_container(c.optimizer, resolve=True), sort_keys=True) for c in COCO.values()}
+    assert len(nodes) == 1  # one protocol
+    cfg = next(iter(COCO.values()))
+    student = nn.Module()
+    student.model = vidt_nano(num_classes=4, det_tokens=3, dec_layers=1, depths=[1, 1, 1, 1])
+    trainable = nn.Module()
+    trainable.student = student  # names as the engine's Trainable: student.model.<vidt name>
+    opt = instantiate(cfg.optimizer)(trainable)
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    expect = {id(p) for n, p in trainable.named_parameters()
+              if n.startswith("student.model.backbone.") and (p.ndim == 1 or n.endswith(".bias")
+                                                              or n.rsplit(".", 1)[-1] in ("det_token", "det_pos_embed"))}
+    names = {id(p): n for n, p in trainable.named_parameters()}
+    assert no_decay == expect, sorted(names[i] for i in no_decay ^ expect)
+    assert any(names[id(p)].endswith("transformer.decoder.layers.0.norm1.weight")
+               for g in opt.param_groups if g["weight_decay"] == 1e-4 for p in g["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    mult = cfg.optimizer.lr_mult or {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            factor = next((f for k, f in mult.items() if k in n), 1.0)
+            assert g["lr"] == pytest.approx(1e-4 * factor), n
+
+
+def detection_parts(cfg: DictConfig) -> set[str]:
+    """What decides whether a COCO recipe runs: each model, the distill terms, projector, balancer (the
+    token-matching dims are 256 for every ViDT, so pairs add nothing)."""
+    out = {f"student:{model_id(cfg.student)}", f"teacher:{model_id(cfg.teacher)}",
+           f"balancer:{cfg.balancer._target_}:{cfg.balancer.get('mode', '')}"}
+    for name, term in (cfg.get("distill") or {}).items():
+        out.add(f"distill:{name}")
+        if term.get("projector") is not None:
+            out.add(f"projector:{cfg.projector._target_}")
+    return out
+
+
+VIDT_COST = {"vidt_nano": 1.0, "vidt_tiny": 1.5, "vidt_small": 2.5, "vidt_base": 3.0}
+
+
+def detection_cost(cfg: DictConfig) -> float:
+    return VIDT_COST[model_id(cfg.student) or ""] + 0.5 * VIDT_COST.get(model_id(cfg.teacher) or "", 0.0)
+
+
+# The set cover, plus the nano DTO-KD recipe (the headline cell of DTO-KD Table 3) in any case.
+COCO_SAMPLE = sorted(set(stratified_sample(COMPOSED, detection, detection_parts, detection_cost))
+                     | {"coco_vidt_base_vidt_nano_dto_kd"})
+
+
+def test_coco_sample_covers_every_part() -> None:
+    everything = set().union(*(detection_parts(c) for c in COCO.values()))
+    covered = set().union(*(detection_parts(COMPOSED[n]) for n in COCO_SAMPLE))
+    assert covered == everything
+    assert {"projector:kdrun.projectors.subspace.Subspace", "projector:kdrun.projectors.orthogonal.Orthogonal",
+            "projector:kdrun.projectors.identity.Identity", "teacher:vidt_small", "teacher:vidt_base",
+            "teacher:None", "student:vidt_small", "balancer:kdrun.balancers.dto.DTO:amortised"} <= covered
+    assert len(COCO_SAMPLE) <= 6, COCO_SAMPLE
+
+
+def detection_overrides(name: str, cfg: DictConfig) -> list[str]:
+    """The recipe, shrunk: the synthetic COCO-format set at 64 px, 10 [DET] tokens and 2 decoder layers
+    (teacher and student alike: token matching pairs them one to one), 2 steps of batch 2, CPU, fp32."""
+    ov = [f"+recipe={name}", "dataset=coco_synthetic", "dataset.train_size=4", "dataset.val_size=2",
+          "dataset.image_size=64", "dataset.scales=[48,64]", "dataset.max_size=80", "dataset.crop_scales=[40,48]",
+          "dataset.crop_size=[32,48]", "dataset.eval_size=64", "student.model.det_tokens=10",
+          "student.model.dec_layers=2", "trainer.max_steps=2", "trainer.epochs=1", "trainer.batch_size=2",
+          "trainer.val_batch_size=2", "trainer.accelerator=cpu", "trainer.num_workers=0", "trainer.precision=fp32",
+          "trainer.save_last=false", "trainer.save_best=false", "logger.progress=false", "logger.tensorboard=false",
+          "logger.log_every=1", "logger.grad_stats_every=2"]
+    if cfg.teacher is not None:
+        ov += ["teacher.model.weights=null", "teacher.checkpoint=null", "teacher.model.det_tokens=10",
+               "teacher.model.dec_layers=2"]
+    return ov
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", COCO_SAMPLE)
+def test_sampled_coco_recipe_trains_two_steps(name: str, tmp_path: Path) -> None:
+    cfg = COMPOSED[name]
+    res = run(detection_overrides(name, cfg), tmp_path)
+    assert res["steps"] == 2 and res["nonfinite_skipped"] == 0 and res["primary_metric"] == "AP"
+    assert res["config"]["paper"] == OmegaConf.to_container(cfg.paper)  # tables read it from here
+    assert res["config"]["trainer"]["grad_clip"] == 0.1 and res["config"]["optimizer"]["no_decay"]
+    for where in ("final", "best"):  # what `kdrun tables --table coco` reads: COCOeval's 0..1 (or -1)
+        assert set(res[where]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert all(v == -1.0 or 0.0 <= v <= 1.0 for k, v in res[where].items() if k != "epoch"), res[where]
+    assert (res["teacher"] is None) == (cfg.teacher is None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 2
+    for r in train:
+        for term in ("class", "bbox", "giou", *(cfg.get("distill") or {})):
+            assert isinstance(r.get(f"loss/{term}"), float) and math.isfinite(r[f"loss/{term}"]), (term, r)
+        if cfg.get("distill"):
+            assert {"pi/distill", "pi/task"} <= set(r), r
+    if cfg.get("distill"):
+        diag = [r for r in train if "grad/conflict" in r]  # logger.grad_stats_every=2: one diagnostic step
+        assert len(diag) == 1 and math.isfinite(diag[0]["grad/conflict"]) and math.isfinite(diag[0]["grad/dominance"])
