@@ -2,7 +2,8 @@
 
 ``kdrun train [overrides]`` is a Hydra application over ``conf/`` (``+recipe=NAME`` adds
 ``recipes/NAME.yaml``); ``kdrun eval CHECKPOINT [key=value ...]`` evaluates a checkpoint with the
-config stored in it (overrides such as ``dataset.root=...`` adjust it).
+config stored in it (overrides such as ``dataset.root=...`` adjust it): val metrics, parameter count
+and inference images/s (``--json`` for one JSON object).
 """
 from __future__ import annotations
 
@@ -152,24 +153,40 @@ def summarise(results: dict) -> None:
 
 
 def run_eval(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="kdrun eval", description="Evaluate a kdrun checkpoint (top-1/top-5) "
-                                "on its data set's val split, with the config stored in the checkpoint.")
+    p = argparse.ArgumentParser(prog="kdrun eval", description="Evaluate a kdrun checkpoint on its data set's val "
+                                "split, with the config stored in the checkpoint: the task's metrics (top-1/top-5, "
+                                "or COCO AP/AP50/AP75/APs/APm/APl), the student's parameter count and its "
+                                "inference throughput (forward + post-processing, data loading excluded).")
     p.add_argument("checkpoint", help="last.pt, best.pt or a run directory (uses best.pt, else last.pt)")
     p.add_argument("overrides", nargs="*", help="key=value changes to the stored config, e.g. dataset.root=/data")
     p.add_argument("--device", default=None, help="cpu | cuda (default: the stored trainer.accelerator)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput pass")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="batch size of the throughput pass (default: the val loader's; the metrics pass always "
+                        "uses the stored trainer.val_batch_size)")
+    p.add_argument("--warmup", type=int, default=5, metavar="N", help="warm-up batches not timed (default 5)")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N",
+                   help="time at most N batches (default: one pass over the val split)")
+    p.add_argument("--save-detections", default=None, metavar="PATH",
+                   help="detection: write the val detections (COCO results json) to PATH")
     a = p.parse_args(argv)
+    if a.warmup < 0 or (a.batch_size is not None and a.batch_size < 1) or (a.max_batches is not None
+                                                                           and a.max_batches < 1):
+        p.error("--warmup must be >= 0, --batch-size and --max-batches >= 1")
     try:
-        from kdrun.evaluate import evaluate_checkpoint
+        from kdrun.evaluate import evaluate_checkpoint, format_summary
 
-        metrics = evaluate_checkpoint(a.checkpoint, a.overrides, a.device)
+        metrics = evaluate_checkpoint(a.checkpoint, a.overrides, a.device, throughput=not a.no_throughput,
+                                      warmup_batches=a.warmup, max_batches=a.max_batches,
+                                      throughput_batch_size=a.batch_size, detections_path=a.save_detections)
     except _user_errors() as e:
         report(e)
         return
     if a.json:
         print(json.dumps(metrics))
     else:
-        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        print(format_summary(metrics))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: kdrun {train,eval,export,tables,plot,tide} ...\n\n"
               "  train   train/distil a model: kdrun train [group=option ...] [key=value ...] [+recipe=NAME]\n"
               "          (kdrun train --help lists the config groups and options)\n"
-              "  eval    evaluate a checkpoint: kdrun eval RUN_DIR|CHECKPOINT [key=value ...]\n"
+              "  eval    val metrics, params, images/s of a checkpoint: kdrun eval RUN_DIR|CHECKPOINT [key=value ...]\n"
               "  export  the student alone as a plain state_dict: kdrun export RUN_DIR\n"
               "  tables  the papers' tables from run dirs: kdrun tables --table cifar100 RUNS_DIR...\n"
               "  plot    conflict/dominance/pi/accuracy figures: kdrun plot RUN_DIR...\n"

@@ -42,7 +42,7 @@ from kdrun import distributed as D
 from kdrun.config import ConfigError, Ge, Le
 from kdrun.models.taps import ModelOutput
 from kdrun.models.vidt.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_xywh, generalized_box_iou
-from kdrun.models.vidt.detector import postprocess
+from kdrun.models.vidt.detector import postprocess as detr_postprocess
 from kdrun.models.vidt.matcher import HungarianMatcher
 from kdrun.tasks.base import group, objective_groups
 
@@ -174,12 +174,18 @@ class Detection:
         return group(terms, groups)
 
     # -- evaluation ------------------------------------------------------------------------------
+    def postprocess(self, out: Any, targets: Sequence[dict[str, Any]]) -> list[dict[str, Tensor]]:
+        """Deformable DETR's post-processing of one batch of model outputs: per image the ``topk``
+        ``scores``, ``labels`` and ``boxes`` (xyxy in original-image pixels), as tensors on the model's
+        device (what ``kdrun eval`` times as the post-processing)."""
+        logits, feats = _output(out)
+        sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(logits.device)
+        return detr_postprocess(logits, feats["pred_boxes"], sizes, self.topk)
+
     def detections(self, out: Any, targets: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """COCO json results (``image_id``, ``category_id``, ``bbox`` xywh in original pixels, ``score``)
         for one batch of model outputs."""
-        logits, feats = _output(out)
-        sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(logits.device)
-        res = postprocess(logits, feats["pred_boxes"], sizes, self.topk)
+        res = self.postprocess(out, targets)
         dets = []
         for t, r in zip(targets, res):
             image_id = int(t["image_id"])
