@@ -487,14 +487,16 @@ VIDT_NO_DECAY = ["*backbone.*.bias", "*backbone.*norm*", "backbone.det_token", "
 # group trains at --lr. The recipes follow the release (the protocol the papers cite); for Deformable
 # DETR's variant set {"sampling_offsets": 0.1, "reference_points": 0.1} here and re-run the generator.
 VIDT_LR_MULT: dict[str, float] | None = None
-# ViDT initialises the Swin body from ImageNet weights (Swin-nano: the release's swin_nano_patch4_window7_224
-# (IN-1K); tiny/small: Microsoft's IN-1K Swin; base: IN-22K). kdrun's ViDT constructors load whole-detector
-# checkpoints only (`weights`, `checkpoint`), not a body alone, so a student here starts from scratch.
-BACKBONE_NOTE = ("Student initialisation: ViDT starts the Swin body from ImageNet weights (Swin-nano: the ViDT "
-                 "release's swin_nano_patch4_window7_224.pth; Swin-tiny/small: Microsoft's ImageNet-1K Swin). "
-                 "kdrun's ViDT loads whole-detector state_dicts only (student.model.weights / student.checkpoint), "
-                 "so until a backbone-only loader exists these students start from random weights and will "
-                 "not reach the papers' AP.")
+# ViDT initialises the Swin body from ImageNet weights (README of naver-ai/vidt): Swin-nano from the
+# release's own swin_nano_patch4_window7_224.pth (IN-1K; not in timm), Swin-tiny/small from Microsoft's IN-1K
+# Swin (timm's .ms_in1k weights are the same tensors in timm's layout; kdrun.models.vidt.pretrained converts).
+PRETRAINED_DIR = "${oc.env:KDRUN_CACHE,'~/.cache/kdrun'}/pretrained"
+BACKBONE_WEIGHTS = {"vidt_nano": PRETRAINED_DIR + "/swin_nano_patch4_window7_224.pth",
+                    "vidt_tiny": "timm", "vidt_small": "timm"}
+BACKBONE_NOTE = ("Student initialisation: as ViDT, the Swin body starts from ImageNet weights "
+                 "(student.model.backbone_weights: Swin-nano from the ViDT release's swin_nano_patch4_window7_224.pth "
+                 "in $KDRUN_CACHE/pretrained/, Swin-tiny/small from timm's Microsoft ImageNet-1K Swin); the [DET] "
+                 "parts, the last patch merging, the neck and the heads start from scratch.")
 COCO_PROTOCOL = ("Protocol: ViDT's (Song et al. ICLR 2022; naver-ai/vidt), which DTO-KD §4 and MoKD §4 follow: "
                  "50 epochs, total batch 16 (ViDT: 8 GPUs x 2), AdamW lr 1e-4 weight decay 1e-4 (no decay on the "
                  "backbone's norms/biases and [DET] tokens), cosine from 1e-4 to 1e-7 without warm-up, gradient "
@@ -538,6 +540,9 @@ def coco_recipe(teacher: str | None, student: str, row: str, cells: list[tuple[s
     if balancer == "dto":
         values["balancer"] = {"lr": 0.025, "weight_decay": 0.01}
         comments["balancer.lr"] = "π optimiser lr 0.025, weight decay 0.01 (DTO-KD §4 / MoKD §4, also for detection)"
+    values["student"] = {"model": {"backbone_weights": BACKBONE_WEIGHTS[student]}}
+    comments["student.model.backbone_weights"] = ("ImageNet Swin for the body, as ViDT (a Microsoft-format "
+                                                  "checkpoint path, or timm); null: from scratch")
     values["task"] = {"objectives": None}
     comments["task.objectives"] = "null: {distill: every distill term, task: class + bbox + giou} (MoKD App. A Eq. 2)"
     values["optimizer"] = {"lr": 1.0e-4, "weight_decay": 1.0e-4, "betas": [0.9, 0.999], "eps": 1.0e-8,
@@ -698,7 +703,10 @@ def scripts(recipes: dict[str, Recipe]) -> dict[str, str]:
                 "",
                 "# -- teachers: the ViDT release's checkpoints (naver-ai/vidt, release v0.1-vidt), once --",
                 "# mkdir -p \"$TEACHERS\" && for m in vidt_base_50 vidt_small_50; do",
-                "#   curl -L -o \"$TEACHERS/$m.pth\" https://github.com/naver-ai/vidt/releases/download/v0.1-vidt/$m.pth; done"]
+                "#   curl -L -o \"$TEACHERS/$m.pth\" https://github.com/naver-ai/vidt/releases/download/v0.1-vidt/$m.pth; done",
+                "# -- student bodies: ImageNet Swin (tiny/small come from timm's cache, downloaded on first use);",
+                "#    Swin-nano only from the ViDT release (the link in the naver-ai/vidt README), once --",
+                "# mkdir -p \"${KDRUN_CACHE:-$HOME/.cache/kdrun}/pretrained\"  # put swin_nano_patch4_window7_224.pth there"]
     return {
         "reproduce_coco.sh": script(
             "coco", "COCO 2017 detection with ViDT: DTO-KD Table 3 / MoKD Table 1 (Swin-base teacher; `kdrun tables "

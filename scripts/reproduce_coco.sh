@@ -24,6 +24,9 @@ GPUS=${GPUS:-8}   # GPUs per run; total batch 16 = GPUS x trainer.batch_size
 # -- teachers: the ViDT release's checkpoints (naver-ai/vidt, release v0.1-vidt), once --
 # mkdir -p "$TEACHERS" && for m in vidt_base_50 vidt_small_50; do
 #   curl -L -o "$TEACHERS/$m.pth" https://github.com/naver-ai/vidt/releases/download/v0.1-vidt/$m.pth; done
+# -- student bodies: ImageNet Swin (tiny/small come from timm's cache, downloaded on first use);
+#    Swin-nano only from the ViDT release (the link in the naver-ai/vidt README), once --
+# mkdir -p "${KDRUN_CACHE:-$HOME/.cache/kdrun}/pretrained"  # put swin_nano_patch4_window7_224.pth there
 
 # -- students without a teacher (Table 3 and Table 5 'No distillation') --
 kdrun train +recipe=coco_student_vidt_nano seed=0 hydra.run.dir=$KDRUN_RUNS/coco_student_vidt_nano/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~100 H100-h

@@ -280,6 +280,9 @@ def test_coco_recipes_follow_the_vidt_protocol() -> None:
         assert t.grad_clip == 0.1 and t.precision == "bf16", name
         assert cfg.student.model._target_.startswith("kdrun.models.vidt.vidt_"), name
         assert cfg.student.model.det_tokens == 100 and cfg.student.model.dec_layers == 6, name
+        # ViDT's initialisation: an ImageNet Swin body (nano only from the ViDT release, the others via timm)
+        bw = cfg.student.model.backbone_weights
+        assert bw.endswith("swin_nano_patch4_window7_224.pth") if "nano" in name else bw == "timm", name
         row = cfg.paper.row
         if row == "nokd":
             assert cfg.teacher is None and not cfg.distill and cfg.balancer._target_.endswith(".Fixed"), name
@@ -375,7 +378,7 @@ def detection_overrides(name: str, cfg: DictConfig) -> list[str]:
     ov = [f"+recipe={name}", "dataset=coco_synthetic", "dataset.train_size=4", "dataset.val_size=2",
           "dataset.image_size=64", "dataset.scales=[48,64]", "dataset.max_size=80", "dataset.crop_scales=[40,48]",
           "dataset.crop_size=[32,48]", "dataset.eval_size=64", "student.model.det_tokens=10",
-          "student.model.dec_layers=2", "trainer.max_steps=2", "trainer.epochs=1", "trainer.batch_size=2",
+          "student.model.dec_layers=2", "student.model.backbone_weights=null", "trainer.max_steps=2", "trainer.epochs=1", "trainer.batch_size=2",
           "trainer.val_batch_size=2", "trainer.accelerator=cpu", "trainer.num_workers=0", "trainer.precision=fp32",
           "trainer.save_last=false", "trainer.save_best=false", "logger.progress=false", "logger.tensorboard=false",
           "logger.log_every=1", "logger.grad_stats_every=2"]

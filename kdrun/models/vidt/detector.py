@@ -25,7 +25,8 @@ Heads: one class head (linear) and one 3-layer box MLP per output (L+1 = 7), ini
 Deformable DETR (prior 0.01 class bias, zero box-delta layer, −2 size bias for the first).
 Constructors :func:`vidt_nano`, :func:`vidt_tiny`, :func:`vidt_small`, :func:`vidt_base` build the
 four configurations of ViDT Table 2 / DTO-KD Table 3; ``weights=PATH`` loads a state_dict of the
-original release through :func:`kdrun.models.vidt.checkpoint.load_original`.
+original release through :func:`kdrun.models.vidt.checkpoint.load_original`; ``backbone_weights=PATH|timm``
+starts the body from ImageNet Swin weights as ViDT does (:mod:`kdrun.models.vidt.pretrained`).
 """
 from __future__ import annotations
 
@@ -194,7 +195,8 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 def build_vidt(variant: str, num_classes: int = 91, det_tokens: int = 100, dec_layers: int = 6,
                dropout: float = 0.1, drop_path_rate: float | None = None, d_model: int = 256,
                dim_feedforward: int = 1024, nheads: int = 8, dec_n_points: int = 4,
-               depths: Sequence[int] | None = None, weights: str | None = None) -> ViDT:
+               depths: Sequence[int] | None = None, weights: str | None = None,
+               backbone_weights: str | None = None) -> ViDT:
     cfg = dict(_CONFIGS[variant])
     if drop_path_rate is not None:
         cfg["drop_path_rate"] = drop_path_rate
@@ -206,6 +208,13 @@ def build_vidt(variant: str, num_classes: int = 91, det_tokens: int = 100, dec_l
                                  dim_feedforward=dim_feedforward, dropout=dropout,
                                  num_feature_levels=len(backbone.num_channels), dec_n_points=dec_n_points)
     model = ViDT(backbone, neck, num_classes)
+    if backbone_weights and weights:
+        raise ValueError("ViDT: set weights (a whole detector) or backbone_weights (ImageNet Swin for the "
+                         "body), not both: the detector weights would overwrite the body.")
+    if backbone_weights:
+        from kdrun.models.vidt.pretrained import load_backbone
+
+        load_backbone(model.backbone, backbone_weights, variant)
     if weights:
         from kdrun.models.vidt.checkpoint import load_original
 
@@ -216,35 +225,41 @@ def build_vidt(variant: str, num_classes: int = 91, det_tokens: int = 100, dec_l
 def vidt_nano(num_classes: Annotated[int, Ge(1)] = 91, det_tokens: Annotated[int, Ge(1)] = 100,
               dec_layers: Annotated[int, Ge(0)] = 6, dropout: Annotated[float, Ge(0.0), Le(1.0)] = 0.1,
               drop_path_rate: Annotated[float, Ge(0.0), Le(1.0)] | None = None,
-              depths: Sequence[int] | None = None, weights: str | None = None) -> ViDT:
+              depths: Sequence[int] | None = None, weights: str | None = None,
+              backbone_weights: str | None = None) -> ViDT:
     """ViDT with Swin-nano (C=48, depths 2-2-6-2, heads 3-6-12-24); ``depths`` overrides the stage
-    depths (tests use shallower bodies); ``weights``: a state_dict of the original release."""
+    depths (tests use shallower bodies); ``weights``: a state_dict of the original release;
+    ``backbone_weights``: ImageNet Swin weights for the body (a path, or ``timm`` for tiny/small/base;
+    :mod:`kdrun.models.vidt.pretrained`)."""
     return build_vidt("nano", num_classes, det_tokens, dec_layers, dropout, drop_path_rate, depths=depths,
-                      weights=weights)
+                      weights=weights, backbone_weights=backbone_weights)
 
 
 def vidt_tiny(num_classes: Annotated[int, Ge(1)] = 91, det_tokens: Annotated[int, Ge(1)] = 100,
               dec_layers: Annotated[int, Ge(0)] = 6, dropout: Annotated[float, Ge(0.0), Le(1.0)] = 0.1,
               drop_path_rate: Annotated[float, Ge(0.0), Le(1.0)] | None = None,
-              depths: Sequence[int] | None = None, weights: str | None = None) -> ViDT:
+              depths: Sequence[int] | None = None, weights: str | None = None,
+              backbone_weights: str | None = None) -> ViDT:
     """ViDT with Swin-tiny (C=96, depths 2-2-6-2, heads 3-6-12-24)."""
     return build_vidt("tiny", num_classes, det_tokens, dec_layers, dropout, drop_path_rate, depths=depths,
-                      weights=weights)
+                      weights=weights, backbone_weights=backbone_weights)
 
 
 def vidt_small(num_classes: Annotated[int, Ge(1)] = 91, det_tokens: Annotated[int, Ge(1)] = 100,
                dec_layers: Annotated[int, Ge(0)] = 6, dropout: Annotated[float, Ge(0.0), Le(1.0)] = 0.1,
                drop_path_rate: Annotated[float, Ge(0.0), Le(1.0)] | None = None,
-               depths: Sequence[int] | None = None, weights: str | None = None) -> ViDT:
+               depths: Sequence[int] | None = None, weights: str | None = None,
+              backbone_weights: str | None = None) -> ViDT:
     """ViDT with Swin-small (C=96, depths 2-2-18-2, heads 3-6-12-24)."""
     return build_vidt("small", num_classes, det_tokens, dec_layers, dropout, drop_path_rate, depths=depths,
-                      weights=weights)
+                      weights=weights, backbone_weights=backbone_weights)
 
 
 def vidt_base(num_classes: Annotated[int, Ge(1)] = 91, det_tokens: Annotated[int, Ge(1)] = 100,
               dec_layers: Annotated[int, Ge(0)] = 6, dropout: Annotated[float, Ge(0.0), Le(1.0)] = 0.1,
               drop_path_rate: Annotated[float, Ge(0.0), Le(1.0)] | None = None,
-              depths: Sequence[int] | None = None, weights: str | None = None) -> ViDT:
+              depths: Sequence[int] | None = None, weights: str | None = None,
+              backbone_weights: str | None = None) -> ViDT:
     """ViDT with Swin-base (C=128, depths 2-2-18-2, heads 4-8-16-32; the teacher of DTO-KD Table 3)."""
     return build_vidt("base", num_classes, det_tokens, dec_layers, dropout, drop_path_rate, depths=depths,
-                      weights=weights)
+                      weights=weights, backbone_weights=backbone_weights)
