@@ -106,7 +106,11 @@ class JacobianMode:
         if mode not in ("loop", "batched", "auto"):
             raise ValueError(f"trainer.jacobian={mode!r} is not one of loop, batched, auto")
         self.mode = mode
-        self.batched = mode != "loop"
+
+    @property
+    def batched(self) -> bool:
+        """Whether the next call tries the vmapped backward (``auto`` until it decides, or ``batched``)."""
+        return self.mode != "loop"
 
     def grads(self, losses: list[Tensor], params: list[Tensor], retain_graph: bool) -> list[tuple[Tensor | None, ...]]:
         """Per-objective gradients; ``None`` where an objective does not reach a parameter."""
@@ -126,7 +130,7 @@ class JacobianMode:
             reason = reason if out is None else str(slow[0].message).splitlines()[0]
             warnings.warn(f"trainer.jacobian=auto: the batched per-objective backward is not usable for "
                           f"this model ({reason}); using one backward per objective.", stacklevel=2)
-            self.batched, self.mode = False, "loop"
+            self.mode = "loop"
         out_loop: list[tuple[Tensor | None, ...]] = []
         for i, loss in enumerate(losses):
             keep = retain_graph or i < len(losses) - 1

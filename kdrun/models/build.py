@@ -55,20 +55,29 @@ def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> di
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def check_fits(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
+def show_keys(keys: list[str], most: int = 8) -> str:
+    """The first ``most`` keys of a list for an error message, with the total when there are more."""
+    return ", ".join(keys[:most]) + (f" … ({len(keys)} in all)" if len(keys) > most else "")
+
+
+def state_dict_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
+                        ) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, shape mismatches as "key (ckpt) vs (model)") of ``sd`` against ``own``."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in sd and sd[k].shape != v.shape]
+    return missing, unexpected, shapes
+
+
+def check_fits(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys."""
+    missing, unexpected, shapes = state_dict_mismatch(model.state_dict(), sd)
     if missing or unexpected or shapes:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
         raise CheckpointError(
-            f"checkpoint {path} does not fit {type(model).__name__}: missing keys [{show(missing)}], "
-            f"unexpected keys [{show(unexpected)}], shape mismatches (checkpoint vs model) [{show(shapes)}]. "
-            "Is it a checkpoint of another architecture or class count?"
+            f"checkpoint {path} does not fit {type(model).__name__}: missing keys [{show_keys(missing)}], "
+            f"unexpected keys [{show_keys(unexpected)}], shape mismatches (checkpoint vs model) "
+            f"[{show_keys(shapes)}]. Is it a checkpoint of another architecture or class count?"
         )
 
 

@@ -89,7 +89,7 @@ def _timm_state_dict(variant: str) -> dict[str, Tensor]:
 
 def load_backbone(body: nn.Module, source: str | os.PathLike | Mapping[str, Any], variant: str) -> dict[str, int]:
     """Load ImageNet Swin weights into a ViDT body; returns counts of loaded and fresh tensors."""
-    from kdrun.models.build import CheckpointError
+    from kdrun.models.build import CheckpointError, show_keys, state_dict_mismatch
 
     if isinstance(source, Mapping):
         raw, where = source, "<state_dict>"
@@ -103,17 +103,13 @@ def load_backbone(body: nn.Module, source: str | os.PathLike | Mapping[str, Any]
         raw = torch.load(where, map_location="cpu", weights_only=True)
     sd = convert_swin_state_dict(raw)
     own = body.state_dict()
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
-              if k in own and sd[k].shape != own[k].shape]
+    missing, unexpected, shapes = state_dict_mismatch(own, sd)
     last_merge = f"layers.{len(body.layers) - 1}.downsample."  # type: ignore[arg-type]
-    missing = [k for k in own if k not in sd and not _VIDT_ONLY.search(k) and not k.startswith(last_merge)]
+    missing = [k for k in missing if not _VIDT_ONLY.search(k) and not k.startswith(last_merge)]
     if unexpected or shapes or missing:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:6]) + (f" … ({len(keys)} in all)" if len(keys) > 6 else "")
         raise CheckpointError(
             f"backbone weights {where} do not fit the Swin-{variant} body of ViDT: unexpected keys "
-            f"[{show(unexpected)}], shape mismatches (checkpoint vs model) [{show(shapes)}], missing keys "
-            f"[{show(missing)}]. Is it a checkpoint of another Swin size?")
+            f"[{show_keys(unexpected, 6)}], shape mismatches (checkpoint vs model) [{show_keys(shapes, 6)}], "
+            f"missing keys [{show_keys(missing, 6)}]. Is it a checkpoint of another Swin size?")
     body.load_state_dict(sd, strict=False)
     return {"loaded": len(sd), "fresh": len(own) - len(sd)}
