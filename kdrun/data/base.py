@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 
@@ -33,6 +35,16 @@ class DataModule:
     mixup: Callable[..., Any] | None = None
     repeated_augmentation: int = 0
     collate_fn: Callable[..., Any] | None = None
+
+    def train_labels(self) -> Tensor | None:
+        """The training labels as a long tensor ``[len(train)]``, index-aligned with ``train``, or
+        ``None`` when the data set cannot say without loading every sample. Reads the torchvision
+        convention (``targets``, as CIFAR and ImageFolder keep them); data sets without it may override."""
+        targets = getattr(self.train, "targets", None)
+        if targets is None:
+            return None
+        t = torch.as_tensor(targets, dtype=torch.long)
+        return t if t.ndim == 1 and t.numel() == len(self.train) else None  # type: ignore[arg-type]
 
 
 def check_shape(name: str, built: dict[str, int], declared: dict[str, int]) -> None:
