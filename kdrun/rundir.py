@@ -1,0 +1,229 @@
+"""Run-directory protection: a run never overwrites, interleaves with or silently continues another run.
+
+Two rules, applied by the engine on the main rank before anything is written into the run directory:
+
+1. **A fresh run needs an empty run directory.** A directory that already holds a run (``last.pt``,
+   ``best.pt`` or ``results.json``) is refused unless the user says which of the two things they mean:
+   ``trainer.resume=auto`` (continue that run) or ``trainer.overwrite=true`` (start over: the old run's
+   files are removed first, so that ``metrics.jsonl`` and TensorBoard files of the two never mix).
+   ``trainer.resume=auto`` that finds no checkpoint says so and starts fresh.
+2. **One writer per run directory.** :class:`RunLock` holds ``<run_dir>/.kdrun.lock`` for the whole run.
+   It is created with ``O_CREAT | O_EXCL``, which is atomic on local file systems and on the shared ones
+   clusters use (NFSv3+, Lustre, GPFS), so two processes on different nodes cannot both take it. The file
+   records the holder (host, pid, start time) and its modification time is a heartbeat, refreshed by a
+   daemon thread. A second writer fails with an error naming the holder. The lock is released on every
+   orderly exit (``with`` block, ``atexit``); a holder that died without releasing it (``kill -9``, a node
+   crash) leaves a *stale* lock, detected as: same host and the pid is gone, or (another host) no
+   heartbeat for ``stale_after_s``. A stale lock is taken over, and the takeover is printed.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from kdrun.config import ConfigError
+
+LOCK_NAME = ".kdrun.lock"
+# Any of these: the directory holds a run (metrics.jsonl alone: one that died before its first checkpoint).
+RUN_FILES = ("last.pt", "best.pt", "results.json", "metrics.jsonl")
+# What a run writes; removed by trainer.overwrite=true (.hydra/ and cli.log belong to the new run).
+RUN_OUTPUTS = ("last.pt", "last.pt.prev", "best.pt", "results.json", "metrics.jsonl", "tb", "export",
+               "plots", "val_detections.json", "teacher_val_detections.json", "preempted.json")
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used as asked; the message says why and the ways on."""
+
+
+def check_usable(run_dir: Path) -> None:
+    """A run directory must be creatable and writable: say so in one paragraph instead of a traceback."""
+    run_dir = Path(run_dir)
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunDirError(f"The run directory {run_dir} cannot be created: {parent} is a file, not a "
+                                  "directory. Choose another hydra.run.dir.")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise RunDirError(f"The run directory {run_dir} cannot be written: {parent} is not writable "
+                                  f"by this user. Choose a writable hydra.run.dir.")
+            return
+
+
+def holds_run(run_dir: Path) -> list[str]:
+    """The run files already in ``run_dir`` (empty: no earlier run there)."""
+    return [n for n in RUN_FILES if (Path(run_dir) / n).exists()]
+
+
+def check_fresh(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
+    """Apply rule 1 (module docstring). Returns a note to print, or None.
+
+    ``resume`` is ``trainer.resume`` (None, ``"auto"`` or a path); ``overwrite`` is ``trainer.overwrite``."""
+    run_dir = Path(run_dir)
+    found = holds_run(run_dir)
+    if resume is not None and overwrite:
+        raise RunDirError("trainer.resume and trainer.overwrite=true contradict each other: resume continues "
+                          "the run in the directory, overwrite deletes it. Set one of them.")
+    if resume == "auto":
+        if (run_dir / "last.pt").is_file():
+            return None
+        if found:  # a run is there but cannot be continued: starting over must be asked for
+            raise RunDirError(
+                f"trainer.resume=auto found no checkpoint (last.pt) in {run_dir}, but the directory holds an "
+                f"earlier run's {', '.join(found)} (it stopped before its first checkpoint, or ran with "
+                "trainer.save_last=false), so it cannot be continued. Start over there with "
+                "trainer.resume=null trainer.overwrite=true, or choose another hydra.run.dir.")
+        return f"trainer.resume=auto: no checkpoint in {run_dir}; starting a fresh run there."
+    if resume is not None or not found:
+        return None
+    if overwrite:
+        for name in RUN_OUTPUTS:
+            p = run_dir / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+        return f"trainer.overwrite=true: removed the earlier run's files in {run_dir}."
+    raise RunDirError(
+        f"The run directory {run_dir} already holds a run ({', '.join(found)}); a fresh run there would "
+        "overwrite its checkpoints and results and mix its metrics. Continue that run with "
+        "trainer.resume=auto, start over in the same directory with trainer.overwrite=true (deletes the "
+        "earlier run's files), or choose another hydra.run.dir.")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def describe(holder: dict[str, Any]) -> str:
+    start = holder.get("start")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)) if isinstance(start, (int, float)) else "?"
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {when}"
+
+
+class RunLock:
+    """The exclusive writer lock of a run directory (rule 2 of the module docstring)."""
+
+    def __init__(self, run_dir: Path, heartbeat_s: float = 30.0, stale_after_s: float = 300.0) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.heartbeat_s = float(heartbeat_s)
+        self.stale_after_s = float(stale_after_s)
+        self.token = uuid.uuid4().hex
+        self.note: str | None = None  # set when a stale lock was taken over
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._held = False
+
+    # -- acquiring ----------------------------------------------------------------------------------
+    def _create(self) -> bool:
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(), "token": self.token,
+                "argv": sys.argv[:8]}
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            text = self.path.read_text()
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(text)
+            if not isinstance(holder, dict):
+                raise ValueError
+        except ValueError:
+            holder = {}  # a holder caught between create and write, or a damaged file
+        holder["mtime"] = mtime
+        return holder
+
+    def _is_stale(self, holder: dict[str, Any]) -> str | None:
+        """Why the holder is dead, or None if it may be alive."""
+        age = time.time() - float(holder["mtime"])
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            if not _pid_alive(holder["pid"]):
+                return "its process no longer exists"
+            return None
+        if age > self.stale_after_s:
+            return f"its heartbeat stopped {age:.0f} s ago"
+        return None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if self._create():
+                break
+            holder = self._holder()
+            if holder is None:
+                continue  # released meanwhile: try again
+            why = self._is_stale(holder)
+            if why is None:
+                raise RunDirError(
+                    f"Another kdrun process is writing to {self.path.parent} ({describe(holder)}); two runs "
+                    "in one directory would overwrite each other's checkpoints and mix their metrics. Wait "
+                    "for it to finish, stop it, or choose another hydra.run.dir. (If that process is "
+                    f"certainly gone, delete {self.path}.)")
+            # Move the stale file aside under a unique name: of two processes taking it over at once,
+            # only one rename succeeds, and the loser finds the winner's fresh lock on the next pass.
+            aside = self.path.with_name(f"{LOCK_NAME}.stale-{self.token}")
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                continue
+            aside.unlink(missing_ok=True)
+            self.note = (f"took over a stale lock on {self.path.parent} left by {describe(holder)}: {why} "
+                         "(that run crashed or was killed; resume it with trainer.resume=auto if it is this run).")
+        else:
+            raise RunDirError(f"Could not take the lock {self.path} after three attempts (another process keeps "
+                              "taking it); choose another hydra.run.dir.")
+        self._held = True
+        self._thread = threading.Thread(target=self._beat, name="kdrun-run-lock", daemon=True)
+        self._thread.start()
+        atexit.register(self.release)
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # the next beat tries again; a lock that looks stale is only ever taken over by pid/age
+
+    # -- releasing ----------------------------------------------------------------------------------
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        holder = self._holder()
+        if holder is not None and holder.get("token") == self.token:  # never remove another's lock
+            self.path.unlink(missing_ok=True)
+        atexit.unregister(self.release)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire() if not self._held else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
