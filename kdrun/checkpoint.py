@@ -12,18 +12,31 @@ NumPy), ``config`` (the resolved config as a YAML string), ``metrics``.
 Writing goes to ``<name>.tmp.<pid>`` in the same directory, is flushed and fsynced, then renamed over
 the target (``os.replace`` is atomic on POSIX), so a crash leaves either the old or the new file,
 never a truncated one.
+
+**Rotation.** :func:`keep_previous` keeps the checkpoint being replaced as ``<name>.prev`` (a hard
+link, so it costs no copy), so a ``last.pt`` damaged after it was written (a full disk, a bad copy)
+leaves the previous good one beside it; :func:`load_resume` names it when a checkpoint cannot be read.
+
+:class:`Checkpointer` is the one place that knows the key list: :meth:`Checkpointer.save` writes it and
+:meth:`Checkpointer.restore` reads the same keys back (the counters are the fields of :class:`TrainState`).
 """
 from __future__ import annotations
 
+import math
 import os
 import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
-from kdrun.models.build import CheckpointError, load_file
+from kdrun import distributed as D
+from kdrun.models.build import CheckpointError, check_fits, load_file
 
 FORMAT = "kdrun/1"
 
@@ -86,3 +99,140 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
     if not p.is_file():
         raise CheckpointError(f"trainer.resume={resume}: no such checkpoint file.")
     return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rotation.
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def keep_previous(path: Path) -> None:
+    """Keep the current ``path`` (if any) as ``path.prev`` before it is replaced.
+
+    A hard link under a temporary name renamed over ``.prev``: ``path`` itself is never missing and
+    ``.prev`` is always a complete file (the rename is atomic). Falls back to a copy on file systems
+    without hard links.
+    """
+    if not path.is_file():
+        return
+    prev = previous_path(path)
+    tmp = prev.with_name(f"{prev.name}.tmp.{os.getpid()}")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copy2(path, tmp)
+        os.replace(tmp, prev)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_resume(path: Path, trainable: nn.Module) -> dict[str, Any]:
+    """Read a training checkpoint for ``trainable``; errors name the file and what to do instead.
+
+    A checkpoint that cannot be read (truncated, corrupted) points at the previous good one, which
+    rotation kept untouched (``last.pt.prev``, ``best.pt``); a checkpoint of another model names the
+    mismatched keys (:func:`kdrun.models.build.check_fits`) instead of torch's bare RuntimeError."""
+    path = Path(path)
+    try:
+        s = load(path)
+    except CheckpointError as e:
+        good = [p for p in (previous_path(path), path.with_name("best.pt")) if p.is_file() and p != path]
+        hint = (" The previous good checkpoint is untouched: resume from it with "
+                + " or ".join(f"trainer.resume={p}" for p in good) + ".") if good else ""
+        raise CheckpointError(f"{e}{hint}") from None
+    if not isinstance(s.get("trainable"), dict):
+        raise CheckpointError(f"{path} holds no training state (no 'trainable'); resume needs a last.pt "
+                              "or best.pt written by `kdrun train`.")
+    check_fits(trainable, s["trainable"], path)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training state and the one object that saves and restores it.
+
+
+@dataclass
+class TrainState:
+    """The run's counters; every field is a checkpoint key of the same name."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    epoch_step: int = 0  # steps taken in the current epoch (mid-epoch resume)
+    best_metric: float = -math.inf  # the task's primary metric (top-1, AP)
+    skipped: int = 0  # non-finite steps skipped
+    aux_batches: int = 0  # auxiliary batches drawn (cross-batch), so a resumed run draws the next ones
+    teacher_metrics: dict[str, float] = field(default_factory=dict)  # teacher's val metrics, measured once
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# What a checkpoint holds besides the TrainState fields: the ``state_dict`` of each of these parts.
+STATEFUL = ("trainable", "optimizer", "scheduler", "balancer", "scaler")
+
+
+class Checkpointer:
+    """Saves and restores the full training state of one run (see the module docstring for the keys).
+
+    ``parts`` maps each name of :data:`STATEFUL` to an object with ``state_dict``/``load_state_dict``;
+    ``student`` is the bare student model (saved alone under ``student``, loadable into the plain
+    model by ``kdrun eval``/``export`` and by a teacher fit). ``save`` is collective: every rank calls
+    it at the same points, because each rank's RNG state goes into the checkpoint."""
+
+    def __init__(self, run_dir: Path, parts: dict[str, Any], student: nn.Module, config_yaml: str) -> None:
+        if set(parts) != set(STATEFUL):
+            raise ValueError(f"Checkpointer needs exactly the parts {STATEFUL}, got {tuple(parts)}")
+        self.run_dir, self.parts, self.student, self.config_yaml = Path(run_dir), parts, student, config_yaml
+
+    def save(self, name: str, state: TrainState, metrics: dict[str, float] | None = None) -> None:
+        rngs = D.all_gather_object(rng_state())
+        if not D.is_main():
+            return
+        if name == "last.pt":
+            keep_previous(self.run_dir / name)  # last.pt.prev: the previous good checkpoint
+        save_atomic({
+            "format": FORMAT,
+            "student": self.student.state_dict(),
+            **{k: part.state_dict() for k, part in self.parts.items()},
+            **asdict(state),
+            "world_size": D.world_size(), "rng": rngs[0], "rng_ranks": rngs,
+            "config": self.config_yaml,
+            "metrics": dict(metrics or {}),
+        }, self.run_dir / name)
+
+    def restore(self, resume: str | None, reseed: Callable[[int], None]) -> TrainState | None:
+        """Load ``trainer.resume`` into the parts and return its :class:`TrainState` (``None``: fresh).
+
+        Rank 0 decides which file (a shared file system may show a fresh file to some nodes later than
+        to others); every rank then reads the same file, after a barrier, onto the CPU. Every rank
+        looks, so that a missing ``trainer.resume=PATH`` fails on all of them alike. Each rank continues
+        its own random stream; a checkpoint from another world size calls ``reseed(step)`` instead."""
+        path = D.broadcast_object(find_resume(self.run_dir, resume))
+        D.barrier()
+        if path is None:
+            return None
+        s = load_resume(path, self.parts["trainable"])
+        for k, part in self.parts.items():
+            part.load_state_dict(s[k])
+        keys = TrainState.__dataclass_fields__
+        state = TrainState(**{k: s[k] for k in keys if k in s})  # older files lack skipped/aux_batches
+        state.history, state.teacher_metrics = list(state.history), dict(state.teacher_metrics or {})
+        rngs = s.get("rng_ranks") or [s["rng"]]
+        if len(rngs) == D.world_size():
+            set_rng_state(rngs[D.rank()])
+        else:
+            reseed(state.step)
+            if D.is_main():
+                print(f"[kdrun] warning: {path} was written by {len(rngs)} process(es), this run has "
+                      f"{D.world_size()}: random streams are re-seeded and the rest of epoch {state.epoch + 1} "
+                      "is sharded differently, so the run is not bit-identical to an uninterrupted one.",
+                      file=sys.stderr, flush=True)
+        if D.is_main():
+            print(f"[kdrun] resumed from {path} at epoch {state.epoch}, step {state.step}"
+                  + (f" (step {state.epoch_step} of the epoch)" if state.epoch_step else ""), flush=True)
+        return state

@@ -185,7 +185,7 @@ def init_process_group(dev_type: str, env: LaunchEnv | None = None,
     """Join the process group described by ``env`` (default: :func:`launch_env`).
 
     Exports the torch variables (so ``env://`` works after a SLURM launch, and ``LOCAL_RANK`` picks
-    the GPU in :func:`kdrun.engine.pick_device`) and binds this process to its GPU before NCCL starts,
+    the GPU in :func:`kdrun.engine.runtime.pick_device`) and binds this process to its GPU before NCCL starts,
     so that ranks never share a device. A no-op when already initialised or on one process.
     """
     if is_dist():

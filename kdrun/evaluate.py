@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader
 
 from kdrun import checkpoint as ckpt
 from kdrun.config import ConfigError, TrainerConfig, validate
-from kdrun.engine import autocast, close_loaders, evaluate, make_loaders, pick_device
+from kdrun.data.loaders import close_loaders, make_loaders
+from kdrun.engine import autocast, evaluate, pick_device
 from kdrun.models.build import CheckpointError, build_model, extract_state_dict
 from kdrun.models.taps import ModelOutput
 

@@ -22,15 +22,12 @@ called after kdrun's checkpoint is on disk (:meth:`Preemption.chain`), so submit
 state is saved. Python's default SIGINT handler (KeyboardInterrupt) is not chained: the CLI exits with
 status 130 after saving instead.
 
-**Rotation.** :func:`keep_previous` keeps the checkpoint being replaced as ``<name>.prev`` (a hard
-link, so it costs no copy), so a ``last.pt`` damaged after it was written (a full disk, a bad copy)
-leaves the previous good one beside it.
+Checkpoint rotation (``last.pt.prev``) lives with saving and restoring in :mod:`kdrun.checkpoint`.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -42,7 +39,7 @@ from kdrun import distributed as D
 from kdrun.config import ConfigError
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
-_ACTIVE: list["Preemption"] = []  # innermost last (a teacher fit runs a nested train())
+_ACTIVE: list["Preemption"] = []  # innermost last
 
 
 def parse_signals(names: Iterable[str]) -> list[signal.Signals]:
@@ -160,38 +157,6 @@ def chain_previous(signum: int, previous: dict[int, Any]) -> None:
     old = previous.get(int(signum))
     if callable(old) and old is not signal.default_int_handler:
         old(signum, None)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoint rotation.
-
-
-def previous_path(path: Path) -> Path:
-    return path.with_name(path.name + ".prev")
-
-
-def keep_previous(path: Path) -> None:
-    """Keep the current ``path`` (if any) as ``path.prev`` before it is replaced.
-
-    A hard link under a temporary name renamed over ``.prev``: ``path`` itself is never missing and
-    ``.prev`` is always a complete file (the rename is atomic). Falls back to a copy on file systems
-    without hard links.
-    """
-    if not path.is_file():
-        return
-    prev = previous_path(path)
-    tmp = prev.with_name(f"{prev.name}.tmp.{os.getpid()}")
-    try:
-        if tmp.exists():
-            tmp.unlink()
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copy2(path, tmp)
-        os.replace(tmp, prev)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # ---------------------------------------------------------------------------------------------------

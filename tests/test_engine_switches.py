@@ -43,7 +43,7 @@ import torch
 from omegaconf import OmegaConf
 from hydra.utils import instantiate
 from kdrun.config import TrainerConfig
-from kdrun.engine import make_loaders
+from kdrun.data.loaders import make_loaders
 from tests.conftest import compose_cfg, QUICK
 cfg = compose_cfg([*QUICK, "trainer.num_workers=2"])
 t = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))

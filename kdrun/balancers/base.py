@@ -11,6 +11,12 @@ Three kinds of method fit behind one interface without the engine knowing which 
   ``uses_ddp_backward = False`` so that the engine runs the forward outside DDP's reducer.
 * **extra-batch** (cross-batch): set ``needs_aux_batch = True`` and call ``ctx.aux_objectives()`` for
   the objective vector of an independently drawn batch at the current parameters.
+* **recomputing** (amortised DTO/FAMO with ``next_loss=same_batch``): set ``needs_recompute = True`` and
+  call ``ctx.recompute_objectives()`` in ``after_step`` for the same batch's objectives at the updated
+  parameters; the engine provides it only to balancers that declare it (else it is ``None``).
+
+The engine builds the :class:`StepContext` with :func:`kdrun.engine.context.step_context` (the balancer
+tests use the same function) and runs the step in :class:`kdrun.engine.step.KDStep`.
 
 Contract (the engine relies on it):
 
@@ -62,7 +68,8 @@ class StepContext:
         gradients: the same for any objective dict (e.g. an auxiliary batch's), not cached.
         aux_objectives: objective vector on an independently drawn batch (extra-batch balancers).
         recompute_objectives: no-grad objective vector of the *same* batch at the current parameters
-            (DTO-KD Algorithm 1 line 10, after the optimiser step).
+            (DTO-KD Algorithm 1 line 10, after the optimiser step); ``None`` unless the balancer sets
+            ``needs_recompute``.
         all_reduce_mean: average a tensor across ranks (identity on one process).
         diagnostics: whether this step's gradient statistics are logged.
     """
@@ -89,10 +96,18 @@ class Balancer(nn.Module):
     supports_feature_space: ClassVar[bool] = True
     min_objectives: ClassVar[int] = 2
     max_objectives: ClassVar[int | None] = None
+    # The run's planned number of optimiser steps, for schedules (distill_decay); None until the engine
+    # calls set_total_steps, and in unit tests that never do.
+    total_steps: int | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.objectives: tuple[str, ...] = ()
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Called once by the engine, before the first step, with the planned number of optimiser
+        steps (``trainer.max_steps`` or epochs × steps per epoch, whichever is smaller)."""
+        self.total_steps = int(total_steps)
 
     def bind(self, objectives: tuple[str, ...]) -> None:
         """Called once by the engine with the objective names, before any step or state load."""

@@ -3,7 +3,11 @@
 Notation: ℓᵢ = log Lᵢ, gᵢ = ∇ log Lᵢ = ∇Lᵢ / Lᵢ, J = [g₁; g₂] (Eq. 8), G = J Jᵀ (Eq. 13–15),
 Δ = the probability simplex. Losses enter logs clamped, L̃ = max(L, ``eps``), because log needs L > 0.
 
-``mode="exact"`` — Theorem 3.1 on the log-loss Gram matrix (gradient-level, exactly 2 objectives)
+Two classes, one per algorithm, so that what the engine reads (``uses_ddp_backward``, ``max_objectives``)
+is a property of the class, not of a ``mode`` string: :class:`DTOExact` (``conf/balancer/dto_exact.yaml``)
+and :class:`DTOAmortised` (``conf/balancer/dto.yaml``, the papers' practical algorithm).
+
+:class:`DTOExact` — Theorem 3.1 on the log-loss Gram matrix (gradient-level, exactly 2 objectives)
 -------------------------------------------------------------------------------------------------
 G_log = D G D with D = diag(1/L̃) (:func:`kdrun.balancers.gradients.log_space`; no extra backward), then
 
@@ -35,7 +39,7 @@ term. Consequently Cor. 3.4 (‖g*‖ ≥ min‖gᵢ‖/√2) holds only for non
 anti-parallel gradients give g* = 0. Cor. 3.5 holds with |‖g₁‖ − ‖g₂‖| in the denominator (the main
 text's ‖g₁‖ − ‖g₂‖ can be negative) whenever the norms differ.
 
-``mode="amortised"`` (default) — the papers' practical algorithm = FAMO (Liu et al. 2023)
+Amortised (:class:`DTOAmortised`) — the papers' practical algorithm = FAMO (Liu et al. 2023)
 -----------------------------------------------------------------------------------------
 Logits ξ (init 0, i.e. π = ½ as in Algorithm 1 line 2), π = softmax(ξ). The model step (Alg. 1
 line 8–9) descends Σ πᵢ log Lᵢ, normalised as FAMO's code does so that the effective weights on the
@@ -163,12 +167,46 @@ def eq18_logit_grad(logits: Tensor, log_losses: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
-class DTO(Balancer):
-    """DTO-KD balancer; ``mode="exact"`` (Theorem 3.1) or ``"amortised"`` (FAMO). See module doc."""
+class DTOExact(Balancer):
+    """DTO-KD Theorem 3.1 (Eq. 11–12) on the log-loss Gram matrix, clipped to the simplex (module doc).
+
+    Gradient-level: the forward runs outside DDP's reducer and the rank-averaged Jacobian gives every
+    rank the same π. Stateless."""
+
+    uses_ddp_backward = False
+    max_objectives = 2
+
+    def __init__(self, eps: Annotated[float, Gt(0.0)] = 1e-8) -> None:
+        super().__init__()
+        self.eps = float(eps)
+
+    def step(self, ctx: StepContext) -> StepResult:
+        jac = ctx.jacobian()
+        losses = ctx.all_reduce_mean(self.stack(ctx.objectives).detach().double()).to(jac.matrix.device)
+        g_log = log_space(jac.gram(), losses, self.eps)
+        pi = closed_form_weights(g_log)
+        raw = pi / losses.clamp_min(self.eps)
+        jac.write_grad(raw)
+        g11, g22, g12 = g_log[0, 0], g_log[1, 1], g_log[0, 1]
+        den = g11 + g22 - 2.0 * g12
+        extras = {
+            "log_grad_cosine": (g12 / (g11 * g22).sqrt().clamp_min(torch.finfo(torch.float64).tiny)).float(),
+            "clipped": ((pi == 0) | (pi == 1)).any().float(),
+            "degenerate": (~(den > DEGENERATE_RTOL * (g11 + g22))).float(),
+        }
+        return StepResult(weights=pi.float(), raw_weights=raw.float(), extras=extras)
+
+
+class DTOAmortised(Balancer):
+    """The amortised π update (FAMO's, or Eq. 18 as written); loss-level, any k ≥ 2 (module doc).
+
+    ``needs_recompute`` is the one flag that depends on the configuration (``update=famo`` with
+    ``next_loss=same_batch`` re-evaluates the batch after the step), so it is set per instance."""
+
+    uses_ddp_backward = True
 
     def __init__(
         self,
-        mode: Literal["exact", "amortised"] = "amortised",
         next_loss: Literal["same_batch", "lagged"] = "same_batch",
         update: Literal["famo", "eq18"] = "famo",
         lr: Annotated[float, Gt(0.0)] = 0.025,
@@ -177,24 +215,17 @@ class DTO(Balancer):
         eps: Annotated[float, Gt(0.0)] = 1e-8,
     ) -> None:
         super().__init__()
-        self.mode = mode
         self.next_loss = next_loss
         self.update = update
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.optimizer: OptimKind = optimizer
         self.eps = float(eps)
-        # The engine reads these flags from the instance: they depend on the configuration.
-        self.uses_ddp_backward = mode == "amortised"
-        self.needs_recompute = mode == "amortised" and update == "famo" and next_loss == "same_batch"
-        if mode == "exact":
-            self.max_objectives = 2
+        self.needs_recompute = update == "famo" and next_loss == "same_batch"
 
     # -- state -----------------------------------------------------------------------------------
 
     def on_bind(self) -> None:
-        if self.mode != "amortised":
-            return
         k = len(self.objectives)
         self.register_buffer("logits", torch.zeros(k, dtype=torch.float64))
         for name, t in new_state(k).items():
@@ -219,8 +250,6 @@ class DTO(Balancer):
     # -- step ------------------------------------------------------------------------------------
 
     def step(self, ctx: StepContext) -> StepResult:
-        if self.mode == "exact":
-            return self._step_exact(ctx)
         losses = self.stack(ctx.objectives)
         mean_losses = self._losses(ctx, ctx.objectives)
         pi = torch.softmax(self.logits.to(mean_losses.device), dim=0)
@@ -229,28 +258,10 @@ class DTO(Balancer):
         extras = {f"logit/{n}": self.logits[i].float() for i, n in enumerate(self.objectives)}
         return StepResult(weights=pi.float(), raw_weights=w.float(), extras=extras)
 
-    def _step_exact(self, ctx: StepContext) -> StepResult:
-        jac = ctx.jacobian()
-        losses = self._losses(ctx, ctx.objectives).to(jac.matrix.device)
-        g_log = log_space(jac.gram(), losses, self.eps)
-        pi = closed_form_weights(g_log)
-        raw = pi / losses.clamp_min(self.eps)
-        jac.write_grad(raw)
-        g11, g22, g12 = g_log[0, 0], g_log[1, 1], g_log[0, 1]
-        den = g11 + g22 - 2.0 * g12
-        extras = {
-            "log_grad_cosine": (g12 / (g11 * g22).sqrt().clamp_min(torch.finfo(torch.float64).tiny)).float(),
-            "clipped": ((pi == 0) | (pi == 1)).any().float(),
-            "degenerate": (~(den > DEGENERATE_RTOL * (g11 + g22))).float(),
-        }
-        return StepResult(weights=pi.float(), raw_weights=raw.float(), extras=extras)
-
     # -- after the optimiser step ----------------------------------------------------------------
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
-        if self.mode != "amortised":
-            return
         now = self._losses(ctx, ctx.objectives).to(self.logits.device)
         if self.update == "eq18":
             ell = now.clamp_min(self.eps).log()
@@ -260,7 +271,7 @@ class DTO(Balancer):
             return
         if self.next_loss == "same_batch":
             if ctx.recompute_objectives is None:
-                raise RuntimeError("DTO(next_loss='same_batch') needs ctx.recompute_objectives "
+                raise RuntimeError("DTOAmortised(next_loss='same_batch') needs ctx.recompute_objectives "
                                    "(the engine provides it when balancer.needs_recompute is True)")
             after = self._losses(ctx, ctx.recompute_objectives()).to(self.logits.device)
             delta = log_improvement(now, after, self.eps)
@@ -275,3 +286,17 @@ class DTO(Balancer):
         if bool(torch.isfinite(now).all()):
             self.prev_losses.copy_(now)
             self.has_prev.fill_(True)
+
+
+class DTO(DTOAmortised):
+    """Transitional constructor for code written against the former single class: ``DTO(mode="exact")``
+    is a :class:`DTOExact`, ``DTO(...)`` / ``DTO(mode="amortised", ...)`` a :class:`DTOAmortised`
+    (FAMO subclasses it). Configs name the two classes directly; new code should too."""
+
+    def __new__(cls, mode: Literal["exact", "amortised"] = "amortised", *args: object, **kw: object) -> "Balancer":
+        if mode == "exact":
+            return DTOExact(eps=float(kw.get("eps", 1e-8)))  # type: ignore[arg-type]  # not a DTO: no __init__
+        return super().__new__(cls)
+
+    def __init__(self, mode: Literal["exact", "amortised"] = "amortised", **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]

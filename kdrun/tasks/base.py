@@ -11,14 +11,20 @@ A task owns everything that depends on what is being predicted:
   ``{"class": …, "bbox": …, "giou": …}``), each a scalar mean over the batch.
 * ``task_terms``: the names ``losses`` returns; ``objective_groups(distill_terms)`` groups terms into
   the balancer's objectives (default: ``distill`` = every distillation term, ``task`` = the task terms).
-* ``evaluate(model, loader, device, autocast_ctx) -> dict[str, float]``: metrics on the val split,
-  every sample exactly once, reduced across ranks; ``primary_metric`` names the one that decides
-  ``best.pt`` (higher is better) and ``metric_keys`` the ones logged as ``val/<key>``.
-* ``collate_fn`` (optional attribute): the loader's collate function.
+* ``evaluate(model, loader, device, autocast_ctx, channels_last=False) -> dict[str, float]``: metrics on
+  the val split, every sample exactly once, reduced across ranks (``channels_last``: convert the image
+  tensors to channels-last memory format, as ``trainer.channels_last`` trains); ``primary_metric`` names
+  the one that decides ``best.pt`` (higher is better) and ``metric_keys`` the ones logged as ``val/<key>``.
+* ``collate_fn``: the loaders' collate function, or ``None`` for torch's default (a data set's own
+  ``DataModule.collate_fn`` takes precedence).
+* ``results_path``: where ``evaluate`` saves the predictions it makes, or ``None`` (save nothing); the
+  engine sets it before every evaluation (detection writes the COCO results json ``kdrun tide`` reads;
+  classification saves nothing).
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+import os
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +36,8 @@ class Task(Protocol):
     task_terms: tuple[str, ...]
     primary_metric: str
     metric_keys: tuple[str, ...]
+    collate_fn: Callable[..., Any] | None
+    results_path: str | os.PathLike | None
 
     def batch_to_device(self, batch: Any, device: torch.device) -> tuple[Any, Any, Tensor | None]: ...
 
@@ -39,7 +47,8 @@ class Task(Protocol):
 
     def objective_groups(self, distill_terms: Any) -> dict[str, list[str]]: ...
 
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, autocast_ctx: Any) -> dict[str, float]: ...
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, autocast_ctx: Any,
+                 channels_last: bool = False) -> dict[str, float]: ...
 
 
 def objective_groups(task_terms: tuple[str, ...], spec: dict[str, list[str]] | None,

@@ -28,6 +28,7 @@ class Classification:
     primary_metric = "top1"
     metric_keys = ("top1", "top5", "loss")
     collate_fn = None
+    results_path = None  # classification saves no predictions (Task.results_path)
 
     def __init__(self, label_smoothing: Annotated[float, Ge(0.0), Le(1.0)] = 0.0,
                  objectives: dict[str, list[str]] | None = None, topk: Sequence[int] = (1, 5)) -> None:

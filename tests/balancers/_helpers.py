@@ -1,4 +1,5 @@
-"""A tiny two-objective student and a hand-built StepContext, mimicking the engine's per-step calls."""
+"""A tiny two-objective student, and its StepContext built by the engine's own builder
+(:func:`kdrun.engine.context.step_context`), so balancers are tested against the context a run gives them."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdrun.balancers.base import Balancer, StepContext, StepResult
-from kdrun.balancers.gradients import Jacobian, compute_jacobian
+from kdrun.engine.context import step_context
 
 NAMES = ("distill", "task")
 
@@ -55,12 +56,6 @@ def make_ctx(model: TinyStudent, step: int, batch: tuple[Tensor, Tensor, Tensor]
              all_reduce_mean: Callable[[Tensor], Tensor] = lambda t: t) -> StepContext:
     params = [p for p in model.parameters() if p.requires_grad]
     objectives = model.objectives(batch, names)
-    cache: dict[str, Jacobian] = {}
-
-    def jacobian() -> Jacobian:
-        if "j" not in cache:
-            cache["j"] = compute_jacobian(objectives, params)
-        return cache["j"]
 
     def recompute() -> dict[str, Tensor]:
         with torch.no_grad():
@@ -70,10 +65,8 @@ def make_ctx(model: TinyStudent, step: int, batch: tuple[Tensor, Tensor, Tensor]
         assert aux_batch is not None
         return {"task": model.objectives(aux_batch, names)["task"]}  # like the engine: no teacher
 
-    return StepContext(step=step, objectives=objectives, backward=lambda loss: loss.backward(),
-                       jacobian=jacobian, gradients=lambda d: compute_jacobian(d, params),
-                       aux_objectives=aux if aux_batch is not None else None,
-                       recompute_objectives=recompute, all_reduce_mean=all_reduce_mean)
+    return step_context(step, objectives, params, aux_objectives=aux if aux_batch is not None else None,
+                        recompute_objectives=recompute, all_reduce_mean=all_reduce_mean)
 
 
 def train_step(balancer: Balancer, model: TinyStudent, opt: torch.optim.Optimizer, step: int,

@@ -132,7 +132,7 @@ def test_checkpoint_of_another_model_names_the_mismatched_keys(tmp_path: Path) -
 
 
 def test_rotation_keeps_a_complete_previous_file(tmp_path: Path) -> None:
-    from kdrun.preemption import keep_previous
+    from kdrun.checkpoint import keep_previous
 
     path = tmp_path / "last.pt"
     keep_previous(path)  # nothing to keep yet

@@ -21,4 +21,4 @@ def test_two_balancers_by_two_seeds_make_four_run_dirs(tmp_path: Path) -> None:
         res = json.loads((d / "results.json").read_text())
         assert res["world_size"] == 2 and res["steps"] == 3 and res["run_dir"] == str(d)
         seen.add((res["config"]["balancer"]["_target_"].rsplit(".", 1)[-1], res["config"]["seed"]))
-    assert seen == {("Fixed", 0), ("Fixed", 1), ("DTO", 0), ("DTO", 1)}
+    assert seen == {("Fixed", 0), ("Fixed", 1), ("DTOAmortised", 0), ("DTOAmortised", 1)}

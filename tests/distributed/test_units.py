@@ -14,7 +14,7 @@ from torch import nn
 from kdrun import distributed as D
 from kdrun import preemption as P
 from kdrun.config import ConfigError, validate
-from kdrun.engine import sync_batchnorm
+from kdrun.engine.runtime import sync_batchnorm
 from kdrun.launch import resolve_devices
 from tests.conftest import compose_cfg
 from tests.distributed.conftest import ROOT, env

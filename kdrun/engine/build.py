@@ -1,0 +1,166 @@
+"""Everything a run is made of, built from a validated config: :class:`Parts` and one builder per part.
+
+The order matters for reproducibility and is kept fixed: every rank builds from the same seed (a
+teacher without a checkpoint, projectors and balancer state must agree across ranks; DDP would only
+broadcast the Trainable), and the per-rank random stream (seed + rank: augmentation, dropout) starts
+after building (:func:`build`).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kdrun import distributed as D
+from kdrun.balancers.base import Balancer
+from kdrun.config import TrainerConfig
+from kdrun.data.base import DataModule
+from kdrun.data.loaders import Loaders, collate_fn, make_loaders
+from kdrun.engine.runtime import seed_everything, sync_batchnorm
+from kdrun.engine.teacher import Teacher
+from kdrun.engine.trainable import Trainable, freeze_bn_stats
+from kdrun.losses.base import DataInfo, DistillLoss
+from kdrun.models.build import build_model
+from kdrun.models.taps import ModelOutput, Tapped
+
+
+@dataclass
+class Parts:
+    """The built run. ``model`` is what the forward calls (``trainable``, DDP-wrapped and/or compiled)."""
+
+    t: TrainerConfig
+    device: torch.device
+    seed: int
+    data: DataModule
+    task: Any
+    teacher: Teacher | None
+    student: Tapped
+    trainable: Trainable
+    model: nn.Module
+    groups: dict[str, list[str]]
+    balancer: Balancer
+    loaders: Loaders
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_distill(cfg: DictConfig) -> tuple[dict[str, DistillLoss], dict[str, float]]:
+    """The loss terms (``distill``: name → node) and their ``weight`` (default 1; not a term argument)."""
+    nodes = dict(cfg.get("distill") or {})
+    weights = {k: float(v.get("weight", 1.0)) for k, v in nodes.items()}
+    distill: dict[str, DistillLoss] = {}
+    for name, node in nodes.items():
+        node = copy.deepcopy(node)
+        OmegaConf.set_struct(node, False)
+        node.pop("weight", None)
+        distill[name] = instantiate(node, _convert_="all")
+    return distill, weights
+
+
+def build_teacher(cfg: DictConfig, t: TrainerConfig, distill: dict[str, DistillLoss],
+                  device: torch.device) -> Teacher | None:
+    """The frozen, tapped teacher (``None`` without ``teacher``), with the taps the terms read."""
+    if cfg.get("teacher") is None:
+        return None
+    model = Tapped(build_model(cfg.teacher), [tp for d in distill.values() for tp in d.teacher_taps])
+    model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return Teacher(model, device, t.precision if t.teacher_precision == "same" else t.teacher_precision)
+
+
+def build_student(cfg: DictConfig, t: TrainerConfig, distill: dict[str, DistillLoss],
+                  device: torch.device) -> Tapped:
+    taps = [tp for d in distill.values() for tp in d.student_taps]
+    student = Tapped(build_model(cfg.student), taps + ([t.grad_feature] if t.grad_space == "features" else []))
+    student.to(device)
+    if t.channels_last:
+        student.to(memory_format=torch.channels_last)
+    return student
+
+
+def shapes(out: ModelOutput) -> dict[str, torch.Size]:
+    return {"logits": out.logits.shape[1:], **{k: v.shape[1:] for k, v in out.features.items()}}
+
+
+def setup_terms(distill: dict[str, DistillLoss], data: DataModule, task: Any, student: Tapped,
+                teacher: Teacher | None, steps_per_epoch: int, device: torch.device) -> None:
+    """``bind`` every term to the training data, then ``setup`` it from a probe forward on one batch,
+    so that shape-dependent modules (projectors) exist before the optimiser and DDP see the parameters."""
+    if not distill:
+        return
+    info = DataInfo(num_data=len(data.train), steps_per_epoch=steps_per_epoch,  # type: ignore[arg-type]
+                    labels=data.train_labels())
+    probe = DataLoader(data.train, batch_size=2, collate_fn=collate_fn(data, task))
+    x0, _, _ = task.batch_to_device(next(iter(probe)), device)
+    with torch.no_grad():
+        restore = freeze_bn_stats(student)
+        s0 = student(x0)
+        restore()
+    assert teacher is not None, "config validation lets distill terms through only with a teacher"
+    t0 = teacher(x0)
+    for d in distill.values():
+        d.bind(info)
+        if d.needs_index and getattr(d, "num_data", None) is None:
+            d.num_data = len(data.train)  # type: ignore[attr-defined]  # terms that predate bind (CRD)
+        d.setup(shapes(s0), shapes(t0))
+
+
+def wrap(trainable: Trainable, t: TrainerConfig, device: torch.device) -> nn.Module:
+    """SyncBatchNorm and DDP (only the Trainable: the frozen teacher never is), then torch.compile."""
+    model: nn.Module = trainable
+    if D.is_dist():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # No buffer sync in forward: BatchNorm statistics stay per rank (use SyncBatchNorm to share
+        # them) and large loss buffers (CRD's memory bank) are not re-sent every step. (Newer torch
+        # spells it forward_sync_buffers; its one sync at construction is harmless, since every rank
+        # built the same buffers from the same seed.)
+        sync_kw = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                   else {"broadcast_buffers": False})
+        model = DDP(trainable, device_ids=[device.index] if device.type == "cuda" else None, **sync_kw)
+    if t.compile:
+        model = torch.compile(model)
+    return model
+
+
+def build(cfg: DictConfig, t: TrainerConfig, device: torch.device, seed: int) -> Parts:
+    """Build every part in a fixed order from ``seed``; the per-rank stream starts at the end."""
+    seed_everything(seed)
+    data: DataModule = instantiate(cfg.dataset, _convert_="all")
+    task = instantiate(cfg.task, _convert_="all")
+    distill, weights = build_distill(cfg)
+    teacher = build_teacher(cfg, t, distill, device)
+    student = build_student(cfg, t, distill, device)
+    groups = task.objective_groups(distill)
+    balancer: Balancer = instantiate(cfg.balancer, _convert_="all")
+    balancer.bind(tuple(groups))
+    balancer.to(device)
+    loaders = make_loaders(data, t, seed, device, aux=balancer.needs_aux_batch,
+                           with_index=any(d.needs_index for d in distill.values()), task=task)
+    steps_per_epoch = len(loaders.train)
+    planned = steps_per_epoch * t.epochs
+    total_steps = planned if t.max_steps < 0 else min(t.max_steps, planned)
+    balancer.set_total_steps(total_steps)
+    setup_terms(distill, data, task, student, teacher, steps_per_epoch, device)
+    trainable = Trainable(student, distill, weights, task).to(device)
+    if D.is_dist() and t.sync_batchnorm:
+        trainable = sync_batchnorm(trainable, device)  # type: ignore[assignment]
+    model = wrap(trainable, t, device)
+    optimizer = instantiate(cfg.optimizer)(trainable)
+    scheduler = instantiate(cfg.scheduler)(optimizer, steps_per_epoch=steps_per_epoch, epochs=t.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    seed_everything(seed + D.rank())
+    return Parts(t, device, seed, data, task, teacher, student, trainable, model, groups, balancer, loaders,
+                 optimizer, scheduler, scaler, steps_per_epoch, total_steps)

@@ -1,0 +1,134 @@
+"""The training loop: epochs, the stop rules (``max_steps``, agreed stop signals), validation at epoch
+ends, ``best.pt``/``last.pt`` and the periodic mid-epoch saves. One optimiser step is
+:class:`~kdrun.engine.step.KDStep`; this module only decides when steps, evaluations and saves happen."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdrun import distributed as D
+from kdrun import preemption as P
+from kdrun.checkpoint import Checkpointer, TrainState
+from kdrun.engine.build import Parts
+from kdrun.engine.step import KDStep
+from kdrun.engine.validation import evaluate
+from kdrun.logger import Progress, RunLogger
+
+
+class Loop:
+    """Runs ``step`` until ``trainer.epochs``/``max_steps`` or an agreed stop signal.
+
+    After :meth:`run`: ``last_val`` holds the last validation metrics, ``images``/``wall`` the
+    throughput figures, and ``preempt`` the stop-signal state (``preempt.agreed``: stopped early)."""
+
+    def __init__(self, parts: Parts, step: KDStep, state: TrainState, checkpointer: Checkpointer,
+                 logger: RunLogger, run_dir: Path, progress: bool) -> None:
+        self.p, self.step, self.st, self.ckpt, self.logger = parts, step, state, checkpointer, logger
+        self.run_dir, self.show_progress = run_dir, progress
+        self.last_val: dict[str, float] = {}
+        self.images = 0
+        self.wall = 0.0
+        self.window_t, self.window_images = 0.0, 0  # images/s between consecutive log steps
+        self.preempt = P.Preemption(parts.t.preempt_signals, parts.t.preempt_check_every)
+
+    def save(self, name: str) -> None:
+        self.st.skipped = self.step.skipped
+        self.ckpt.save(name, self.st, self.last_val)
+
+    def validate(self, model: Any, results_name: str, precision: str | None = None) -> dict[str, float]:
+        """Val metrics of ``model`` (the student, or the teacher in its own precision)."""
+        p = self.p
+        return evaluate(model, p.loaders.val, p.task, p.device, precision or p.t.precision, p.t.channels_last,
+                        results_path=self.run_dir / results_name)
+
+    def run(self) -> None:
+        t, st = self.p.t, self.st
+        self.p.trainable.train()
+        progress = Progress(self.p.total_steps, enabled=D.is_main() and self.show_progress)
+        t_start = self.window_t = time.perf_counter()
+        stop = False
+        # Stop signals are only recorded; the loop acts on them at a step boundary all ranks agree on.
+        with self.preempt:  # handlers restored on exit, also when a step raises
+            while st.epoch < t.epochs and not stop:
+                stop = self.train_epoch(progress)
+                if self.preempt.agreed:
+                    # Saved as is, even when the epoch's last step was just taken (epoch_step == steps
+                    # per epoch): the resumed run then runs the epoch's end (validation, best.pt)
+                    # itself, so a stop costs no time for evaluation inside the grace period.
+                    break
+                if stop and st.epoch_step == self.p.steps_per_epoch:  # max_steps landed on an epoch end
+                    st.epoch, st.epoch_step = st.epoch + 1, 0
+                self.end_epoch(stop)
+        progress.close()
+        if not self.preempt.agreed and not self.last_val:  # resumed a finished run, or stopped mid-epoch
+            self.last_val = self.validate(self.p.student, "val_detections.json")
+        self.wall = time.perf_counter() - t_start
+        st.skipped = self.step.skipped
+
+    def train_epoch(self, progress: Progress) -> bool:
+        """The rest of the current epoch; True when a stop rule ended it early."""
+        t, st = self.p.t, self.st
+        self.p.loaders.start_epoch(st.epoch, st.epoch_step, self.p.seed)
+        for batch in self.p.loaders.train:
+            out = self.step(batch, st.step)
+            st.step += 1
+            st.epoch_step += 1
+            n_images = out.images * D.world_size()
+            self.images += n_images
+            self.window_images += n_images
+            if out.values:
+                now = time.perf_counter()
+                out.values["train/images_per_s"] = torch.tensor(self.window_images / max(1e-9, now - self.window_t))
+                self.window_t, self.window_images = now, 0
+                vals = self.logger.log(st.step, out.values)
+                if vals:
+                    progress.update(st.step, f"ep {st.epoch + 1}/{t.epochs} "
+                                    f"loss {vals.get('loss/total', float('nan')):.4f}")
+            if 0 < t.max_steps <= st.step:
+                return True
+            if self.preempt.should_stop(st.step):  # collective: every rank stops after the same step
+                return True
+            if 0 < t.save_every_steps and st.step % t.save_every_steps == 0 \
+                    and st.epoch_step < self.p.steps_per_epoch:
+                self.save("last.pt")  # mid-epoch: survives a kill -9 (epoch ends save in end_epoch)
+        st.epoch += 1
+        st.epoch_step = 0
+        return False
+
+    def end_epoch(self, stop: bool) -> None:
+        """Validation (every ``val_every`` epochs, the last one, and a stop at an epoch end), best.pt and
+        last.pt."""
+        t, st, task = self.p.t, self.st, self.p.task
+        ended_epoch = st.epoch_step == 0
+        if ended_epoch and (st.epoch % t.val_every == 0 or st.epoch == t.epochs or stop):
+            self.last_val = self.validate(self.p.student, "val_detections.json")
+            st.history.append({"epoch": st.epoch, "step": st.step, **self.last_val})
+            self.logger.log(st.step, {**{f"val/{k}": self.last_val[k] for k in task.metric_keys},
+                                      "epoch": st.epoch}, kind="val")
+            improved = self.last_val[task.primary_metric] > st.best_metric
+            st.best_metric = max(st.best_metric, self.last_val[task.primary_metric])
+            if t.save_best and improved:
+                self.save("best.pt")
+        if t.save_last and (ended_epoch or stop):
+            self.save("last.pt")
+
+    def stopped(self) -> dict[str, Any]:
+        """The orderly end after a stop signal: ``last.pt`` at the last completed step, a marker for
+        the launcher, every rank past the save, then the handler that was there before ours."""
+        st, pre, run_dir = self.st, self.preempt, self.run_dir
+        self.save("last.pt")
+        if D.is_main():
+            P.write_marker(run_dir, {"signal": pre.signal_name, "step": st.step, "epoch": st.epoch,
+                                     "epoch_step": st.epoch_step, "time": time.time()})
+            print(f"[kdrun] {pre.signal_name}: stopped after step {st.step} (epoch {st.epoch + 1}, step "
+                  f"{st.epoch_step} of it); saved {run_dir / 'last.pt'}. Continue with trainer.resume=auto.",
+                  flush=True)
+        self.logger.close()
+        D.barrier()
+        pre.chain()  # e.g. submitit's requeue; returns unless that handler exits the process
+        return {"run_dir": str(run_dir), "preempted": pre.signal_name, "exit_code": pre.exit_code,
+                "steps": st.step, "epochs": st.epoch, "epoch_step": st.epoch_step,
+                "world_size": D.world_size(), "checkpoint": str(run_dir / "last.pt")}

@@ -1,0 +1,202 @@
+"""One optimiser step of knowledge distillation, as a standalone object (DTO-KD Algorithm 1's body):
+
+    batch → mixup/cutmix → teacher forward → student forward → objectives → balancer (writes .grad)
+          → unscale → finite? → optimiser step (+ scheduler, balancer.after_step)  |  skip
+
+**The teacher sees the student's input.** Mixup/cutmix is applied first and the teacher is called on
+the *mixed* batch, so the KL, hard-label and feature targets describe the image the student is shown.
+This is DeiT's order: ``engine.py`` applies ``mixup_fn`` before the model and the criterion
+(facebookresearch/deit@7e160fe ``engine.py`` L38 ``samples, targets = mixup_fn(samples, targets)``, L47
+``outputs = model(samples)``, L49 ``criterion(samples, outputs, targets)``), and ``DistillationLoss``
+calls the teacher on those same ``inputs`` (``losses.py`` L48 ``teacher_outputs = self.teacher_model(inputs)``).
+
+**Non-finite steps change nothing.** The balancer's ``step`` must not mutate its state; the one host sync
+per step decides whether the gradient norm and the objectives are finite, and only then do the
+optimiser, the scheduler and ``balancer.after_step`` run. (The forward still moves BatchNorm running
+statistics, as any training forward does.)
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from kdrun import distributed as D
+from kdrun.balancers.base import Balancer, StepContext, StepResult
+from kdrun.balancers.gradients import JacobianMode, diagnostics
+from kdrun.engine.context import step_context
+from kdrun.engine.runtime import autocast
+from kdrun.engine.teacher import Teacher
+from kdrun.engine.trainable import Trainable, freeze_bn_stats
+from kdrun.models.taps import ModelOutput
+from kdrun.tasks.base import group
+
+
+@dataclass
+class StepOutcome:
+    """What one step did: ``finite`` (False: skipped, nothing changed), the number of images it saw on
+    this rank, the balancer's result, and the values to log (empty between log steps)."""
+
+    finite: bool
+    images: int
+    result: StepResult
+    values: dict[str, Tensor] = field(default_factory=dict)
+
+
+def forward_sync(model: nn.Module, balancer: Balancer, feature_space: bool,
+                 distributed: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context the training forward runs in. Gradient-level balancers average their own Jacobians
+    outside DDP's reducer (``uses_ddp_backward = False``), so their forward runs under ``no_sync``;
+    loss-level balancers and feature-space Jacobians (whose update is an ordinary backward) keep the
+    reducer on."""
+    if balancer.uses_ddp_backward or feature_space or not distributed:
+        return contextlib.nullcontext
+    return model.no_sync  # type: ignore[return-value]
+
+
+@dataclass
+class StepSettings:
+    """The ``trainer``/``logger`` settings a step reads (see :class:`kdrun.config.TrainerConfig`)."""
+
+    precision: str = "fp32"
+    grad_clip: float = 0.0
+    nonfinite: str = "skip"
+    grad_feature: str | None = None  # set: trainer.grad_space=features on this tap
+    jacobian: str = "loop"
+    channels_last: bool = False
+    log_every: int = 1
+    grad_stats_every: int = 0
+
+
+class KDStep:
+    """``step(batch, i) -> StepOutcome`` for the i-th (0-based) optimiser step; see the module doc.
+
+    ``model`` is what the forward calls (the :class:`Trainable` itself, or its DDP/compiled wrapper);
+    ``trainable`` the bare module whose parameters are updated. ``aux`` draws a raw batch of the
+    auxiliary stream (extra-batch balancers); ``skipped`` counts skipped steps."""
+
+    def __init__(self, *, model: nn.Module, trainable: Trainable, teacher: Teacher | None, task: Any,
+                 groups: dict[str, list[str]], balancer: Balancer, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, scaler: torch.amp.GradScaler, device: torch.device,
+                 settings: StepSettings, mixup: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+                 aux: Callable[[], Any] | None = None, skipped: int = 0) -> None:
+        self.model, self.trainable, self.teacher, self.task, self.groups = model, trainable, teacher, task, groups
+        self.balancer, self.optimizer, self.scheduler, self.scaler = balancer, optimizer, scheduler, scaler
+        self.device, self.s, self.mixup, self.aux, self.skipped = device, settings, mixup, aux, skipped
+        self.params = [p for p in trainable.parameters() if p.requires_grad]
+        self.jac_mode = JacobianMode(settings.jacobian)  # keeps its auto decision across steps
+        self.sync = forward_sync(model, balancer, settings.grad_feature is not None, D.is_dist())
+
+    def to_device(self, batch: Any) -> tuple[Any, Any, Tensor | None]:
+        x, y, idx = self.task.batch_to_device(batch, self.device)
+        if self.s.channels_last and isinstance(x, Tensor):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y, idx
+
+    def __call__(self, batch: Any, step: int) -> StepOutcome:
+        x, y, idx = self.to_device(batch)
+        if self.mixup is not None:  # before the teacher: both models see the mixed batch (module doc)
+            x, y = self.mixup(x, y)
+        self.trainable.set_progress(step)
+        t_out = self.teacher(x) if self.teacher is not None else None                 # 1. teacher
+        with self.sync(), autocast(self.device, self.s.precision):
+            s_out, terms = self.model(x, y, t_out, index=idx)                          # 2. student
+        objectives = group(terms, self.groups)                                         # 3. objectives
+        restores: list[Callable[[], None]] = []
+        ctx = self.context(step, objectives, s_out, restores, (x, y, t_out, idx))
+        if ctx.diagnostics:
+            ctx.jacobian()  # before the balancer, which then reuses the cached Jacobian
+        result = self.balancer.step(ctx)                                               # 4. balancer
+        for restore in restores:
+            restore()
+        finite, grad_norm = self.update(ctx)                                           # 5. optimiser
+        values = self.log_values(ctx, terms, result, grad_norm) if (
+            ctx.diagnostics or (step + 1) % self.s.log_every == 0) else {}
+        return StepOutcome(finite, self.task.batch_size(x), result, values)
+
+    # -- the balancer's view of the step -----------------------------------------------------------
+
+    def scale(self) -> float:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    def context(self, step: int, objectives: dict[str, Tensor], s_out: ModelOutput,
+                restores: list[Callable[[], None]], batch: tuple[Any, Any, ModelOutput | None, Any]) -> StepContext:
+        x, y, t_out, idx = batch
+        groups, trainable = self.groups, self.trainable
+
+        def aux_objectives() -> dict[str, Tensor]:
+            xa, ya, _ = self.to_device(self.aux())  # type: ignore[misc]
+            # The auxiliary forward must not move BatchNorm statistics; they are restored after the
+            # balancer step, because its backward still needs the saved tensors.
+            restores.append(freeze_bn_stats(trainable))
+            with self.sync(), autocast(self.device, self.s.precision):
+                _, aterms = trainable(xa, ya, None, with_distill=False)
+            # Only objectives whose terms need no teacher (the task) exist on the auxiliary batch.
+            return group(aterms, {g: m for g, m in groups.items() if all(n in aterms for n in m)})
+
+        def recompute_objectives() -> dict[str, Tensor]:
+            restore = freeze_bn_stats(trainable)
+            with torch.no_grad(), autocast(self.device, self.s.precision):
+                _, rterms = trainable(x, y, t_out, index=idx)
+            restore()
+            return {k: v.detach() for k, v in group(rterms, groups).items()}
+
+        every = self.s.grad_stats_every
+        return step_context(
+            step, objectives, self.params, backward=lambda loss: self.scaler.scale(loss).backward(),
+            scale=self.scale(), jacobian_mode=self.jac_mode,
+            feature=s_out.features[self.s.grad_feature] if self.s.grad_feature is not None else None,
+            aux_objectives=aux_objectives if self.balancer.needs_aux_batch else None,
+            recompute_objectives=recompute_objectives if self.balancer.needs_recompute else None,
+            diagnostics=every > 0 and step % every == 0)
+
+    # -- optimiser or skip -------------------------------------------------------------------------
+
+    def update(self, ctx: StepContext) -> tuple[bool, Tensor]:
+        """Unscale, check finiteness (the one host sync per step), then step or skip; zero the grads."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        # A non-finite objective can still give finite gradients (a NaN constant has zero gradient):
+        # both must be finite for the step to count.
+        loss_vec = torch.stack([v.detach().float() for v in ctx.objectives.values()])
+        finite = bool((torch.isfinite(grad_norm) & torch.isfinite(loss_vec).all()).item())
+        if finite:
+            if self.s.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.s.grad_clip, grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.balancer.after_step(ctx)
+        else:
+            if self.scaler.is_enabled():
+                self.scaler.update()  # fp16 overflow: lower the scale, as GradScaler does
+            elif self.s.nonfinite == "raise":
+                bad = [k for k, v in ctx.objectives.items() if not torch.isfinite(v).all()]
+                raise FloatingPointError(f"non-finite gradient at step {ctx.step} (objectives with non-finite "
+                                         f"values: {', '.join(bad) or 'none; the gradient overflowed'}).")
+            self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite, grad_norm
+
+    def log_values(self, ctx: StepContext, terms: dict[str, Tensor], result: StepResult,
+                   grad_norm: Tensor) -> dict[str, Tensor]:
+        """Tensors only: the logger syncs them in one transfer on log steps."""
+        objectives, names = ctx.objectives, self.balancer.objectives
+        values = {f"loss/{k}": v.detach() for k, v in terms.items()}
+        values.update({f"objective/{k}": v.detach() for k, v in objectives.items()})
+        values.update({f"pi/{n}": result.weights[i].detach() for i, n in enumerate(names)})
+        values.update({f"balancer/{k}": v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
+                       for k, v in result.extras.items()})
+        if result.raw_weights is not None:
+            w = result.raw_weights.detach().to(self.device)
+            values["loss/total"] = (w * torch.stack([objectives[n].detach() for n in names])).sum()
+        values["grad/update_norm"] = grad_norm.detach()  # after unscale_: the loss scale is already out
+        values["lr"] = torch.tensor(self.optimizer.param_groups[0]["lr"])
+        values["train/nonfinite_skipped"] = torch.tensor(float(self.skipped))
+        if ctx.diagnostics:
+            j = ctx.jacobian()
+            values.update(diagnostics(j.gram(), j.names, result.raw_weights, j.scale))
+        return values
