@@ -8,15 +8,16 @@ and inference images/s (``--json`` for one JSON object).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
-from kdrun.config import ConfigError
-
-COMMANDS = ("train", "eval", "export", "tables", "plot", "tide")
-
+from kdrun.config import ConfigError, unknown_key_message
+from kdrun.errors import fail, find_user_error, full_traceback_requested, report
 
 def config_dir() -> Path:
     """``conf/`` beside the package (editable install or source checkout)."""
@@ -29,27 +30,91 @@ def config_dir() -> Path:
                      "from a source checkout with `pip install -e .` or set KDRUN_CONFIG_DIR.")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from kdrun.balancers.base import BalancerConfigError
-    from kdrun.data.base import DatasetError
-    from kdrun.models.build import CheckpointError
-    from kdrun.models.taps import TapError
-    from kdrun.projectors.identity import ProjectorDimError
+@contextlib.contextmanager
+def _env(name: str, value: Optional[str]) -> Iterator[None]:
+    """Set (or, with ``None``, unset) an environment variable for the duration of the block."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
-    return (ConfigError, DatasetError, CheckpointError, TapError, BalancerConfigError, ProjectorDimError)
+
+def missing_key_message(e: BaseException) -> Optional[str]:
+    """``trainer.epochz=3``: Hydra advises ``+trainer.epochz=3``, which would only move the error to
+    validation. Say the key does not exist and name the close matches among the node's keys; keep
+    Hydra's advice where it is right (a parameter of the node's ``_target_`` that the config does not
+    set, or a target taking ``**kwargs``). ``None`` when ``e`` is not that error."""
+    from omegaconf import DictConfig
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = e.__cause__
+    node = getattr(cause, "parent_node", None)
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not isinstance(node, DictConfig):
+        return None
+    key, full = str(cause.key), str(cause.full_key)
+    path = full[: -len(key) - 1] if full.endswith("." + key) else ""
+    if key in node:
+        return None
+    if "_target_" in node:
+        import inspect
+
+        from kdrun.config import ConfigError, import_target
+
+        try:
+            params = inspect.signature(import_target(str(node["_target_"]), path)).parameters
+        except (ConfigError, TypeError, ValueError):
+            params = {}
+        if key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            line = str(e).rsplit(" use ", 1)[-1]
+            return f"{full} is not set by this config but {node['_target_']} takes it; add it with {line}."
+    return unknown_key_message(path, key, list(node.keys()))
 
 
-def report(e: BaseException) -> None:
-    """One paragraph for a user error; the traceback only with HYDRA_FULL_ERROR=1."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise e
-    print(f"kdrun: error: {e}", file=sys.stderr)
-    sys.exit(2)
+def hydra_error_message(e: BaseException) -> Optional[str]:
+    """One paragraph for an error Hydra raised before the task function ran (composing the config,
+    creating the run directory), or ``None`` for anything else."""
+    from hydra.errors import CompactHydraException, ConfigCompositionException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from kdrun.extras import missing_extra_message
+
+    extra = missing_extra_message(e)  # a feature whose pip extra is not installed (hydra/launcher=slurm)
+    if extra is not None:
+        return extra
+    if isinstance(e, ConfigCompositionException):
+        message = missing_key_message(e)
+        if message is not None:
+            return message
+        if str(e).startswith("Could not override 'model'."):  # conf/model is reached through the roles
+            return ("model=X is not an option: the architecture is chosen with student=X or teacher=X "
+                    "(both read conf/model/X.yaml).")
+    if isinstance(e, CompactHydraException):  # what Hydra itself prints for these
+        cause = e.__cause__
+        return str(e) + (f"\n{cause}" if isinstance(cause, OmegaConfBaseException) else "")
+    if isinstance(e, OSError):  # Hydra creates the run dir, .hydra/ and the job log before the task
+        where = f" {e.filename}" if e.filename else ""
+        return (f"cannot create or write the run directory{where} ({e.strerror or e}); set hydra.run.dir "
+                "(hydra.sweep.dir with -m) to a writable directory.")
+    return None
 
 
 def run_train(argv: list[str]) -> None:
     """``kdrun train``: one process, N local workers (``trainer.devices=N``), or one rank of a job that
-    torchrun/srun started (then every rank runs this; see :func:`kdrun.distributed.launch_env`)."""
+    torchrun/srun started (then every rank runs this; see :func:`kdrun.distributed.launch_env`).
+
+    Errors: a user error raised in the task (also one that ``instantiate`` wrapped) is reported as one
+    paragraph, exit 2. Hydra would catch what goes wrong *before* the task (composition, the run
+    directory) and print its own text, exit 1; HYDRA_FULL_ERROR=1 is Hydra's documented switch to let
+    those propagate instead, so it is set around Hydra (not inside the task, whose environment, workers
+    included, stays the user's) and they are reported here, exit 2."""
     import shutil
     import tempfile
 
@@ -59,11 +124,11 @@ def run_train(argv: list[str]) -> None:
 
     from kdrun import distributed as D
 
+    full = full_traceback_requested()
     try:
         env = D.launch_env()
     except ConfigError as e:
-        report(e)
-        return
+        report(e, full)
     joined = env is not None and env.world_size > 1
     scratch: str | None = None
     if joined and env is not None and env.rank != 0:
@@ -74,8 +139,19 @@ def run_train(argv: list[str]) -> None:
         argv = [*argv, f"hydra.run.dir={scratch}/run", f"hydra.sweep.dir={scratch}/sweep",
                 "hydra.output_subdir=null"]
 
+    task_failed = False  # an exception escaped the task function (not Hydra's own setup)
+
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> float | None:
+        nonlocal task_failed
+        try:
+            with _env("HYDRA_FULL_ERROR", "1" if full else None):
+                return _task(cfg)
+        except Exception:
+            task_failed = True
+            raise
+
+    def _task(cfg: DictConfig) -> float | None:
         import copy
 
         from omegaconf import OmegaConf
@@ -106,13 +182,15 @@ def run_train(argv: list[str]) -> None:
                     results = launch_train(checked, run_dir, nproc, dev, t.preempt_signals, t.preempt_grace_s)
                 else:
                     results = train(cfg, run_dir)
-        except _user_errors() as e:
-            report(e)
-            return None
         except WorkerFailed as e:
             if str(e):
                 print(f"kdrun: error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
+        except Exception as e:
+            user = find_user_error(e)
+            if user is None:
+                raise
+            report(user, full)
         if results.get("preempted"):
             # An orderly stop: the checkpoint is written. Exiting here (not returning) also ends a
             # multirun sweep, whose remaining jobs belong to the same preempted allocation.
@@ -127,7 +205,13 @@ def run_train(argv: list[str]) -> None:
 
     sys.argv = ["kdrun train", *argv]
     try:
-        _main()
+        with _env("HYDRA_FULL_ERROR", "1"):
+            _main()
+    except Exception as e:
+        message = None if full or task_failed else hydra_error_message(e)
+        if message is None:
+            raise
+        fail(message)
     finally:
         D.destroy_process_group()
         if scratch is not None:
@@ -174,56 +258,91 @@ def run_eval(argv: list[str]) -> None:
     if a.warmup < 0 or (a.batch_size is not None and a.batch_size < 1) or (a.max_batches is not None
                                                                            and a.max_batches < 1):
         p.error("--warmup must be >= 0, --batch-size and --max-batches >= 1")
-    try:
-        from kdrun.evaluate import evaluate_checkpoint, format_summary
+    from kdrun.evaluate import evaluate_checkpoint, format_summary
 
-        metrics = evaluate_checkpoint(a.checkpoint, a.overrides, a.device, throughput=not a.no_throughput,
-                                      warmup_batches=a.warmup, max_batches=a.max_batches,
-                                      throughput_batch_size=a.batch_size, detections_path=a.save_detections)
-    except _user_errors() as e:
-        report(e)
-        return
+    metrics = evaluate_checkpoint(a.checkpoint, a.overrides, a.device, throughput=not a.no_throughput,
+                                  warmup_batches=a.warmup, max_batches=a.max_batches,
+                                  throughput_batch_size=a.batch_size, detections_path=a.save_detections)
     if a.json:
         print(json.dumps(metrics))
     else:
         print(format_summary(metrics))
 
 
+def run_export(argv: list[str]) -> int:
+    from kdrun.export import main as export_main
+
+    return export_main(argv)
+
+
+def run_tables(argv: list[str]) -> int:
+    from kdrun.tables import main as tables_main
+
+    return tables_main(argv)
+
+
+def run_plot(argv: list[str]) -> int:
+    from kdrun.plot import main as plot_main
+
+    return plot_main(argv)
+
+
+def run_tide(argv: list[str]) -> int:
+    from kdrun.tide import main_run_dir
+
+    try:
+        return main_run_dir(argv)
+    except FileNotFoundError as e:  # a run dir without saved detections / ground truth: say which file
+        fail(str(e))
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``kdrun`` subcommand: what runs it (``argv`` after the name → exit status, ``None`` = 0) and
+    its lines in ``kdrun --help``."""
+
+    run: Callable[[list[str]], Optional[int]]
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(run_train, "train/distil a model: kdrun train [group=option ...] [key=value ...] [+recipe=NAME]\n"
+                                "(kdrun train --help lists the config groups and options)"),
+    "eval": Command(run_eval, "val metrics, params, images/s of a checkpoint: kdrun eval RUN_DIR|CHECKPOINT "
+                              "[key=value ...]"),
+    "export": Command(run_export, "the student alone as a plain state_dict: kdrun export RUN_DIR"),
+    "tables": Command(run_tables, "the papers' tables from run dirs: kdrun tables --table cifar100 RUNS_DIR..."),
+    "plot": Command(run_plot, "conflict/dominance/pi/accuracy figures: kdrun plot RUN_DIR..."),
+    "tide": Command(run_tide, "TIDE error analysis of a detection run: kdrun tide RUN_DIR"),
+}
+
+
+def usage() -> str:
+    lines = [f"usage: kdrun {{{','.join(COMMANDS)}}} ...", ""]
+    for name, command in COMMANDS.items():
+        first, *more = command.help.split("\n")
+        lines += [f"  {name:<7} {first}", *(f"  {'':<7} {line}" for line in more)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: kdrun {train,eval,export,tables,plot,tide} ...\n\n"
-              "  train   train/distil a model: kdrun train [group=option ...] [key=value ...] [+recipe=NAME]\n"
-              "          (kdrun train --help lists the config groups and options)\n"
-              "  eval    val metrics, params, images/s of a checkpoint: kdrun eval RUN_DIR|CHECKPOINT [key=value ...]\n"
-              "  export  the student alone as a plain state_dict: kdrun export RUN_DIR\n"
-              "  tables  the papers' tables from run dirs: kdrun tables --table cifar100 RUNS_DIR...\n"
-              "  plot    conflict/dominance/pi/accuracy figures: kdrun plot RUN_DIR...\n"
-              "  tide    TIDE error analysis of a detection run: kdrun tide RUN_DIR")
+        print(usage())
         sys.exit(0 if argv else 2)
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "train":
-        run_train(rest)
-    elif cmd == "eval":
-        run_eval(rest)
-    elif cmd == "tide":
-        from kdrun.tide import main_run_dir
-
-        try:
-            sys.exit(main_run_dir(rest))
-        except (FileNotFoundError, *_user_errors()) as e:
-            report(e)
-    elif cmd in ("export", "tables", "plot"):
-        import importlib
-
-        module = importlib.import_module(f"kdrun.{cmd}")
-        try:
-            sys.exit(module.main(rest))
-        except _user_errors() as e:
-            report(e)
-    else:
-        print(f"kdrun: unknown command '{cmd}'; valid commands are {', '.join(COMMANDS)}.", file=sys.stderr)
-        sys.exit(2)
+    name, rest = argv[0], argv[1:]
+    command = COMMANDS.get(name)
+    if command is None:
+        fail(f"unknown command '{name}'; valid commands are {', '.join(COMMANDS)}.")
+    try:
+        status = command.run(rest)
+    except Exception as e:  # a user error, also one wrapped by instantiate: one paragraph, exit 2
+        user = find_user_error(e)
+        if user is None:
+            raise
+        report(user)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,25 @@ node against the signature of the callable it names, and the plain settings grou
 ``logger``) against their dataclass schemas below.
 
 A signature parameter annotated ``Annotated[float, Ge(0)]`` or ``Literal["a", "b"]`` is range- and
-choice-checked; ``int``/``float``/``bool``/``str`` are type-checked. The error is one paragraph that
+choice-checked; ``int``/``float``/``bool``/``str`` are type-checked; no number anywhere may be ``inf`` or
+``nan``; a misspelt key is answered with its close matches. The error is one paragraph that
 names the key, the bad value and what is allowed; :func:`kdrun.cli.main` prints it without a traceback
-(set ``HYDRA_FULL_ERROR=1`` for one) and exits with status 2.
+(set ``HYDRA_FULL_ERROR=1`` for one) and exits with status 2. Settings that are valid but do nothing in
+the run (:func:`config_warnings`) print one ``kdrun: warning:`` line.
 """
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import difflib
 import inspect
+import math
+import os
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Iterator, Literal, Optional, Sequence, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -65,7 +72,10 @@ class Le:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Schemas of the groups that have no ``_target_``.
+# Schemas of the groups that have no ``_target_``. These dataclasses are the only definition of the
+# ``trainer`` and ``logger`` settings and their defaults: :func:`register_group_defaults` stores them in
+# Hydra's ConfigStore as the option ``trainer=default`` / ``logger=default`` (there is no YAML copy to
+# drift), and :func:`validate_schema_node` checks a composed node against them.
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -75,8 +85,8 @@ class TrainerConfig:
     """``trainer`` group: the loop, precision, data loading and checkpoints."""
 
     epochs: Annotated[int, Ge(1)] = 10
-    max_steps: Annotated[int, Ge(-1)] = -1  # stop after this many optimiser steps (-1: no limit)
-    batch_size: Annotated[int, Ge(1)] = 64
+    max_steps: Annotated[int, Ge(-1)] = -1  # stop after this many optimiser steps (-1: run all epochs)
+    batch_size: Annotated[int, Ge(1)] = 64  # per process
     val_batch_size: Annotated[int, Ge(0)] = 0  # 0: 2 × batch_size
     num_workers: Annotated[int, Ge(0)] = 0
     pin_memory: bool = True
@@ -86,13 +96,13 @@ class TrainerConfig:
     # the CPU); "auto" = every visible GPU. Ignored when torchrun/srun already started the processes.
     devices: Any = 1  # int >= 1 or "auto"; checked by kdrun.launch.resolve_devices (a clearer message)
     sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch (CUDA only)
-    precision: Precision = "fp32"
+    precision: Precision = "fp32"  # autocast; a GradScaler for fp16
     teacher_precision: Literal["same", "fp32", "bf16"] = "same"
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile the student
     deterministic: bool = False
     grad_clip: Annotated[float, Ge(0.0)] = 0.0  # max global grad norm; 0 disables
-    nonfinite: Literal["skip", "raise"] = "skip"
+    nonfinite: Literal["skip", "raise"] = "skip"  # what a step with a non-finite gradient does
     # Where per-objective gradients live (for gradient-level balancers and the diagnostics):
     # params = the shared student parameters (exact); features = a shared representation named by
     # grad_feature (MGDA-UB style: one backward per step).
@@ -101,7 +111,7 @@ class TrainerConfig:
     # backward (batched: autograd.grad with is_grads_batched), or batched where the model's ops allow
     # it (auto; kdrun.balancers.gradients.JacobianMode).
     jacobian: Literal["loop", "batched", "auto"] = "auto"
-    grad_feature: str = "pre_logits"
+    grad_feature: str = "pre_logits"  # the shared representation for grad_space=features
     val_every: Annotated[int, Ge(1)] = 1  # epochs
     resume: Optional[str] = None  # null | auto | PATH
     save_last: bool = True
@@ -111,7 +121,7 @@ class TrainerConfig:
     # Preemption (kdrun.preemption): these signals make the run write last.pt at the next step boundary
     # and exit 0 (130 for SIGINT); ranks agree on the stop every preempt_check_every steps.
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
-    preempt_check_every: Annotated[int, Ge(1)] = 1
+    preempt_check_every: Annotated[int, Ge(1)] = 1  # steps between the ranks' stop agreement (one 8-byte CPU all-reduce)
     preempt_grace_s: Annotated[float, Ge(0.0)] = 120.0  # kdrun's launcher: wait this long for workers to checkpoint before SIGKILL
 
 
@@ -120,7 +130,7 @@ class LoggerConfig:
     """``logger`` group: what is written where and how often."""
 
     log_every: Annotated[int, Ge(1)] = 10  # optimiser steps
-    grad_stats_every: Annotated[int, Ge(0)] = 50  # 0 disables gradient diagnostics
+    grad_stats_every: Annotated[int, Ge(0)] = 50  # gradient diagnostics (conflict, cosine, dominance); 0 disables
     tensorboard: bool = True
     jsonl: bool = True
     progress: bool = True
@@ -129,11 +139,46 @@ class LoggerConfig:
 GROUP_SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "logger": LoggerConfig}
 
 
+def register_group_defaults() -> None:
+    """Store each schema's defaults in Hydra's ConfigStore as the option ``<group>=default``.
+
+    Stored as a plain dict, not as the dataclass: a typed node would make OmegaConf reject a bad value
+    during composition with its own message (and it knows no ``Literal``/``Annotated``), before
+    :func:`validate` can name the key and the valid choices. Idempotent; runs when this module is
+    imported, which every composition path does: they find ``conf/`` with ``kdrun.cli.config_dir``, and
+    kdrun.cli imports this module."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name="default", node=dataclasses.asdict(schema()),
+                    provider="kdrun")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Validation.
 
 
 _MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+
+
+def did_you_mean(key: str, valid: Sequence[str], prefix: str = "") -> str:
+    """`` (did you mean trainer.epochs?)`` for the close matches of a misspelt ``key`` among ``valid``
+    (difflib's similarity >= 0.6, at most 3, best first), or ``""``."""
+    near = difflib.get_close_matches(key, [str(v) for v in valid], n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(prefix + m for m in near)}?)" if near else ""
+
+
+def unknown_key_message(path: str, key: str, valid: Sequence[str], owner: str = "", note: str = "") -> str:
+    """One paragraph for a key that does not exist: the close matches first, then every valid key.
+
+    ``path`` is the node's dotted path (``""`` for the root), ``owner`` what defines the keys (a
+    ``_target_``), if any; ``note`` a remark put after the close matches."""
+    prefix = f"{path}." if path else ""
+    what = f"is not a parameter of {owner}" if owner else "does not exist"
+    valid = [str(v) for v in valid if not (str(v).startswith("_") and str(v).endswith("_"))]
+    return (f"{prefix}{key} {what}{did_you_mean(key, valid, prefix)}{note}; valid keys"
+            f"{' of ' + path if path and not owner else ''} are {', '.join(valid) or '(none)'}.")
 
 
 def _mentions_mapping(annotation: Any) -> bool:
@@ -243,10 +288,7 @@ def validate_target_node(key: str, node: DictConfig, extra_keys: tuple[str, ...]
         if k not in params:
             if var_kw:
                 continue
-            raise ConfigError(
-                f"{key}.{k} is not a parameter of {node['_target_']}; valid keys are "
-                f"{', '.join(named) or '(none)'}."
-            )
+            raise ConfigError(unknown_key_message(key, k, named, owner=str(node["_target_"])))
         value = node._get_node(k)
         if OmegaConf.is_missing(node, k):
             raise ConfigError(f"{key}.{k} is required but was not set (it is '???').")
@@ -270,7 +312,7 @@ def validate_schema_node(key: str, node: DictConfig, schema: type) -> Any:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for k in node.keys():
         if k not in fields:
-            raise ConfigError(f"{key}.{k} is not a valid key; valid keys are {', '.join(fields)}.")
+            raise ConfigError(unknown_key_message(key, str(k), list(fields)))
         check_value(f"{key}.{k}", node[k], hints[k])
     return schema(**{k: node[k] for k in node.keys()})
 
@@ -284,6 +326,12 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.resolve(cfg)
     except Exception as e:  # omegaconf's errors are long; keep the first line
         raise ConfigError(f"config interpolation failed: {str(e).splitlines()[0]}") from None
+    check_finite(cfg)
+    for k in cfg.keys():
+        if k not in ROOT_KEYS:  # `+model=X`, `+traner.epochs=3`: a node nothing reads
+            note = (" (the architecture is chosen with student=X / teacher=X, which both read conf/model/X.yaml)"
+                    if k == "model" else "")
+            raise ConfigError(unknown_key_message("", str(k), [r for r in ROOT_KEYS if r != "hydra"], note=note))
     for group, schema in GROUP_SCHEMAS.items():
         if group in cfg and cfg[group] is not None:
             validate_schema_node(group, cfg[group], schema)
@@ -301,8 +349,7 @@ def validate(cfg: DictConfig) -> None:
             continue
         for k in node.keys():
             if k not in ROLE_KEYS[role]:
-                raise ConfigError(f"{role}.{k} is not a valid key; valid keys are "
-                                  f"{', '.join(ROLE_KEYS[role])}.")
+                raise ConfigError(unknown_key_message(role, str(k), ROLE_KEYS[role]))
         validate_target_node(f"{role}.model", node.model)
     if cfg.get("projector") is not None:
         validate_target_node("projector", cfg.projector)
@@ -321,9 +368,102 @@ def validate(cfg: DictConfig) -> None:
             f"distill terms ({', '.join(distill)}) need a teacher but teacher is none; pick a teacher "
             "(teacher=...) or drop the terms (distill=none)."
         )
+    for message in config_warnings(cfg):
+        warn_once(message)
 
+
+# ---------------------------------------------------------------------------------------------------
+# Values that validate but cannot be what the user meant.
+
+
+def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Every number in the config is finite: ``optimizer.lr=inf`` or ``nan`` parses as a float and would
+    pass a ``Ge(0)`` check (inf) or produce a run of NaNs (nan); no kdrun setting means anything by them.
+    ``hydra`` (Hydra's own settings) is not kdrun's and is skipped."""
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    for top, node in plain.items():
+        if top == "hydra":
+            continue
+        for key, value in _leaves(node, str(top)):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key}={value} is not a finite number; every numeric setting must be finite.")
+
+
+# A balancer key that weighs the distillation objective: alpha_distill, alphas.distill, kl_start, kd_weight.
+_DISTILL_WEIGHT = re.compile(r"distill|(^|_)(kd|kl)(_|$)")
+
+
+def _distill_weights_set(node: DictConfig, path: str = "balancer") -> list[str]:
+    """``key=value`` for the balancer keys that weigh distillation and differ from the target's defaults
+    (nested ``_target_`` nodes, e.g. a wrapper's ``inner`` balancer, against their own target's)."""
+    try:
+        params = inspect.signature(import_target(str(node["_target_"]), path)).parameters
+    except (TypeError, ValueError):
+        params = {}
+    found = []
+    for k in node.keys():
+        k = str(k)
+        if k.startswith("_"):
+            continue
+        value = node[k]
+        if isinstance(value, DictConfig) and "_target_" in value:
+            found += _distill_weights_set(value, f"{path}.{k}")
+        elif isinstance(value, DictConfig):  # {objective: weight}: only its distill entries
+            found += [f"{path}.{k}.{j}={value[j]}" for j in value.keys() if _DISTILL_WEIGHT.search(str(j))]
+        elif _DISTILL_WEIGHT.search(k) and value != (params[k].default if k in params else inspect.Parameter.empty):
+            found.append(f"{path}.{k}={value}")
+    return found
+
+
+def config_warnings(cfg: DictConfig) -> list[str]:
+    """Valid settings that have no effect in this run (each a one-line message).
+
+    Today one case: distillation weights on the balancer of a run that distils nothing. With no distill
+    term the only objective is the task, so ``kdrun train -m balancer.alpha_distill=0.1,0.5,0.9`` would
+    train three identical students without a word."""
+    if dict(cfg.get("distill") or {}) or not isinstance(cfg.get("balancer"), DictConfig):
+        return []
+    weights = _distill_weights_set(cfg.balancer)
+    if not weights:
+        return []
+    what = "no teacher and no distill term" if cfg.get("teacher") is None else "no distill term (distill=none)"
+    return [f"{', '.join(weights)} has no effect: this run has {what}, so it trains the student on the task "
+            "alone; add a teacher and distill terms (e.g. teacher=convnet_l distill=kl) or a recipe "
+            "(+recipe=quickstart; `kdrun train --help` lists them)."]
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print ``kdrun: warning: MESSAGE`` to stderr once per process, on rank 0 only (the CLI and the
+    engine both validate, and every rank of a job does)."""
+    if message in _WARNED or os.environ.get("RANK", "0") != "0":
+        return
+    _WARNED.add(message)
+    print(f"kdrun: warning: {message}", file=sys.stderr, flush=True)
+
+
+# The top-level keys of a composed config (conf/config.yaml's groups and keys; recipes add none):
+# tests/test_config.py checks this against the composed default.
+ROOT_KEYS = ("dataset", "task", "teacher", "student", "distill", "projector", "balancer", "optimizer", "scheduler",
+             "trainer", "logger", "seed", "paper", "hydra")
 
 ROLE_KEYS = {
     "student": ("model", "checkpoint"),
     "teacher": ("model", "checkpoint", "fit_if_missing_epochs"),
 }
+
+
+register_group_defaults()

@@ -18,12 +18,29 @@ import torch
 from omegaconf import OmegaConf
 
 from kdrun import checkpoint as ckpt
+from kdrun.errors import fail
 from kdrun.evaluate import resolve_checkpoint
 from kdrun.models.build import extract_state_dict
 
 
+class ExportError(ValueError):
+    """An export that cannot be written where it was asked to; the message is meant for the user."""
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out`` must be a directory or creatable as one: checked before the checkpoint is read, so a
+    mistyped path costs nothing (``mkdir`` would fail with a bare FileExistsError/NotADirectoryError)."""
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is an existing file" if blocker == out else f"is under {blocker}, which is a file"
+        raise ExportError(f"--out {out} {where}; export writes a directory (student.pth, student.yaml): "
+                          "pass a directory path (it is created if missing).")
+
+
 def export_student(run_dir: str | Path, out: str | Path | None = None, which: str = "best") -> Path:
     """Write ``student.pth`` and ``student.yaml``; return the directory."""
+    if out:
+        check_out_dir(Path(out))
     run_dir = Path(run_dir)
     path = run_dir / f"{which}.pt" if run_dir.is_dir() and (run_dir / f"{which}.pt").is_file() \
         else resolve_checkpoint(run_dir)
@@ -31,7 +48,11 @@ def export_student(run_dir: str | Path, out: str | Path | None = None, which: st
     sd = {k: v.clone() for k, v in extract_state_dict(state, path).items()}
     cfg = OmegaConf.create(state["config"])
     out_dir = Path(out) if out else (path.parent / "export")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a read-only file system
+        raise ExportError(f"cannot create the export directory {out_dir} ({e.strerror or e}); pass a "
+                          "writable --out.") from None
     ckpt.save_atomic(sd, out_dir / "student.pth")
     (out_dir / "student.yaml").write_text(OmegaConf.to_yaml(cfg.student.model, resolve=True))
     return out_dir
@@ -44,7 +65,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--which", choices=("best", "last"), default="best", help="which checkpoint of a run dir")
     p.add_argument("--out", default=None, help="output directory (default: <run>/export)")
     a = p.parse_args(argv)
-    out = export_student(a.run, a.out, a.which)
+    try:
+        out = export_student(a.run, a.out, a.which)
+    except ExportError as e:
+        fail(str(e))
     n = sum(v.numel() for v in torch.load(out / "student.pth", weights_only=True).values())
     print(f"kdrun: exported the student ({n / 1e6:.2f}M values) to {out / 'student.pth'} "
           f"(model config: {out / 'student.yaml'})")

@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun import distributed as D
 from kdrun import preemption as P
 from kdrun.config import ConfigError
+from kdrun.errors import find_user_error, full_traceback_requested
 
 # What the elastic agent always handles (it shuts the workers down on these), plus kdrun's own.
 AGENT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
@@ -176,8 +177,6 @@ def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int) -> in
     collect its return value (which an agent shutting down never does) until it is killed."""
     if threads:
         torch.set_num_threads(threads)
-    from kdrun.cli import _user_errors  # the same errors the CLI reports as one paragraph
-
     cfg = OmegaConf.load(cfg_path)
     D.init_process_group(dev_type)
     try:
@@ -185,11 +184,15 @@ def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int) -> in
 
         try:
             train(cfg, Path(run_dir))  # rank 0 writes results.json, or preempted.json after a stop
-        except _user_errors() as e:
+        except Exception as e:
+            # The same errors the CLI reports as one paragraph, also when instantiate wrapped them.
+            user = find_user_error(e)
+            if user is None or full_traceback_requested():
+                raise
             # Every rank says it: most such errors are the same on all ranks (the parent validated the
             # config already), but one that only some rank hit must not go unreported.
             who = "" if D.is_main() else f" (rank {D.rank()})"
-            print(f"kdrun: error{who}: {e}", file=sys.stderr, flush=True)
+            print(f"kdrun: error{who}: {user}", file=sys.stderr, flush=True)
             return 2
         return 0  # an orderly stop too: the launcher tells it from a finished run by the marker
     finally:

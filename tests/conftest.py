@@ -18,17 +18,9 @@ from kdrun.cli import config_dir  # noqa: E402
 
 CONF = config_dir()
 
-# A digits run that takes seconds: small images, few steps, diagnostics on every 5th step.
-QUICK = [
-    "trainer.accelerator=cpu",
-    "trainer.batch_size=64",
-    "logger.log_every=5",
-    "logger.grad_stats_every=5",
-    "logger.progress=false",
-    "scheduler=cosine",
-    "scheduler.warmup_epochs=0",
-    "scheduler.min_lr_ratio=0",
-]
+# A digits run that takes seconds: the selectable preset conf/debug/quick.yaml (diagnostics on every 5th
+# step, no warm-up), on the CPU (a separate override: tests/test_gpu.py drops it to run on CUDA).
+QUICK = ["+debug=quick", "trainer.accelerator=cpu"]
 
 
 def compose_cfg(overrides: list[str] = ()) -> DictConfig:

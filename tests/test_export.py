@@ -48,3 +48,35 @@ def test_export_of_timm_student_loads_with_timm_checkpoint_path(tmp_path: Path) 
     again = timm.create_model("resnet18", num_classes=7, in_chans=1, checkpoint_path=str(out / "student.pth"))
     for k, v in m.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
+
+
+def _tiny_run(run_dir: Path) -> Path:
+    """A run dir holding a best.pt of a 2-stage ConvNet (what export reads), no training."""
+    from kdrun import checkpoint as ckpt
+    from kdrun.models.convnet import ConvNet
+
+    node = {"_target_": "kdrun.models.convnet.ConvNet", "widths": [2, 4], "num_classes": 3, "in_chans": 1}
+    ckpt.save_atomic({"format": ckpt.FORMAT, "student": ConvNet(**{k: v for k, v in node.items() if k != "_target_"})
+                      .state_dict(), "config": OmegaConf.to_yaml({"student": {"model": node}})}, run_dir / "best.pt")
+    return run_dir
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_export_out_at_an_existing_file_is_one_paragraph(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    from kdrun.cli import main
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    run_dir = _tiny_run(tmp_path)
+    blocker = tmp_path / "student.pth"
+    blocker.write_bytes(b"keep me")
+    out = blocker if where == "file" else blocker / "export"
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(run_dir), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    what = "is an existing file" if where == "file" else f"is under {blocker}, which is a file"
+    assert err.startswith(f"kdrun: error: --out {out} {what}; export writes a directory")
+    assert blocker.read_bytes() == b"keep me"
+    main(["export", str(run_dir), "--out", str(tmp_path / "new" / "dir")])  # a directory path is created
+    assert (tmp_path / "new" / "dir" / "student.pth").is_file()
