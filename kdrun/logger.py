@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 
 def to_floats(values: Mapping[str, Any]) -> dict[str, float]:
@@ -28,12 +29,21 @@ def to_floats(values: Mapping[str, Any]) -> dict[str, float]:
 
 
 class Progress:
-    """A one-line progress bar with ETA; on a non-terminal it prints a line every ~10 %."""
+    """Console progress of the training steps, drawn by tqdm.
+
+    On a terminal: one live tqdm bar (rate, ETA, the text of the last update). Elsewhere (a log file, a
+    SLURM output, a pipe) a bar would write a carriage-return line per update, so instead one plain line
+    is printed whenever another tenth of the run is done (~10 lines for a whole run), formatted by tqdm
+    alike. ``update(step, text)`` takes the absolute step: a resumed run starts the bar at its step and
+    the rate/ETA count from there. :meth:`write` prints a line (e.g. an epoch summary) without breaking
+    the bar.
+    """
 
     def __init__(self, total: int, enabled: bool, stream: Any = None) -> None:
         self.total, self.enabled = max(1, total), enabled
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar: tqdm | None = None
         self.t0 = time.perf_counter()
         self.done0: int | None = None
         self.last_decile = -1
@@ -41,25 +51,38 @@ class Progress:
     def update(self, done: int, text: str) -> None:
         if not self.enabled:
             return
-        if self.done0 is None:
+        if self.done0 is None:  # the first update: the rate and ETA are measured from here
             self.done0, self.t0 = done, time.perf_counter()
-        rate = (done - self.done0) / max(1e-9, time.perf_counter() - self.t0)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        eta_s = "--:--" if not math.isfinite(eta) else f"{int(eta // 60):02d}:{int(eta % 60):02d}"
-        frac = done / self.total
-        line = f"[{'#' * int(frac * 20):<20}] {done}/{self.total} ETA {eta_s} {text}"
         if self.tty:
-            self.stream.write("\r" + line[:160].ljust(160))
+            if self.bar is None:
+                self.bar = tqdm(total=self.total, initial=done, file=self.stream, unit="step",
+                                dynamic_ncols=True, leave=True)
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(done - self.bar.n)
+            return
+        decile = int(done / self.total * 10)
+        if decile > self.last_decile:
+            self.last_decile = decile
+            # ASCII bar: log files and SLURM outputs are not always read as UTF-8.
+            line = tqdm.format_meter(done, self.total, time.perf_counter() - self.t0, ncols=100, unit="step",
+                                     initial=self.done0, postfix=text, ascii=True)
+            self.stream.write(line + "\n")
             self.stream.flush()
-        elif int(frac * 10) > self.last_decile:
-            self.last_decile = int(frac * 10)
+
+    def write(self, line: str) -> None:
+        """Print ``line`` above the bar (the bar is redrawn under it); a plain line without a terminal."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
             self.stream.write(line + "\n")
             self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class RunLogger:

@@ -90,3 +90,105 @@ def test_main_writes_non_empty_pngs(runs: list[Path], tmp_path: Path, capsys: py
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert str(out / "pi.png") in capsys.readouterr().out
     assert plot.main([str(tmp_path / "nothing_here")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Legends, styles and damaged logs, on hand-written run directories (no training).
+
+
+def fake_run(d: Path, balancer: str | None, seed: int, recipe: str | None = "quickstart",
+             rows: list[str] | None = None) -> Path:
+    import json
+
+    import yaml
+
+    d.mkdir(parents=True)
+    cfg = {"seed": seed, "balancer": {"_target_": "kdrun.balancers.fixed.Fixed"}, "distill": {"kl": {}},
+           "student": {"model": {"_target_": "kdrun.models.convnet.convnet_s"}},
+           "teacher": {"model": {"_target_": "kdrun.models.convnet.convnet_l"}}, "paper": {"row": None}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if balancer is not None:  # what Hydra records for a CLI run
+        choices = {"balancer": balancer, **({"recipe": recipe} if recipe else {})}
+        (d / ".hydra").mkdir()
+        (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    if rows is None:
+        rows = [json.dumps({"kind": "train", "step": s, "grad/conflict": -0.1 * s, "pi/distill": 0.5,
+                            "pi/task": 0.5}) for s in (1, 2, 3)]
+        rows.append(json.dumps({"kind": "val", "step": 3, "epoch": 1, "val/top1": 50.0}))
+    (d / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def test_legends_name_the_runs_not_the_time_of_day(tmp_path: Path) -> None:
+    a = fake_run(tmp_path / "21-04-07", "dto", 0)
+    b = fake_run(tmp_path / "21-09-55", "fixed_mean", 0)
+    assert plot.run_labels([a, b]) == {a: "dto", b: "fixed_mean"}  # only what differs
+    assert plot.common_label([a, b]) == "quickstart seed=0"        # the rest: the figure's title
+    assert plot.run_labels([a]) == {a: "quickstart dto seed=0"}    # one run: recipe, balancer, seed
+    c = fake_run(tmp_path / "0_dto_seed1", "dto", 1)
+    assert plot.run_labels([a, b, c]) == {a: "dto seed=0", b: "fixed_mean seed=0", c: "dto seed=1"}
+    # Without Hydra's record (runs made through the Python API): the saved config's facts.
+    e = fake_run(tmp_path / "api", None, 2)
+    assert plot.run_labels([e]) == {e: "student=convnet_s teacher=convnet_l Fixed distill=kl seed=2"}
+    # Identical runs still get distinct labels.
+    f = fake_run(tmp_path / "again", "dto", 0)
+    labels = plot.run_labels([a, f])
+    assert len(set(labels.values())) == 2 and all("dto" in v for v in labels.values())
+
+
+def test_coinciding_pi_lines_are_drawn_distinguishably(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figs = plot.figure_data([fake_run(tmp_path / "r", "fixed_mean", 0)])
+    (panel,) = figs["pi.png"]
+    assert [line.y for line in panel.lines] == [[0.5] * 3, [0.5] * 3]  # the same values ...
+    styles = {(line.linestyle, line.linewidth) for line in panel.lines}
+    assert len(styles) == 2                                           # ... two different strokes
+    fig = plot.draw(panel and [panel])
+    try:
+        drawn = fig.axes[0].get_lines()
+        assert {ln.get_linestyle() for ln in drawn if ln.get_label() in ("distill", "task")} == {"-", "--"}
+        assert all(ln.get_marker() == "o" for ln in drawn if ln.get_label() in ("distill", "task"))  # short run
+    finally:
+        plt.close(fig)
+    conflict = figs["gradient_dynamics.png"][0]
+    assert "< 0" in conflict.title and conflict.shade_below and conflict.hline == 0.0
+
+
+def test_damaged_log_is_read_as_far_as_usable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    good = [json.dumps({"kind": "train", "step": s, "pi/task": 0.4, "pi/distill": 0.6}) for s in (1, 2)]
+    bad = ["[1, 2, 3]", json.dumps({"kind": "train", "pi/task": 0.1}), json.dumps({"step": "x"}),
+           json.dumps({"step": -1}), '{"kind": "train", "step": 3, "pi/ta']  # truncated by a kill
+    d = fake_run(tmp_path / "r", "dto", 0, rows=[*good, *bad])
+    with open(d / "metrics.jsonl", "ab") as f:
+        f.write(b"\x00\xff\xfe binary \x89PNG\n")
+    m = plot.load_metrics(d)
+    assert (len(m.rows), m.lines, m.skipped, m.error) == (2, 8, 6, None)
+    assert plot.series(d)["pi/task"] == ([1, 2], [0.4, 0.4])
+    out = tmp_path / "figs"
+    assert plot.main([str(d), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 6 of 8 lines" in err and "Traceback" not in err
+    assert (out / "pi.png").is_file()
+
+
+def test_nothing_usable_is_one_paragraph_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "metrics.jsonl").write_bytes(bytes(range(256)) * 8)
+    unreadable = tmp_path / "unreadable"
+    (unreadable / "metrics.jsonl").mkdir(parents=True)  # a directory where the log should be
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("\n\n")
+    for d in (binary, unreadable, empty):
+        assert plot.main([str(d), "--out", str(tmp_path / "figs")]) == 2, d
+        err = capsys.readouterr().err
+        assert "kdrun plot: error:" in err and "Traceback" not in err, err
+    assert plot.main([str(binary), str(unreadable), str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("kdrun plot: warning:") == 3 and "none of the 3 metrics.jsonl" in err
+    assert "all 9 lines are not a JSON object" in err
+    assert not (tmp_path / "figs").exists()

@@ -22,6 +22,12 @@ Rules (``kind``), for a parameter x, gradient g, learning rate η, weight decay 
 * ``sgd`` — plain gradient descent with L2 penalty: x ← x − η(g + λx) (m, v unused).
 
 β₁ = 0.9, β₂ = 0.999, ε = 1e-8 (torch's defaults, which FAMO's code uses).
+
+``adam_l2`` and ``adamw`` are not interchangeable for the balancers' logits: DTO-KD §4 / MoKD §4 state AdamW
+(lr 0.025, weight decay 0.01: conf/balancer/dto.yaml), FAMO's code Adam with L2 (Cranial-XIX/FAMO famo.py:20,
+conf/balancer/famo.yaml). Under a small persistent log-improvement gap Adam-L2 stops where the mean gradient
+(penalty included) vanishes, π near the middle, while AdamW's normalised step outgrows its decoupled decay
+and drives π to a vertex; tests/balancers/test_logit_optim_kinds.py shows both on this very function.
 """
 from __future__ import annotations
 
