@@ -1,6 +1,6 @@
 """``kdrun tables``: lay finished runs out as the papers' tables, next to the published numbers.
 
-    kdrun tables --table cifar100 [--metric final|best] [--format markdown|latex|csv] RUNS_DIR...
+    kdrun tables --table cifar100 [--metric final|best] [--seeds all|0,1,2] [--format markdown|latex|csv] RUNS_DIR...
 
 Every ``results.json`` under the given directories (searched recursively) is read; its resolved config's
 ``paper`` node (``{table, row, column, also: [{table, row, column}, ...]}``, set by the recipes) says
@@ -8,6 +8,18 @@ which cell(s) of which table the run belongs to. Per cell the table shows the pa
 mean ± sample standard deviation over the runs (seeds) of that cell, their count n, and the difference
 Δ = kdrun mean − paper. Missing values are blanks ("—"). The table layouts and the published numbers
 live in ``kdrun/paper_numbers.yaml`` (``--definitions PATH`` uses another file with the same schema).
+
+Each table declares the paper's reporting convention (``convention: best|final``, with its source) and
+its seeds; both are defaults the command line can override, and the output says which it shows:
+
+* ``--metric`` (default: the table's ``convention``): ``best`` = the epoch with the best primary metric,
+  as mdistiller's trainer and DeiT's ``main.py`` print it (the CIFAR and ImageNet tables); ``final`` =
+  the last epoch, as ViDT's ``main.py`` (no best tracking) and RepDistiller's own CRD numbers (its
+  ``train_student.py`` says so) report it.
+* ``--seeds`` (default: the table's ``seeds``): only runs whose config ``seed`` is listed count. A recipe
+  that two tables share (the CIFAR KD baselines: DTO-KD Table 2 with 3 seeds, cross-batch Tables 1-2
+  with 5 trials) then gives n = 3 in one table and n = 5 in the other by declaration, and the legend
+  says how many runs of other seeds were left out. ``--seeds all`` counts every run.
 
 Which number of a run a table shows is its *metrics*: ``results.json[final|best][key] × scale`` —
 ``top1`` (× 1) for the classification tables, COCO's ``AP``, ``AP50``, … (× 100: pycocotools gives
@@ -30,7 +42,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import yaml
 
@@ -74,6 +86,10 @@ class TableDef:
     rows: list[Line]
     columns: list[Line]
     metrics: list[Metric] = field(default_factory=lambda: [TOP1])
+    convention: str = "final"       # the paper's: best (epoch) or final (last epoch); --metric's default
+    convention_source: str = ""     # where that convention is documented (printed in the legend)
+    seeds: tuple[int, ...] | None = None  # the seeds a cell averages (None: every run); --seeds' default
+    seeds_source: str = ""
     # published numbers and their sources, per (row, column, metric key)
     numbers: dict[tuple[str, str, str], float] = field(default_factory=dict)
     number_sources: dict[tuple[str, str, str], str] = field(default_factory=dict)
@@ -137,8 +153,17 @@ def load_definitions(path: str | Path | None = None) -> dict[str, TableDef]:
         metrics = [_metric(m, f"{name}.metrics") for m in t.get("metrics") or []] or [TOP1]
         if len({m.key for m in metrics}) != len(metrics):
             raise TableError(f"{path}: table {name} lists a metric key twice")
+        convention = t.get("convention", "final")
+        if convention not in METRICS:
+            raise TableError(f"{path}: table {name}: convention must be one of {', '.join(METRICS)} "
+                             f"(got {convention!r})")
+        seeds = t.get("seeds")
+        if seeds is not None and (not isinstance(seeds, list) or not seeds
+                                  or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+            raise TableError(f"{path}: table {name}: seeds must be a non-empty list of integers (got {seeds!r})")
         td = TableDef(str(name), str(t.get("title", name)), str(t.get("metric", "top-1 (%)")), rows, cols,
-                      metrics)
+                      metrics, str(convention), str(t.get("convention_source", "")),
+                      None if seeds is None else tuple(seeds), str(t.get("seeds_source", "")))
         row_ids, col_ids = {r.id for r in rows}, {c.id for c in cols}
         keys = [m.key for m in metrics]
         for n in t.get("numbers") or []:
@@ -177,6 +202,27 @@ class Run:
     @property
     def cells(self) -> list[tuple[str, str, str]]:
         return paper_cells(self.results.get("config") or {})
+
+    @property
+    def seed(self) -> int | None:
+        s = (self.results.get("config") or {}).get("seed")
+        return s if isinstance(s, int) and not isinstance(s, bool) else None
+
+
+ALL = "all"
+
+
+def select_seeds(table: TableDef, runs: list[Run], seeds: Sequence[int] | str | None = None
+                 ) -> tuple[list[Run], list[Run], tuple[int, ...] | None]:
+    """The runs of ``table`` that count, the ones left out, and the seeds used: ``seeds`` = None → the
+    table's declared seeds, ``"all"`` → every run, a list → those. A run without a seed in its config
+    is left out whenever seeds are selected (it cannot be shown to be one of them)."""
+    chosen = table.seeds if seeds is None else (None if seeds == ALL else tuple(int(x) for x in seeds))
+    mine = [r for r in runs if any(t == table.name for t, _, _ in r.cells)]
+    if chosen is None:
+        return mine, [], None
+    keep = [r for r in mine if r.seed in chosen]
+    return keep, [r for r in mine if r.seed not in chosen], chosen
 
 
 def paper_cells(config: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -335,11 +381,39 @@ def _what(table: TableDef) -> str:
     return ", ".join(m.label for m in ms) + s
 
 
-def legend(table: TableDef, metric: str, n_runs: int) -> str:
+def _seed_list(seeds: Iterable[int | None]) -> str:
+    return ", ".join("none" if s is None else str(s) for s in sorted(set(seeds), key=lambda s: (s is None, s)))
+
+
+@dataclass(frozen=True)
+class Legend:
+    title: str
+    note: str   # what the cells show: metric and its convention, seeds, run counts
+    seeds: str  # the seeds counted ("0, 1, 2" or "all")
+
+
+def legend(table: TableDef, metric: str, n_runs: int, seeds: tuple[int, ...] | None = None,
+           left_out: Sequence[Run] = (), seeds_given: bool = False) -> Legend:
+    """The title and the note printed above a table."""
     when, paren = METRICS[metric]
-    return (f"{table.title}\nmetric: kdrun {when} {_what(table)} {paren}; paper: {table.metric}. "
-            f"Cell: paper / kdrun mean ± std over seeds (n runs) / Δ = kdrun − paper; {BLANK} = none. "
-            f"{n_runs} run(s) matched this table.")
+    src = f" ({table.convention_source})" if table.convention_source else ""
+    if metric == table.convention:
+        conv = f"the paper's convention{src}"
+    else:
+        conv = f"--metric {metric}, NOT the paper's convention: it reports {table.convention}{src}"
+    if seeds is None:
+        seed_txt = "seeds: every run" + (" (--seeds all)" if seeds_given else " (this table declares none)")
+    else:
+        how = "--seeds" if seeds_given else "declared by this table" + (
+            f": {table.seeds_source}" if table.seeds_source else "")
+        seed_txt = f"seeds: {_seed_list(seeds)} ({how})"
+    if left_out:
+        seed_txt += (f"; {len(left_out)} run(s) of other seeds ({_seed_list(r.seed for r in left_out)}) "
+                     f"left out, --seeds all counts them")
+    note = (f"metric: kdrun {when} {_what(table)} {paren}, {conv}; paper: {table.metric}. "
+            f"{seed_txt}. Cell: paper / kdrun mean ± std over seeds (n runs) / Δ = kdrun − paper; "
+            f"{BLANK} = none. {n_runs} run(s) matched this table.")
+    return Legend(table.title, note, ALL if seeds is None else _seed_list(seeds))
 
 
 def _layout(table: TableDef) -> tuple[list[str], list[tuple[str, Line, Line | None]]]:
@@ -359,8 +433,8 @@ def _line_cells(table: TableDef, cells: Cells, r: Line, c: Line | None) -> list[
     return [cells[m.key][(r.id, c.id)] for m in table.metrics]  # several: (row, column) across the metrics
 
 
-def render_markdown(table: TableDef, cells: Cells, metric: str, n_runs: int) -> str:
-    title, note = legend(table, metric, n_runs).splitlines()
+def render_markdown(table: TableDef, cells: Cells, metric: str, info: Legend) -> str:
+    title, note = info.title, info.note
     header, body = _layout(table)
     lines = [f"**{title}**", "", note, ""]
     lines.append("| | " + " | ".join(header) + " |")
@@ -377,8 +451,8 @@ def _tex(s: str) -> str:
             .replace("—", "--").replace("−", "$-$"))
 
 
-def render_latex(table: TableDef, cells: Cells, metric: str, n_runs: int) -> str:
-    title, note = legend(table, metric, n_runs).splitlines()
+def render_latex(table: TableDef, cells: Cells, metric: str, info: Legend) -> str:
+    title, note = info.title, info.note
     header, body = _layout(table)
     lines = [f"% {title}", f"% {note}", r"\begin{tabular}{l" + "c" * len(header) + "}", r"\toprule",
              " & ".join(["Method", *(_tex(h) for h in header)]) + r" \\", r"\midrule"]
@@ -398,17 +472,18 @@ def render_latex(table: TableDef, cells: Cells, metric: str, n_runs: int) -> str
     return "\n".join(lines) + "\n"
 
 
-def render_csv(table: TableDef, cells: Cells, metric: str, n_runs: int) -> str:
-    """One line per (row, column, metric key); ``key`` is the results.json key, values already scaled."""
+def render_csv(table: TableDef, cells: Cells, metric: str, info: Legend) -> str:
+    """One line per (row, column, metric key); ``key`` is the results.json key, values already scaled;
+    ``metric`` is final|best, ``convention`` the paper's, ``seeds`` the seeds that were counted."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["table", "metric", "row", "row_label", "column", "column_label", "key", "paper", "kdrun_mean",
-                "kdrun_std", "n", "delta", "source"])
+    w.writerow(["table", "metric", "convention", "seeds", "row", "row_label", "column", "column_label", "key",
+                "paper", "kdrun_mean", "kdrun_std", "n", "delta", "source"])
     for r in table.rows:
         for c in table.columns:
             for m in table.metrics:
                 cell = cells[m.key][(r.id, c.id)]
-                w.writerow([table.name, metric, r.id, r.label, c.id, c.label, m.key,
+                w.writerow([table.name, metric, table.convention, info.seeds, r.id, r.label, c.id, c.label, m.key,
                             "" if cell.paper is None else f"{cell.paper:.2f}",
                             "" if cell.mean is None else f"{cell.mean:.4f}",
                             "" if cell.std is None else f"{cell.std:.4f}", cell.n,
@@ -420,15 +495,32 @@ def render_csv(table: TableDef, cells: Cells, metric: str, n_runs: int) -> str:
 RENDERERS = {"markdown": render_markdown, "latex": render_latex, "csv": render_csv}
 
 
-def render(table: TableDef, runs: list[Run], metric: str = "final", fmt: str = "markdown") -> str:
-    """The whole table as text, from the runs (already loaded) and a definition."""
+def render(table: TableDef, runs: list[Run], metric: str | None = None, fmt: str = "markdown",
+           seeds: Sequence[int] | str | None = None) -> str:
+    """The whole table as text, from the runs (already loaded) and a definition. ``metric`` None = the
+    table's convention; ``seeds`` None = the table's declared seeds, ``"all"`` = every run."""
+    metric = table.convention if metric is None else metric
     if metric not in METRICS:
         raise TableError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
     if fmt not in RENDERERS:
         raise TableError(f"--format {fmt!r}: choose one of {', '.join(RENDERERS)}")
-    cells = {m.key: build_cells(table, runs, metric, m.key) for m in table.metrics}
-    n = sum(1 for run in runs if any(t == table.name for t, _, _ in run.cells))
-    return RENDERERS[fmt](table, cells, metric, n)
+    kept, left_out, used = select_seeds(table, runs, seeds)
+    cells = {m.key: build_cells(table, kept, metric, m.key) for m in table.metrics}
+    note = legend(table, metric, len(kept), used, left_out, seeds_given=seeds is not None)
+    return RENDERERS[fmt](table, cells, metric, note)
+
+
+def parse_seeds(text: str | None) -> Sequence[int] | str | None:
+    """``--seeds``: None (the table's), ``all``, or a comma-separated list of integers."""
+    if text is None or text == ALL:
+        return text
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out:
+        raise TableError(f"--seeds {text!r}: give 'all' or comma-separated integers, e.g. 0,1,2")
+    return out
 
 
 def unplaced(table: TableDef, runs: list[Run]) -> list[Run]:
@@ -447,9 +539,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "tables: paper number / kdrun mean ± std (n seeds) / delta per cell.")
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="directories searched recursively for results.json")
     p.add_argument("--table", required=True, help="table name (imagenet, cifar100, cifar100_dynamic, "
-                   "cifar100_dynamic_mtl, coco, coco_teachers, or one of --definitions)")
-    p.add_argument("--metric", default="final", choices=sorted(METRICS), help="final: the last epoch's values "
-                   "(default); best: the values of the epoch with the best primary metric (top-1 or AP)")
+                   "cifar100_dynamic_mtl, coco, coco_teachers, coco_ablation_dto_kd, coco_ablation_mokd, or one of "
+                   "--definitions)")
+    p.add_argument("--metric", default=None, choices=sorted(METRICS), help="final: the last epoch's values; "
+                   "best: the values of the epoch with the best primary metric (top-1 or AP). Default: the "
+                   "table's paper convention (CIFAR/ImageNet best, COCO final)")
+    p.add_argument("--seeds", default=None, help="'all' or comma-separated seeds to count (default: the seeds the "
+                   "table declares, e.g. 0,1,2 for cifar100 and 0-4 for the cross-batch tables)")
     p.add_argument("--format", default="markdown", choices=sorted(RENDERERS))
     p.add_argument("--definitions", default=None, help="table definitions YAML (default: kdrun/paper_numbers.yaml)")
     a = p.parse_args(argv)
@@ -462,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             raise TableError(f"no such directory: {', '.join(missing)}")
         runs = find_runs(a.runs)
         table = defs[a.table]
-        text = render(table, runs, a.metric, a.format)
+        text = render(table, runs, a.metric, a.format, parse_seeds(a.seeds))
     except TableError as e:
         print(f"kdrun tables: error: {e}", file=sys.stderr)
         return 2

@@ -110,7 +110,7 @@ def test_latex_renders(mini_sweep: Path, mini_defs: Path, capsys: pytest.Capture
 
 
 @pytest.mark.parametrize("name", ["imagenet", "cifar100", "cifar100_dynamic", "cifar100_dynamic_mtl", "coco",
-                                  "coco_teachers"])
+                                  "coco_teachers", "coco_ablation_dto_kd", "coco_ablation_mokd"])
 def test_real_tables_render_paper_numbers_without_runs(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     defs = tables.load_definitions()
     t = defs[name]
@@ -159,16 +159,16 @@ def test_coco_tables_metrics_layout() -> None:
 
 
 def _det_results(ap: float, teacher_ap: float = 0.494, apl: float = 0.6,
-                 cells: tuple = (("coco", "dto_kd", "vidt_nano"), ("coco_teachers", "dto_kd", "vidt_base_vidt_nano"))
-                 ) -> dict:
+                 cells: tuple = (("coco", "dto_kd", "vidt_nano"), ("coco_teachers", "dto_kd", "vidt_base_vidt_nano")),
+                 seed: int = 0) -> dict:
     """A detection results.json as kdrun.engine writes it: COCOeval's 0..1 values, -1 for an area range
     without ground truth."""
     metrics = {"AP": ap, "AP50": ap + 0.2, "AP75": ap + 0.03, "APs": ap / 2, "APm": ap + 0.02, "APl": apl}
     (t, r, c), *also = cells
     return {"primary_metric": "AP", "final": metrics, "best": {**metrics, "AP": ap + 0.01, "epoch": 3},
             "teacher": {"AP": teacher_ap, "AP50": 0.696, "AP75": 0.534, "APs": 0.316, "APm": 0.524, "APl": 0.668},
-            "config": {"paper": {"table": t, "row": r, "column": c,
-                                 "also": [{"table": a, "row": b, "column": x} for a, b, x in also]}}}
+            "config": {"seed": seed, "paper": {"table": t, "row": r, "column": c,
+                                               "also": [{"table": a, "row": b, "column": x} for a, b, x in also]}}}
 
 
 def test_coco_tables_from_detection_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -177,8 +177,15 @@ def test_coco_tables_from_detection_results(tmp_path: Path, capsys: pytest.Captu
     for seed, (ap, apl) in enumerate([(0.430, 0.61), (0.441, -1.0)]):
         d = tmp_path / f"seed{seed}"
         d.mkdir()
-        (d / "results.json").write_text(json.dumps(_det_results(ap, apl=apl)))
+        (d / "results.json").write_text(json.dumps(_det_results(ap, apl=apl, seed=seed)))
+    # The COCO tables declare seed 0 (single runs): by default the seed-1 run is left out, and said so.
     assert tables.main(["--table", "coco", "--format", "csv", str(tmp_path)]) == 0
+    rows = {(r["row"], r["column"], r["key"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert int(rows[("dto_kd", "vidt_nano", "AP")]["n"]) == 1 and rows[("dto_kd", "vidt_nano", "AP")]["seeds"] == "0"
+    assert float(rows[("dto_kd", "vidt_nano", "AP")]["kdrun_mean"]) == pytest.approx(43.0)
+    assert tables.main(["--table", "coco", str(tmp_path)]) == 0
+    assert "1 run(s) of other seeds (1) left out" in capsys.readouterr().out
+    assert tables.main(["--table", "coco", "--seeds", "0,1", "--format", "csv", str(tmp_path)]) == 0
     rows = {(r["row"], r["column"], r["key"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
     ap = rows[("dto_kd", "vidt_nano", "AP")]
     assert int(ap["n"]) == 2 and float(ap["paper"]) == 43.7
@@ -194,18 +201,18 @@ def test_coco_tables_from_detection_results(tmp_path: Path, capsys: pytest.Captu
     assert all(r["kdrun_mean"] == "" for k, r in rows.items() if k[:2] not in {("dto_kd", "vidt_nano"),
                                                                              ("teacher", "vidt_nano")})
     # markdown: the paper's layout, block "Swin-nano", six metric columns
-    assert tables.main(["--table", "coco", str(tmp_path)]) == 0
+    assert tables.main(["--table", "coco", "--seeds", "all", str(tmp_path)]) == 0
     md = capsys.readouterr().out
     line = next(x for x in md.splitlines() if x.startswith("| Swin-nano: DTO-KD |"))
     assert line.count(" / ") == 2 * 6
     assert f"43.70 / 43.55 ± {statistics.stdev([43.0, 44.1]):.2f} (n=2) / -0.15" in line
     assert "x 100" in md and "final" in md
     # --metric best reads the `best` dict (AP of the best epoch)
-    assert tables.main(["--table", "coco", "--metric", "best", "--format", "csv", str(tmp_path)]) == 0
+    assert tables.main(["--table", "coco", "--metric", "best", "--seeds", "all", "--format", "csv", str(tmp_path)]) == 0
     best = {(r["row"], r["column"], r["key"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
     assert float(best[("dto_kd", "vidt_nano", "AP")]["kdrun_mean"]) == pytest.approx(44.55, abs=1e-4)
     # Table 5: the same two runs, AP only, through paper.also
-    assert tables.main(["--table", "coco_teachers", "--format", "csv", str(tmp_path)]) == 0
+    assert tables.main(["--table", "coco_teachers", "--seeds", "all", "--format", "csv", str(tmp_path)]) == 0
     t5 = {(r["row"], r["column"], r["key"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
     assert len(t5) == 6 * 4
     cell = t5[("dto_kd", "vidt_base_vidt_nano", "AP")]
@@ -356,3 +363,146 @@ def test_coco_teacher_numbers_match_dto_kd_table5_and_mokd_table4(paper: str, st
             assert printed == [mine[0], None, mine[2], None] and mine[1] == mine[0] and mine[3] == mine[2]
         else:
             assert printed == mine, (paper, row, line)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conventions: best vs final epoch, and the seeds a table counts (issue #11 item 7).
+
+
+def _cls_run(path: str, seed: int | None, final: float, best: float, cells: list[tuple[str, str, str]]) -> tables.Run:
+    (t, r, c), *also = cells
+    config: dict = {"paper": {"table": t, "row": r, "column": c,
+                              "also": [{"table": a, "row": b, "column": x} for a, b, x in also]}}
+    if seed is not None:
+        config["seed"] = seed
+    return tables.Run(Path(path), {"final": {"top1": final}, "best": {"top1": best, "epoch": 200}, "config": config})
+
+
+def test_each_table_declares_its_papers_convention() -> None:
+    d = tables.load_definitions()
+    assert {n: t.convention for n, t in d.items()} == {
+        "imagenet": "best", "cifar100": "best", "cifar100_dynamic": "best", "cifar100_dynamic_mtl": "best",
+        "coco": "final", "coco_teachers": "final", "coco_ablation_dto_kd": "final", "coco_ablation_mokd": "final"}
+    assert all(t.convention_source and t.seeds and t.seeds_source for t in d.values())
+    assert "deit" in d["imagenet"].convention_source and "mdistiller" in d["cifar100"].convention_source
+
+
+def test_default_metric_is_the_convention_and_the_output_says_so() -> None:
+    t = tables.load_definitions()["cifar100"]
+    runs = [_cls_run(f"r{s}", s, 70.0 + s, 71.0 + s, [("cifar100", "kd", "resnet56_resnet20")]) for s in range(3)]
+    default = tables.render(t, runs, fmt="csv")
+    row = next(r for r in csv.DictReader(io.StringIO(default)) if r["row"] == "kd" and r["column"] == "resnet56_resnet20")
+    assert row["metric"] == "best" and row["convention"] == "best" and float(row["kdrun_mean"]) == pytest.approx(72.0)
+    md = tables.render(t, runs)
+    assert "kdrun best top-1 (best val epoch), the paper's convention (mdistiller" in md
+    override = tables.render(t, runs, metric="final")
+    assert "--metric final, NOT the paper's convention: it reports best" in override
+    assert "70.66 / 71.00 ± 1.00 (n=3) / +0.34" in override
+    coco = tables.load_definitions()["coco"]
+    assert "kdrun final AP" in tables.render(coco, []) and "the paper's convention (ViDT main.py" in tables.render(coco, [])
+
+
+def test_shared_kd_recipe_counts_each_tables_declared_seeds() -> None:
+    """One KD recipe, 5 seeds (reproduce_cifar100_dynamic.sh runs 0-4, reproduce_cifar100.sh 0-2): n = 3 in
+    DTO-KD Table 2, n = 5 in the cross-batch tables, and the cifar100 output names the 2 runs it left out."""
+    d = tables.load_definitions()
+    cells = [("cifar100", "kd", "resnet56_resnet20"), ("cifar100_dynamic", "kd", "resnet56_resnet20"),
+             ("cifar100_dynamic_mtl", "resnet56_resnet20", "original")]
+    runs = [_cls_run(f"s{s}", s, 70.0, 70.0 + s, cells) for s in range(5)]
+    c100 = tables.build_cells(d["cifar100"], tables.select_seeds(d["cifar100"], runs)[0], "best")
+    assert c100[("kd", "resnet56_resnet20")].n == 3 and c100[("kd", "resnet56_resnet20")].mean == pytest.approx(71.0)
+    dyn = tables.build_cells(d["cifar100_dynamic"], tables.select_seeds(d["cifar100_dynamic"], runs)[0], "best")
+    assert dyn[("kd", "resnet56_resnet20")].n == 5 and dyn[("kd", "resnet56_resnet20")].mean == pytest.approx(72.0)
+    mtl = tables.build_cells(d["cifar100_dynamic_mtl"], tables.select_seeds(d["cifar100_dynamic_mtl"], runs)[0], "best")
+    assert mtl[("resnet56_resnet20", "original")].n == 5
+    md = tables.render(d["cifar100"], runs)
+    assert "seeds: 0, 1, 2 (declared by this table: kdrun's choice" in md
+    assert "2 run(s) of other seeds (3, 4) left out" in md and "3 run(s) matched this table" in md
+    assert "(n=5)" in tables.render(d["cifar100"], runs, seeds="all")
+    assert "(n=2)" in tables.render(d["cifar100"], runs, seeds=[3, 4])
+    assert "seeds: 3, 4 (--seeds)" in tables.render(d["cifar100"], runs, seeds=[3, 4])
+    # A run without a seed cannot be shown to be one of the declared seeds: left out, and counted as such.
+    kept, left, _ = tables.select_seeds(d["cifar100"], [_cls_run("x", None, 1.0, 1.0, cells)])
+    assert kept == [] and len(left) == 1
+
+
+def test_declared_seeds_are_the_reproduce_scripts_seeds() -> None:
+    import runpy
+
+    seeds = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "gen_recipes.py"))["SEEDS"]
+    d = tables.load_definitions()
+    script_of = {"imagenet": "imagenet", "cifar100": "cifar100", "cifar100_dynamic": "cifar100_dynamic",
+                 "cifar100_dynamic_mtl": "cifar100_dynamic", "coco": "coco", "coco_teachers": "coco",
+                 "coco_ablation_dto_kd": "coco", "coco_ablation_mokd": "coco"}
+    assert set(script_of) == set(d)
+    for name, script in script_of.items():
+        assert list(d[name].seeds) == seeds[script], name
+
+
+def test_bad_convention_seeds_and_cli_values(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = {"rows": [{"id": "r"}], "columns": [{"id": "c"}]}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"tables": {"t": {**base, "convention": "mean"}}}))
+    with pytest.raises(tables.TableError, match="convention must be one of final, best"):
+        tables.load_definitions(path)
+    for bad in ([], ["0"], 3, [True]):
+        path.write_text(yaml.safe_dump({"tables": {"t": {**base, "seeds": bad}}}))
+        with pytest.raises(tables.TableError, match="seeds must be a non-empty list of integers"):
+            tables.load_definitions(path)
+    assert tables.main(["--table", "cifar100", "--seeds", "a,b", str(tmp_path)]) == 2
+    assert "--seeds 'a,b'" in capsys.readouterr().err
+    assert tables.parse_seeds("0, 2") == [0, 2] and tables.parse_seeds("all") == "all" and tables.parse_seeds(None) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The COCO ablations (issue #11 item 6): DTO-KD Table 4, MoKD Table 3.
+
+
+def _ablation_lines(text: str, start: str, stop: str) -> list[list[str]]:
+    """The data lines of an ablation table: check-mark fields, then AP, AP50, AP75."""
+    block = text[text.index(start):text.index(stop, text.index(start))]
+    return [line.split("\t") for line in block.splitlines()[1:] if re.search(r"\t\d+\.\d\t\d+\.\d\t\d+\.\d$", line)]
+
+
+def test_coco_ablation_numbers_match_dto_kd_table4() -> None:
+    t = tables.load_definitions()["coco_ablation_dto_kd"]
+    assert [m.key for m in t.metrics] == ["AP", "AP50", "AP75"] and [c.id for c in t.columns] == ["vidt_nano"]
+    lines = _ablation_lines(_paper("dto-kd.txt"), "Dynamic Trade-off Optimization\t\tS:DTO-KD-nano / T:ViDT-base",
+                            "Table 4:")
+    assert len(lines) == 5
+    # check-mark columns: Proj, Optimization, clipping (the caption's "gradient clipping")
+    marks = {"none": ["", "", ""], "clip": ["", "", "✓"], "proj": ["✓", "", ""], "proj_opt": ["✓", "✓", ""],
+             "all": ["✓", "✓", "✓"]}
+    assert [r.id for r in t.rows] == list(marks)
+    for fields, (row, mark) in zip(lines, marks.items()):
+        assert [f.strip() for f in fields[:3]] == mark, (row, fields)
+        assert [float(v) for v in fields[-3:]] == [t.numbers[(row, "vidt_nano", m.key)] for m in t.metrics], row
+
+
+def test_coco_ablation_numbers_match_mokd_table3() -> None:
+    t = tables.load_definitions()["coco_ablation_mokd"]
+    assert [m.key for m in t.metrics] == ["AP", "AP50", "AP75"] and [c.id for c in t.columns] == ["vidt_nano"]
+    text = _paper("mokd.txt")
+    lines = _ablation_lines(text, "Subspace Learning\tMulti-Task Optimization", "Table 3.")
+    assert len(lines) == 4
+    assert "MoKD-nano as the student" in text and "ViDT-base as the teacher" in text
+    # Subspace Learning, Multi-Task Optimization, High-dimensional Alignment -> the shared row ids
+    marks = {"none": ["", "", ""], "proj": ["✓", "", ""], "proj_opt": ["✓", "✓", ""], "all": ["✓", "✓", "✓"]}
+    assert [r.id for r in t.rows] == list(marks)
+    for fields, (row, mark) in zip(lines, marks.items()):
+        assert [f.strip() for f in fields[:3]] == mark, (row, fields)
+        assert [float(v) for v in fields[-3:]] == [t.numbers[(row, "vidt_nano", m.key)] for m in t.metrics], row
+
+
+def test_coco_ablation_tables_from_detection_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run tagged as the recipes tag it lands in its row, three metrics x 100."""
+    for table, row in (("coco_ablation_dto_kd", "clip"), ("coco_ablation_mokd", "proj_opt")):
+        d = tmp_path / table
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(_det_results(0.425, cells=((table, row, "vidt_nano"),))))
+        assert tables.main(["--table", table, "--format", "csv", str(d)]) == 0
+        rows = {(r["row"], r["key"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+        assert float(rows[(row, "AP")]["kdrun_mean"]) == pytest.approx(42.5)
+        assert float(rows[(row, "AP50")]["kdrun_mean"]) == pytest.approx(62.5)
+        assert rows[(row, "AP")]["metric"] == "final" and int(rows[(row, "AP")]["n"]) == 1
+        assert sum(1 for r in rows.values() if r["kdrun_mean"]) == 3

@@ -17,6 +17,31 @@ be a soft-target cross-entropy without smoothing of its own, or it would be smoo
 and smoothing off, ``mixup`` is ``None`` and labels stay integers. timm's ``Mixup`` needs an even batch size
 (``mixup_mode=batch``/``pair``), so the training loader should use ``drop_last=True``.
 
+:func:`build_three_augment` (``dataset=imagenet_3aug``) is the same data with DeiT III's *3-Augment*
+training transform (Touvron et al. 2022), the augmentation VkD (Miles & Deng 2024) trains with and that
+DTO-KD §4 / MoKD §4 follow ("for data augmentation, we follow [VkD]"). It is VkD's ``augment.py``
+``aug_generator`` (roymiles/vkd@4b48050, L82-117), itself DeiT's ``augment.py`` ``new_data_aug_generator``
+(facebookresearch/deit@7e160fe, L90-123):
+
+* ``RandomResizedCropAndInterpolation(image_size, scale=(0.08, 1.0), interpolation="bicubic")`` (timm's
+  class, the one both files import) and ``RandomHorizontalFlip(0.5)``; with ``simple_random_crop``
+  (DeiT's ``--src``; off in VkD's ``scripts/train.sh``) ``Resize(image_size, bicubic)`` +
+  ``RandomCrop(image_size, padding=4, padding_mode="reflect")`` + flip instead;
+* exactly one of, uniformly (``RandomChoice``): grayscale (3 channels), solarize (PIL
+  ``ImageOps.solarize``, threshold 128), Gaussian blur (PIL ``ImageFilter.GaussianBlur``, radius
+  U(0.1, 2.0));
+* ``ColorJitter(0.3, 0.3, 0.3)`` (brightness, contrast, saturation; no hue) when ``color_jitter`` > 0;
+* ``ToTensor`` + ImageNet mean/std normalisation.
+
+No RandAugment, no random erasing: VkD's ``train.py`` (L113) *replaces* the timm transform of its
+``datasets.py`` (which would have them) by ``aug_generator``, so this builder has no ``auto_augment`` /
+``re_*`` keys at all (setting one fails at validation). Mixup 0.8 / CutMix 1.0 with label smoothing 0.1
+stay on (VkD ``train.py`` L125-133 builds timm's ``Mixup`` from ``main_distributed.py``'s defaults and
+applies it in ``engine.py`` L66-67; the loss is ``SoftTargetCrossEntropy``, L248-250). No repeated
+augmentation: VkD's train sampler is a plain ``DistributedSampler`` (``train.py`` L87-89; its
+``--repeated-aug`` flag, ``main_distributed.py`` L97-99, is never read), hence ``repeated_augmentation=0``. Evaluation is DeiT's, as in
+VkD's ``datasets.py`` L79-89: resize to ``int(image_size / crop_pct)`` (bicubic), centre crop.
+
 Expected layout (the official validation tarball is flat: sort it into class folders first, e.g. with the
 widely used ``valprep.sh``)::
 
@@ -26,10 +51,13 @@ widely used ``valprep.sh``)::
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal, Optional
+import random
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import torch
+from PIL import Image, ImageFilter
 from torch import Tensor
+from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from kdrun.config import Ge, Gt, Le
@@ -84,29 +112,117 @@ class SmoothTargets:
         return x, y.scatter_(1, target.long().view(-1, 1), 1.0 - self.smoothing + off)
 
 
+# Value types shared by both builders' signatures (the config validator reads them).
+Prob = Annotated[float, Ge(0.0), Le(1.0)]
+NonNeg = Annotated[float, Ge(0.0)]
+CropPct = Annotated[float, Gt(0.0), Le(1.0)]
+MixupMode = Literal["batch", "pair", "elem"]
+
+THREE_AUGMENT_SCALE = (0.08, 1.0)   # DeiT augment.py L95 / VkD augment.py L87
+BLUR_RADIUS = (0.1, 2.0)            # DeiT/VkD GaussianBlur(radius_min=0.1, radius_max=2.)
+SOLARIZE_THRESHOLD = 128            # PIL ImageOps.solarize's default, which both call
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class RandomGaussianBlurPIL:
+    """PIL's Gaussian blur with a radius drawn from U(lo, hi) (DeiT/VkD ``augment.py`` ``GaussianBlur``
+    with p=1). torchvision's ``GaussianBlur`` is a different filter (a finite kernel, sigma instead of
+    PIL's radius), so it is written here."""
+
+    def __init__(self, radius: tuple[float, float] = BLUR_RADIUS) -> None:
+        self.radius = radius
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.radius)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(radius={self.radius})"
+
+
+def three_augment_transform(image_size: int, hflip: float = 0.5, color_jitter: float = 0.3,
+                            interpolation: str = "bicubic", simple_random_crop: bool = False) -> T.Compose:
+    """DeiT III's 3-Augment training transform as VkD uses it (module docstring)."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    if simple_random_crop:
+        primary: list[Any] = [T.Resize(image_size, interpolation=T.InterpolationMode(interpolation)),
+                              T.RandomCrop(image_size, padding=4, padding_mode="reflect")]
+    else:
+        primary = [RandomResizedCropAndInterpolation(image_size, scale=THREE_AUGMENT_SCALE,
+                                                     interpolation=interpolation)]
+    primary.append(T.RandomHorizontalFlip(hflip))
+    secondary: list[Any] = [T.RandomChoice([T.Grayscale(num_output_channels=3),
+                                            T.RandomSolarize(SOLARIZE_THRESHOLD, p=1.0),
+                                            RandomGaussianBlurPIL(BLUR_RADIUS)])]
+    if color_jitter:
+        secondary.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    return T.Compose([*primary, *secondary, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def build(
     root: str,
     image_size: Annotated[int, Ge(8)] = 224,
     num_classes: Annotated[int, Ge(2)] = 1000,
     in_chans: int = 3,
     augment: bool = True,
-    crop_pct: Annotated[float, Gt(0.0), Le(1.0)] = 0.875,
-    hflip: Annotated[float, Ge(0.0), Le(1.0)] = 0.5,
-    color_jitter: Annotated[float, Ge(0.0)] = 0.3,
+    crop_pct: CropPct = 0.875,
+    hflip: Prob = 0.5,
+    color_jitter: NonNeg = 0.3,
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
     interpolation: Literal["bilinear", "bicubic", "random"] = "bicubic",
-    re_prob: Annotated[float, Ge(0.0), Le(1.0)] = 0.25,
+    re_prob: Prob = 0.25,
     re_mode: Literal["const", "rand", "pixel"] = "pixel",
     re_count: Annotated[int, Ge(1)] = 1,
-    mixup: Annotated[float, Ge(0.0)] = 0.8,
-    cutmix: Annotated[float, Ge(0.0)] = 1.0,
-    mixup_prob: Annotated[float, Ge(0.0), Le(1.0)] = 1.0,
-    mixup_switch_prob: Annotated[float, Ge(0.0), Le(1.0)] = 0.5,
-    mixup_mode: Literal["batch", "pair", "elem"] = "batch",
-    label_smoothing: Annotated[float, Ge(0.0), Le(1.0)] = 0.1,
+    mixup: NonNeg = 0.8, cutmix: NonNeg = 1.0, mixup_prob: Prob = 1.0, mixup_switch_prob: Prob = 0.5,
+    mixup_mode: MixupMode = "batch", label_smoothing: Prob = 0.1,
     repeated_augmentation: Annotated[int, Ge(0)] = 3,
 ) -> DataModule:
-    from timm.data import Mixup, create_transform  # lazy: config validation imports this module
+    """DeiT's recipe (module docstring): timm's RandAugment/random-erasing transform."""
+    from timm.data import create_transform  # lazy: config validation imports this module
+
+    def train_transform(eval_tf: Callable) -> Callable:
+        return create_transform(
+            image_size, is_training=True, hflip=hflip, color_jitter=color_jitter,
+            auto_augment=auto_augment or None, interpolation=interpolation,
+            re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+        ) if augment else eval_tf
+
+    return _build(root, image_size, num_classes, in_chans, crop_pct, interpolation, train_transform, mixup,
+                  cutmix, mixup_prob, mixup_switch_prob, mixup_mode, label_smoothing, repeated_augmentation)
+
+
+def build_three_augment(
+    root: str,
+    image_size: Annotated[int, Ge(8)] = 224,
+    num_classes: Annotated[int, Ge(2)] = 1000,
+    in_chans: int = 3,
+    augment: bool = True,
+    crop_pct: CropPct = 0.875,
+    hflip: Prob = 0.5,
+    color_jitter: NonNeg = 0.3,
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic",
+    simple_random_crop: bool = False,
+    mixup: NonNeg = 0.8, cutmix: NonNeg = 1.0, mixup_prob: Prob = 1.0, mixup_switch_prob: Prob = 0.5,
+    mixup_mode: MixupMode = "batch", label_smoothing: Prob = 0.1,
+    repeated_augmentation: Annotated[int, Ge(0)] = 0,
+) -> DataModule:
+    """VkD's recipe: DeiT III's 3-Augment, no RandAugment/erasing/repeats, Mixup/CutMix kept (module
+    docstring)."""
+
+    def train_transform(eval_tf: Callable) -> Callable:
+        return three_augment_transform(image_size, hflip, color_jitter, interpolation,
+                                       simple_random_crop) if augment else eval_tf
+
+    return _build(root, image_size, num_classes, in_chans, crop_pct, interpolation, train_transform, mixup,
+                  cutmix, mixup_prob, mixup_switch_prob, mixup_mode, label_smoothing, repeated_augmentation)
+
+
+def _build(root: str, image_size: int, num_classes: int, in_chans: int, crop_pct: float, interpolation: str,
+           train_transform: Callable[[Callable], Callable], mixup: float, cutmix: float, mixup_prob: float,
+           mixup_switch_prob: float, mixup_mode: str, label_smoothing: float,
+           repeated_augmentation: int) -> DataModule:
+    """The layout checks, the datasets and the batch-level mixing both recipes share."""
+    from timm.data import Mixup, create_transform
 
     root = os.path.expanduser(str(root))
     if not os.path.isdir(root):
@@ -124,11 +240,7 @@ def build(
 
     eval_tf = create_transform(image_size, is_training=False, interpolation=interpolation
                                if interpolation != "random" else "bicubic", crop_pct=crop_pct)
-    train_tf = create_transform(
-        image_size, is_training=True, hflip=hflip, color_jitter=color_jitter,
-        auto_augment=auto_augment or None, interpolation=interpolation,
-        re_prob=re_prob, re_mode=re_mode, re_count=re_count,
-    ) if augment else eval_tf
+    train_tf = train_transform(eval_tf)
     splits = {}
     for split, tf in (("train", train_tf), ("val", eval_tf)):
         try:

@@ -1,4 +1,5 @@
-"""Gramian baselines: the written .grad equals torchjd's aggregator output; degenerate J is finite."""
+"""Gramian baselines: the written .grad equals torchjd's aggregator output (MGDA: the exact min-norm point,
+by the support enumeration of tests/balancers/test_min_norm.py); degenerate J is finite."""
 from __future__ import annotations
 
 from typing import Callable
@@ -10,14 +11,21 @@ from torch import nn
 from kdrun.balancers.base import StepContext
 from kdrun.balancers.gradients import Jacobian
 from kdrun.balancers.gramian import CAGrad, FairGrad, GramianBalancer, IMTLG, MGDA, NashMTL, PCGrad, UPGrad
+from tests.balancers.test_min_norm import brute_force
 
 A = pytest.importorskip("torchjd.aggregation")
 # torchjd's own Nash-MTL aggregator (the reference) warns about cvxpy's compilation cache.
 pytestmark = pytest.mark.filterwarnings("ignore:.*not DPP.*")
 
 # (balancer factory, torchjd aggregator factory for k objectives)
+def exact_mgda(J: torch.Tensor) -> torch.Tensor:
+    """Jᵀw* with w* the exact min-norm weights (support enumeration)."""
+    return J.T @ torch.from_numpy(brute_force((J @ J.T).numpy())[1])
+
+
 PAIRS: dict[str, tuple[Callable[[], GramianBalancer], Callable[[int], object]]] = {
-    "mgda": (lambda: MGDA(), lambda k: A.MGDA()),
+    "mgda": (lambda: MGDA(), lambda k: exact_mgda),
+    "mgda_frank_wolfe": (lambda: MGDA(solver="frank_wolfe"), lambda k: A.MGDA()),
     "pcgrad": (lambda: PCGrad(seed=3), lambda k: A.PCGrad()),
     "cagrad": (lambda: CAGrad(c=0.4), lambda k: A.CAGrad(c=0.4)),
     "fairgrad": (lambda: FairGrad(alpha=1.0), lambda k: A.FairGrad(alpha=1.0)),
@@ -105,3 +113,23 @@ def test_nash_state_commits_only_in_after_step() -> None:
     bal.after_step(ctx)
     assert int(bal.solve_step) == 1
     assert not torch.equal(bal.prev_alpha, before["prev_alpha"])
+
+
+def test_mgda_exact_beats_frank_wolfe_for_three_objectives() -> None:
+    """solver=exact reaches the min-norm point where torchjd's Frank-Wolfe (the old default) stops short."""
+    g = torch.Generator().manual_seed(11)
+    gaps = []
+    for step in range(20):
+        J = torch.randn(3, 6, generator=g, dtype=torch.float64)
+        J[1] = -0.9 * J[0] + 0.2 * J[1]
+        exact, _ = run_balancer(_bound(MGDA()), J, step)
+        fw, _ = run_balancer(_bound(MGDA(solver="frank_wolfe")), J, step)
+        assert torch.allclose(exact, exact_mgda(J), atol=1e-8)
+        assert float(exact.norm()) <= float(fw.norm()) + 1e-12
+        gaps.append(float((fw - exact).norm() / exact.norm().clamp_min(1e-12)))
+    assert max(gaps) > 1e-3
+
+
+def _bound(bal: GramianBalancer) -> GramianBalancer:
+    bal.bind(("a", "b", "c"))
+    return bal

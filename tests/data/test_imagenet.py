@@ -189,3 +189,107 @@ def test_class_count_must_match_num_classes(tree):
 def test_in_chans_must_be_rgb(tree):
     with pytest.raises(DatasetError, match="in_chans"):
         small(tree, in_chans=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dataset=imagenet_3aug: DeiT III's 3-Augment as VkD trains with it (roymiles/vkd augment.py aug_generator).
+
+
+def small3(root: str, **kw) -> object:
+    return imagenet.build_three_augment(root, image_size=32, num_classes=len(CLASSES), **kw)
+
+
+def test_three_augment_pipeline_is_vkds(tree):
+    dm = small3(tree)
+    steps = dm.train.transform.transforms
+    names = [type(t).__name__ for t in steps]
+    assert names == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandomChoice", "ColorJitter",
+                     "ToTensor", "Normalize"]
+    crop, flip, choice, jitter, _, norm = steps
+    assert crop.scale == (0.08, 1.0) and crop.ratio == (3 / 4, 4 / 3) and crop.size == (32, 32)
+    assert crop.interpolation == T.InterpolationMode.BICUBIC
+    assert flip.p == 0.5
+    gray, sol, blur = choice.transforms
+    assert isinstance(gray, T.Grayscale) and gray.num_output_channels == 3
+    assert isinstance(sol, T.RandomSolarize) and sol.threshold == 128 and sol.p == 1.0
+    assert isinstance(blur, imagenet.RandomGaussianBlurPIL) and blur.radius == (0.1, 2.0)
+    assert choice.p is None  # uniform over the three (torchvision's RandomChoice, as DeiT's)
+    assert jitter.brightness == jitter.contrast == jitter.saturation == (0.7, 1.3) and jitter.hue is None
+    assert tuple(norm.mean) == (0.485, 0.456, 0.406) and tuple(norm.std) == (0.229, 0.224, 0.225)
+    assert dm.repeated_augmentation == 0
+    assert isinstance(dm.mixup, Mixup) and dm.mixup.label_smoothing == 0.1
+    assert dm.mixup.mixup_alpha == 0.8 and dm.mixup.cutmix_alpha == 1.0
+    # The evaluation transform is DeiT's (the same as dataset=imagenet).
+    assert repr(dm.val.transform) == repr(small(tree).val.transform)
+    x, y = dm.train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0
+    # color_jitter=0 drops the jitter; simple_random_crop is DeiT III's --src
+    names = [type(t).__name__ for t in small3(tree, color_jitter=0.0, simple_random_crop=True).train.transform.transforms]
+    assert names == ["Resize", "RandomCrop", "RandomHorizontalFlip", "RandomChoice", "ToTensor", "Normalize"]
+    src = small3(tree, simple_random_crop=True).train.transform.transforms[1]
+    assert src.padding == 4 and src.padding_mode == "reflect"
+    plain = small3(tree, augment=False)
+    assert plain.train.transform is plain.val.transform
+
+
+def _image() -> Image.Image:
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+
+
+def test_three_augment_ops_equal_deits_formulas():
+    """Each op against the code DeiT's/VkD's augment.py runs: ImageOps.solarize(img) (threshold 128),
+    ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.)), transforms.Grayscale(3)."""
+    import random
+
+    from PIL import ImageFilter, ImageOps
+
+    img = _image()
+    gray, sol, blur = imagenet.three_augment_transform(32).transforms[2].transforms
+    assert np.array_equal(np.asarray(sol(img)), np.asarray(ImageOps.solarize(img)))
+    g = np.asarray(gray(img))
+    assert g.shape == (40, 48, 3) and np.array_equal(g[..., 0], np.asarray(img.convert("L")))
+    assert np.array_equal(g[..., 0], g[..., 2])
+    for seed in range(5):
+        random.seed(seed)
+        got = np.asarray(blur(img))
+        random.seed(seed)
+        want = np.asarray(img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0))))
+        assert np.array_equal(got, want)
+    # The radius really is drawn from [0.1, 2]: the extremes blur differently.
+    assert not np.array_equal(np.asarray(img.filter(ImageFilter.GaussianBlur(0.1))),
+                              np.asarray(img.filter(ImageFilter.GaussianBlur(2.0))))
+
+
+def test_three_augment_picks_exactly_one_op_uniformly():
+    import random
+
+    choice = imagenet.three_augment_transform(32).transforms[2]
+    img = _image()
+    gray, sol = np.asarray(choice.transforms[0](img)), np.asarray(choice.transforms[1](img))
+    counts = {"gray": 0, "solarize": 0, "blur": 0}
+    random.seed(0)
+    for _ in range(600):
+        out = np.asarray(choice(img))
+        kind = "gray" if np.array_equal(out, gray) else "solarize" if np.array_equal(out, sol) else "blur"
+        counts[kind] += 1
+    assert all(150 < c < 250 for c in counts.values()), counts  # 200 expected each
+
+
+def test_three_augment_has_no_randaugment_or_erasing_keys():
+    """VkD replaces timm's transform: RandAugment/erasing keys do not exist for this option."""
+    from omegaconf import OmegaConf
+
+    from kdrun.config import ConfigError, validate_target_node
+
+    node = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "..", "conf", "dataset", "imagenet_3aug.yaml"))
+    node.root = "/nonexistent"
+    validate_target_node("dataset", node)  # the shipped option is valid
+    for key, value in (("auto_augment", "rand-m9-mstd0.5-inc1"), ("re_prob", 0.25)):
+        bad = node.copy()
+        OmegaConf.set_struct(bad, False)
+        bad[key] = value
+        with pytest.raises(ConfigError, match=key):
+            validate_target_node("dataset", bad)
+    assert node.repeated_augmentation == 0 and node.mixup == 0.8 and node.cutmix == 1.0
+    assert node.label_smoothing == 0.1 and node.color_jitter == 0.3 and node.crop_pct == 0.875
