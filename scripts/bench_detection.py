@@ -8,7 +8,14 @@ carry over between rows):
 
 * ``plain``: no teacher, the task's loss only (focal + L1 + GIoU on every prediction level);
 * ``distill``: ``teacher=vidt_<--teacher> distill=token_matching`` (frozen teacher, its forward under
-  ``torch.inference_mode()``, as the engine always does), fixed balancer.
+  ``torch.inference_mode()``, as the engine always does), fixed balancer;
+* ``proj_shared`` / ``proj_per_scale``: ``distill`` through ``projector=orthogonal`` (DTO-KD's), one
+  projector for all four [PATCH] scales vs one per scale
+  (``distill.token_matching.patch_projectors=shared|per_scale``);
+* ``clip``: ``proj_per_scale`` with per-objective gradient clipping (``balancer=objective_clip_fixed``:
+  the Jacobian of both objectives, ``trainer.jacobian=auto``, then fixed weights);
+* ``vkd``: VkD's ViDT loss (``distill=token_matching_vkd``, its per-scale ``OrthogonalLinear``
+  projectors: ``projector=orthogonal projector.affine=true projector.teacher_norm=none``).
 
 Model settings are ViDT's: 100 [DET] tokens, 6 decoder layers, 91 class outputs (COCO's), AdamW
 (lr 1e-4), gradient clipping 0.1. Inputs: a synthetic COCO-format set (drawn shapes, JPEG) written at a
@@ -48,7 +55,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 MODELS = ("nano", "tiny", "small", "base")
-MODES = ("plain", "distill")
+MODES = ("plain", "distill", "proj_shared", "proj_per_scale", "clip", "vkd")
+MODE_LABEL = {"distill": "token matching", "proj_shared": "token matching, 1 orthogonal projector for the 4 scales",
+              "proj_per_scale": "token matching, orthogonal projector per scale",
+              "clip": "per scale + per-objective clipping", "vkd": "VkD's loss (per-scale OrthogonalLinear)"}
+# the extra overrides of each distillation mode (on top of the teacher)
+MODE_OVERRIDES = {
+    "distill": ["distill=token_matching"],
+    "proj_shared": ["distill=token_matching", "projector=orthogonal", "distill.token_matching.patch_projectors=shared"],
+    "proj_per_scale": ["distill=token_matching", "projector=orthogonal",
+                       "distill.token_matching.patch_projectors=per_scale"],
+    "clip": ["distill=token_matching", "projector=orthogonal", "distill.token_matching.patch_projectors=per_scale",
+             "balancer=objective_clip_fixed"],
+    "vkd": ["distill=token_matching_vkd", "projector=orthogonal", "projector.affine=true",
+            "projector.teacher_norm=none"],
+}
 TEACHERS = ("base", "small")  # conf/teacher/vidt_<name>.yaml
 RESULT = "BENCH_RESULT "
 
@@ -105,10 +126,10 @@ def overrides(spec: dict[str, Any]) -> list[str]:
         "optimizer=adamw", "optimizer.lr=1e-4", "scheduler=constant", f"seed={spec.get('seed', 0)}",
         "logger.log_every=1", "logger.grad_stats_every=0", "logger.progress=false", "logger.tensorboard=false",
     ]
-    if spec["mode"] == "distill":
+    if spec["mode"] in MODE_OVERRIDES:
         over += [f"teacher=vidt_{spec['teacher']}", f"teacher.model.num_classes={spec['num_classes']}",
                  f"teacher.model.det_tokens={spec['det_tokens']}", f"teacher.model.dec_layers={spec['dec_layers']}",
-                 "distill=token_matching"]
+                 *MODE_OVERRIDES[spec["mode"]]]
     elif spec["mode"] != "plain":
         raise ValueError(f"mode {spec['mode']!r} is not one of {MODES}")
     return over
@@ -165,7 +186,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from kdrun.evaluate import count_params
 
     row["params"] = count_params(build_model(cfg.student))
-    if spec["mode"] == "distill":
+    if spec["mode"] != "plain":
         row["teacher_params"] = count_params(build_model(cfg.teacher))
     return row
 
@@ -179,6 +200,21 @@ def run_isolated(spec: dict[str, Any], timeout: float | None = None) -> dict[str
         tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-15:])
         raise RuntimeError(f"the benchmark of {spec['model']}/{spec['mode']} failed (exit {out.returncode}):\n{tail}")
     return row
+
+
+def merge_rounds(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row from its runs in several rounds: the median over rounds of the per-run median step time
+    (the first run's other figures; the largest peak memory); a failed run fails the row."""
+    bad = [r for r in rows if "error" in r]
+    if bad:
+        return bad[0]
+    out = dict(rows[0])
+    out["s_per_step"] = statistics.median(r["s_per_step"] for r in rows)
+    out["images_per_s"] = out["batch_size"] / out["s_per_step"]
+    out["s_per_step_rounds"] = [r["s_per_step"] for r in rows]
+    if all("peak_mem_bytes" in r for r in rows):
+        out["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r in rows)
+    return out
 
 
 def parse_result(stdout: str) -> dict[str, Any] | None:
@@ -243,9 +279,11 @@ def format_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
            f"{meta['num_classes']} classes, AdamW, clip 0.1"
            + (" (fp32 on CUDA: TF32 matmuls and convolutions, the engine's setting)"
               if meta["device"] == "cuda" and meta["precision"] == "fp32" else "")
-           + f"; distillation: token matching from a frozen "
-           f"ViDT-{meta['teacher']} (inference_mode), fixed balancer. Median of {meta['steps'] - meta['warmup']} "
-           f"steps after {meta['warmup']} warm-up, each row in a fresh process; data loader alone "
+           + f"; distillation from a frozen "
+           f"ViDT-{meta['teacher']} (inference_mode), fixed weights. Median of {meta['steps'] - meta['warmup']} "
+           f"steps after {meta['warmup']} warm-up, each row in a fresh process"
+           + (f", median over {meta['rounds']} interleaved rounds" if meta.get("rounds", 1) > 1 else "")
+           + "; data loader alone "
            f"({meta['workers']} workers): {meta['loader_images_per_s']:.1f} images/s. Peak memory: "
            + ("`torch.cuda.max_memory_allocated()` over the run." if meta["device"] == "cuda" else
               "growth of the process's peak RSS (`getrusage` `ru_maxrss`) over the run."), ""]
@@ -255,14 +293,14 @@ def format_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     plain = {r["model"]: r for r in rows if r["mode"] == "plain" and "error" not in r}
     for r in rows:
-        kd = "—" if r["mode"] == "plain" else f"token matching ← ViDT-{r['teacher']}" + (
+        kd = "—" if r["mode"] == "plain" else f"{MODE_LABEL[r['mode']]} ← ViDT-{r['teacher']}" + (
             f" ({r['teacher_params'] / 1e6:.1f} M)" if "teacher_params" in r else "")
         params = f"{r['params'] / 1e6:.1f} M" if "params" in r else "—"
         if "error" in r:
             out.append(f"| ViDT-{r['model']} | {params} | {kd} | {r['error']} | | | |")
             continue
         ratio = (f"{r['s_per_step'] / plain[r['model']]['s_per_step']:.2f}"
-                 if r["mode"] == "distill" and r["model"] in plain else "—")
+                 if r["mode"] != "plain" and r["model"] in plain else "—")
         out.append(f"| ViDT-{r['model']} | {params} | {kd} | {1000 * r['s_per_step']:.1f} | "
                    f"{r['images_per_s']:.2f} | {ratio} | {_mem(r)} |")
     return "\n".join(out)
@@ -278,7 +316,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2, help="per step (ViDT: 2 per GPU)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=["nano", "tiny", "small"])
     p.add_argument("--base", action="store_true", help="add the ViDT-base student")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=["plain", "distill"],
+                   help="rows per student (default: plain distill; see the module docstring)")
     p.add_argument("--teacher", choices=TEACHERS, default="base", help="the frozen teacher (conf/teacher/vidt_*)")
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=5)
@@ -287,12 +326,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--det-tokens", type=int, default=100)
     p.add_argument("--dec-layers", type=int, default=6)
     p.add_argument("--num-classes", type=int, default=91)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every row this many times, interleaved (round 1: all rows, round 2: all rows, ...), "
+                        "and report the median over rounds of each row's median step: on a shared machine the "
+                        "load drifts, and interleaving spreads the drift over the rows")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows and settings as JSON")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child is None:
-        if a.steps - a.warmup < 1 or a.warmup < 0 or a.batch_size < 1:
-            p.error("need --warmup >= 0, --batch-size >= 1 and at least one step after the warm-up")
+        if a.steps - a.warmup < 1 or a.warmup < 0 or a.batch_size < 1 or a.rounds < 1:
+            p.error("need --warmup >= 0, --batch-size >= 1, --rounds >= 1 and at least one step after the warm-up")
         a.image_size = a.image_size or (800 if a.device == "cuda" else 128)
         a.workers = a.workers if a.workers is not None else (4 if a.device == "cuda" else 0)
         if a.base and "base" not in a.models:
@@ -322,18 +365,20 @@ def main(argv: Sequence[str] | None = None) -> str:
                     loader_images_per_s=loader_rate(base, a.steps - 1))
         print(f"inputs {h}×{w}, batch {a.batch_size}, {a.precision}, {a.device}; loader alone "
               f"{meta['loader_images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
-        rows = []
-        for model in a.models:
-            for mode in a.modes:
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {(m, o): [] for m in a.models for o in a.modes}
+        for rnd in range(a.rounds):
+            for model, mode in runs:
                 try:
                     row = run_isolated(dict(base, model=model, mode=mode))
                 except RuntimeError as e:  # reported in its row; the other rows still run
                     print(e, file=sys.stderr, flush=True)
                     row = dict(model=model, mode=mode, teacher=a.teacher, error="failed (see the log)")
-                rows.append(row)
+                runs[(model, mode)].append(row)
                 msg = row.get("error") or (f"{1000 * row['s_per_step']:8.1f} ms/step {row['images_per_s']:8.2f} "
                                            f"images/s  {_mem(row)}")
-                print(f"ViDT-{model:5s} {mode:8s} {msg}", file=sys.stderr, flush=True)
+                print(f"[round {rnd + 1}/{a.rounds}] ViDT-{model:5s} {mode:14s} {msg}", file=sys.stderr, flush=True)
+        rows = [merge_rounds(rs) for rs in runs.values()]
+        meta["rounds"] = a.rounds
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     table = format_table(rows, meta)

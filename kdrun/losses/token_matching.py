@@ -18,15 +18,22 @@ takes the mean over all layers × their number). Its coefficient is 4.0 (``--dis
 that is the term's ``weight`` (``conf/distill/token_matching.yaml``). Padded [PATCH] positions count, as
 in the release.
 
-``projector`` (the projector config group's partial) is applied per token family — one projector for
-the [PATCH] tokens of all scales, one for the body [DET] tokens, one for the neck [DET] tokens — on the
-flattened tokens (``[N, 256]``), like the other feature terms; the release compares the tokens as they
-are, which is ``projector=identity`` (both 256-d). The teacher side never carries a gradient into the
+``projector`` (the projector config group's partial) is applied on the flattened tokens (``[N, 256]``),
+like the other feature terms: one projector for the body [DET] tokens, one for the neck [DET] tokens
+(all decoder outputs), and for the [PATCH] tokens ``patch_projectors="per_scale"`` (default) builds one
+projector per scale — DTO-KD Fig. 2's "multiple light-weight projectors at different scales", and what
+VkD's ViDT code does (roymiles/vkd ``vidt/main.py`` lines 86-92: ``patch_projector_1..4``) — while
+``"shared"`` maps all four scales through one (kdrun's behaviour before; its state_dict key stays
+``projectors.patch``). The release compares the tokens as they are, which is ``projector=identity``
+(both 256-d; then the two options coincide). The teacher side never carries a gradient into the
 teacher (its projector parameters still get theirs, as in :class:`~kdrun.losses._common.ProjectedFeatureLoss`).
+
+:class:`TokenDistillLoss` holds what this term shares with VkD's detection loss
+(:mod:`kdrun.losses.vkd_detection`): the taps, the layout checks, the projectors and the token pairs.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +44,7 @@ from kdrun.models.taps import ModelOutput
 
 PATCH_TAPS = tuple(f"patch_tokens_{i}" for i in range(4))
 FAMILIES = ("patch", "body", "neck")
+PatchProjectors = Literal["per_scale", "shared"]
 
 
 def _tokens(x: Tensor, family: str) -> Tensor:
@@ -51,20 +59,35 @@ def mean_l2(zs: Tensor, zt: Tensor) -> Tensor:
     return torch.linalg.vector_norm(zs - zt, dim=-1).mean()
 
 
-class TokenMatching(DistillLoss):
-    """ViDT token matching; see the module docstring."""
+class TokenDistillLoss(DistillLoss):
+    """Base of the ViDT token distillation terms: taps, layout checks, projectors, projected token pairs.
+
+    Subclasses set ``neck_per_layer`` (whether every decoder output is its own pair or all of them are
+    one set of tokens) and reduce the pairs of :meth:`projected_pairs` in ``forward``.
+    """
 
     student_taps = (*PATCH_TAPS, "body_det_tokens", "neck_det_tokens")
     teacher_taps = student_taps
+    neck_per_layer = True
 
     def __init__(self, projector: ProjectorFactory | None = None, patch: bool = True, body: bool = True,
-                 neck: bool = True) -> None:
+                 neck: bool = True, patch_projectors: PatchProjectors = "per_scale") -> None:
         super().__init__()
         self.projector_factory = projector
         self.families = tuple(f for f, on in zip(FAMILIES, (patch, body, neck)) if on)
         if not self.families:
-            raise ValueError("token matching needs at least one of patch, body, neck")
+            raise ValueError(f"{type(self).__name__} needs at least one of patch, body, neck")
+        if patch_projectors not in ("per_scale", "shared"):
+            raise ValueError(f"patch_projectors={patch_projectors!r} is not one of per_scale, shared")
+        self.patch_projectors = patch_projectors
         self.projectors: nn.ModuleDict | None = None
+
+    def projector_keys(self, family: str) -> list[str]:
+        """The projector of each pair of a family, in pair order (``patch_<i>`` per scale or ``patch``)."""
+        if family == "patch":
+            return ([f"patch_{i}" for i in range(len(PATCH_TAPS))] if self.patch_projectors == "per_scale"
+                    else ["patch"] * len(PATCH_TAPS))
+        return [family]
 
     def setup(self, student: dict[str, Any], teacher: dict[str, Any]) -> None:
         dims = {"patch": (student[PATCH_TAPS[0]][0], teacher[PATCH_TAPS[0]][0]),
@@ -76,31 +99,44 @@ class TokenMatching(DistillLoss):
                 raise ValueError(f"token matching compares {name} one to one, but the student has {s} and the "
                                  f"teacher {t} (number of decoder outputs, [DET] tokens); build both with the "
                                  "same det_tokens and dec_layers.")
-        self.projectors = nn.ModuleDict({f: build_projector(self.projector_factory, int(dims[f][0]), int(dims[f][1]))
-                                         for f in self.families})
+        self.projectors = nn.ModuleDict({
+            k: build_projector(self.projector_factory, int(dims[f][0]), int(dims[f][1]))
+            for f in self.families for k in dict.fromkeys(self.projector_keys(f))})
 
-    def _family(self, family: str, s: ModelOutput, t: ModelOutput) -> Tensor:
+    def projected_pairs(self, family: str, s: ModelOutput, t: ModelOutput) -> list[tuple[Tensor, Tensor]]:
+        """The family's (student, teacher) token pairs as projected fp32 ``[N, D]`` rows; the teacher is
+        detached before its projector."""
+        need_setup(self, self.projectors)
         assert self.projectors is not None
-        proj = self.projectors[family]
         if family == "patch":
             pairs = [(tap(s, n), tap(t, n)) for n in PATCH_TAPS]
         elif family == "body":
             pairs = [(tap(s, "body_det_tokens"), tap(t, "body_det_tokens"))]
-        else:  # one mean per decoder output, summed
+        elif self.neck_per_layer:
             pairs = list(zip(tap(s, "neck_det_tokens").unbind(1), tap(t, "neck_det_tokens").unbind(1)))
-        total = torch.zeros((), device=s.logits.device)
-        for xs, xt in pairs:
+        else:
+            pairs = [(tap(s, "neck_det_tokens"), tap(t, "neck_det_tokens"))]
+        keys = self.projector_keys(family)  # one per [PATCH] scale, or one for the whole family
+        keys = keys if len(keys) == len(pairs) else keys * len(pairs)
+        out = []
+        for key, (xs, xt) in zip(keys, pairs):
             if xs.shape != xt.shape:
-                raise ValueError(f"token matching: student {family} tokens {tuple(xs.shape)} vs teacher "
+                raise ValueError(f"{type(self).__name__}: student {family} tokens {tuple(xs.shape)} vs teacher "
                                  f"{tuple(xt.shape)}; they are matched one to one (same input, same "
                                  "det_tokens).")
-            zs, zt = proj(_tokens(xs, family).float(), _tokens(xt, family).detach().float())
-            total = total + mean_l2(zs.float(), zt.float())
-        return total
+            zs, zt = self.projectors[key](_tokens(xs, family).float(), _tokens(xt, family).detach().float())
+            out.append((zs.float(), zt.float()))
+        return out
+
+
+class TokenMatching(TokenDistillLoss):
+    """ViDT token matching; see the module docstring."""
 
     def forward(self, s: ModelOutput, t: ModelOutput, target: Any = None) -> Tensor:
-        need_setup(self, self.projectors)
-        total = sum(self._family(f, s, t) for f in self.families)
+        total = torch.zeros((), device=s.logits.device)
+        for f in self.families:
+            for zs, zt in self.projected_pairs(f, s, t):
+                total = total + mean_l2(zs, zt)
         # the clamp only matters when student and teacher tokens coincide exactly, where sqrt's
         # infinite slope would turn the zero gradient of the distances into NaN
-        return torch.sqrt(total.clamp_min(1e-12))  # type: ignore[union-attr]
+        return torch.sqrt(total.clamp_min(1e-12))

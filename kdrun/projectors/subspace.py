@@ -19,10 +19,14 @@ For the feature losses this module returns (D P_s z_s, P_t ẑ_t), where ẑ_t i
 the distillation loss. P_t is trained too; it is an isometry (‖P_t z‖ = ‖z‖), so the teacher target
 cannot shrink to zero. Orthonormality is exact at every step (``orthogonal_map``: the chart, see
 :func:`kdrun.projectors._common.stiefel`).
+
+``metric="identity"`` fixes D = I (a buffer, not trained): the two subspaces alone, without the learnable
+metric. MoKD's Fig. 2 caption calls D the part used "for alignment"; kdrun reads MoKD Table 3's
+"High-dimensional Alignment" column as this metric (the COCO ablation recipes: off = ``identity``).
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +38,7 @@ from kdrun.projectors._common import OrthogonalMap, TeacherNorm, check_teacher_n
 class Subspace(nn.Module):
     def __init__(self, student_dim: Annotated[int, Ge(1)], teacher_dim: Annotated[int, Ge(1)],
                  n: Annotated[int, Ge(1)] | None = None, teacher_norm: TeacherNorm = "layernorm",
-                 orthogonal_map: OrthogonalMap = "auto") -> None:
+                 orthogonal_map: OrthogonalMap = "auto", metric: Literal["learned", "identity"] = "learned") -> None:
         super().__init__()
         n_min = max(student_dim, teacher_dim)
         n = n_min if n is None else int(n)
@@ -45,7 +49,13 @@ class Subspace(nn.Module):
         # nn.Linear(in, out) holds an (out × in) = (n × n_dim) weight: orthonormal columns since n ≥ n_dim.
         self.p_s = stiefel(nn.Linear(student_dim, n, bias=False), orthogonal_map)
         self.p_t = stiefel(nn.Linear(teacher_dim, n, bias=False), orthogonal_map)
-        self.d = nn.Parameter(torch.ones(n))  # the diagonal of D, stored as a vector so it stays diagonal
+        if metric not in ("learned", "identity"):
+            raise ValueError(f"subspace projector: metric={metric!r} is not one of learned, identity")
+        self.d: Tensor
+        if metric == "learned":
+            self.d = nn.Parameter(torch.ones(n))  # the diagonal of D, stored as a vector so it stays diagonal
+        else:
+            self.register_buffer("d", torch.ones(n))
         self.teacher_norm = check_teacher_norm(teacher_norm)
 
     @property

@@ -24,3 +24,15 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return make_synthetic_coco(tmp_path_factory.mktemp("coco_syn"), num_train=6, num_val=8, image_size=64,
                                num_classes=3, max_objects=3, seed=3)
+
+
+@pytest.fixture
+def vidt_pair() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """A small ViDT-nano student and an independently initialised one as its frozen teacher (eval), and a
+    batch of two 64×48 images: what the token distillation terms compare, at test size."""
+    from kdrun.models.vidt import vidt_nano
+
+    torch.manual_seed(0)
+    student = vidt_nano(num_classes=3, det_tokens=6, dec_layers=2)
+    teacher = vidt_nano(num_classes=3, det_tokens=6, dec_layers=2).eval()
+    return student, teacher, torch.randn(2, 3, 64, 48)

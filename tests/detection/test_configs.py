@@ -41,3 +41,14 @@ def test_task_and_loss_build_from_config() -> None:
     node.pop("weight")
     loss = instantiate(node)
     assert type(loss).__name__ == "TokenMatching" and loss.families == ("patch", "body", "neck")
+
+
+def test_bad_token_distillation_values_name_their_key() -> None:
+    base = ["task=detection", "optimizer=adamw", "dataset=coco_synthetic", "student=vidt_nano", "teacher=vidt_base"]
+    with pytest.raises(ConfigError, match="patch_projectors.*per_scale"):
+        validate(compose_cfg([*base, "distill=token_matching", "distill.token_matching.patch_projectors=one"]))
+    with pytest.raises(ConfigError, match="token_matching_vkd.eps"):
+        validate(compose_cfg([*base, "distill=token_matching_vkd", "distill.token_matching_vkd.eps=-1"]))
+    with pytest.raises(ConfigError, match="metric"):
+        validate(compose_cfg([*base, "distill=token_matching", "projector=subspace", "projector.metric=diag"]))
+    validate(compose_cfg([*base, "distill=token_matching_vkd", "projector=orthogonal", "projector.affine=true"]))

@@ -198,6 +198,20 @@ def test_bench_overrides_table_and_result_lines(bench: Any) -> None:
 
     validate(compose_cfg(over))  # every override names a real key with a valid value
 
+    # the projector / clipping / VkD rows pick what they say, and compose into valid configs
+    from hydra.utils import get_object
+
+    for mode, want in (("proj_shared", ("Orthogonal", "Fixed", "shared")),
+                       ("proj_per_scale", ("Orthogonal", "Fixed", "per_scale")),
+                       ("clip", ("Orthogonal", "ObjectiveClip", "per_scale")), ("vkd", ("Orthogonal", "Fixed", None))):
+        cfg = compose_cfg(bench.overrides(dict(spec, mode=mode)))
+        validate(cfg)
+        (term,) = cfg.distill.values()
+        assert (cfg.projector._target_.rsplit(".", 1)[1], cfg.balancer._target_.rsplit(".", 1)[1],
+                term.get("patch_projectors")) == want, mode
+        assert get_object(term._target_).__name__ == ("VkDDetection" if mode == "vkd" else "TokenMatching")
+    assert compose_cfg(bench.overrides(dict(spec, mode="vkd"))).projector.affine is True
+
     rows = [dict(model="tiny", mode="plain", teacher="base", params=37.4e6, s_per_step=0.1, images_per_s=20.0,
                  peak_mem_bytes=3 * 2**30),
             dict(model="tiny", mode="distill", teacher="base", params=37.4e6, teacher_params=99e6, s_per_step=0.25,

@@ -186,3 +186,33 @@ def test_projector_yaml_instantiates_with_exact_keys(path: Path) -> None:
     proj = factory(student_dim=dim, teacher_dim=dim)
     a, b = proj(torch.randn(4, dim), torch.randn(4, dim))
     assert a.shape[0] == b.shape[0] == 4
+
+
+def test_orthogonal_affine_is_vkd_orthogonal_linear() -> None:
+    """roymiles/vkd vidt/main.py lines 29-44: weight * orthogonal(Linear(bias=False))(x) + bias, init 1 / 0."""
+    torch.manual_seed(0)
+    proj = Orthogonal(student_dim=5, teacher_dim=7, teacher_norm="none", affine=True)
+    assert torch.equal(proj.scale, torch.ones(7)) and torch.equal(proj.shift, torch.zeros(7))
+    with torch.no_grad():
+        proj.scale.uniform_(0.5, 2.0)
+        proj.shift.normal_()
+    zs, zt = torch.randn(4, 5), torch.randn(4, 7)
+    ps, pt = proj(zs, zt)
+    torch.testing.assert_close(ps, proj.scale * (zs @ proj.weight.T) + proj.shift)
+    assert torch.equal(pt, zt)
+    assert {n for n, _ in proj.named_parameters()} == {"scale", "shift", "proj.parametrizations.weight.original"}
+    plain = Orthogonal(student_dim=5, teacher_dim=7)
+    assert plain.scale is None and len(list(plain.parameters())) == 1  # the default is unchanged
+
+
+def test_subspace_identity_metric_has_no_d_parameter() -> None:
+    torch.manual_seed(0)
+    proj = Subspace(student_dim=6, teacher_dim=6, n=8, teacher_norm="none", metric="identity")
+    assert "d" not in dict(proj.named_parameters()) and torch.equal(proj.d, torch.ones(8))
+    zs, zt = torch.randn(3, 6), torch.randn(3, 6)
+    a, b = proj(zs, zt)
+    torch.testing.assert_close(a, zs @ proj.P_s.T)
+    torch.testing.assert_close(b, zt @ proj.P_t.T)
+    assert "d" in dict(Subspace(student_dim=6, teacher_dim=6).named_parameters())
+    with pytest.raises(ValueError, match="metric"):
+        Subspace(student_dim=6, teacher_dim=6, metric="diag")  # type: ignore[arg-type]
