@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Framework overhead: the same KD job as a bare PyTorch loop, through kdrun's engine, and through
+torchdistill's ``DistillationBox``, interleaved over rounds in one process (issue #16).
+
+The job (the CIFAR-100 KD recipe ``recipes/cifar100_resnet56_resnet20_kd.yaml`` on synthetic data):
+resnet56 → resnet20 (randomly initialised: timing only), CIFAR-shaped synthetic images
+(``kdrun.data.synthetic``, 100 classes, 3×32×32), batch 64, loss 0.9·T²·KL(T = 4) + 0.1·CE (the
+``fixed_kd`` balancer), SGD lr 0.05, momentum 0.9, weight decay 5e-4, fp32, ``num_workers=0``.
+
+* ``bare`` — the loop a user would write: teacher under ``torch.inference_mode``, student forward,
+  loss, ``zero_grad``/``backward``/``step``.
+* ``kdrun`` — ``kdrun.engine.train`` on the same job with the default logger settings (``log_every``
+  10, jsonl + TensorBoard; only the progress bar is off). Steps are timed from outside: the step object
+  that ``kdrun.engine.run.make_step`` returns is wrapped so that each call's end time is recorded
+  (nothing is read back from ``metrics.jsonl``), so the loader, the loop and the logger between steps
+  are all charged to kdrun.
+* ``torchdistill`` — ``DistillationBox`` with a ``train_config`` dict equivalent to torchdistill's KD
+  sample config (yoshitomo-matsubara/torchdistill ``configs/sample/cifar10/kd/
+  resnet20_from_densenet_bc_k12_depth100-final_run.yaml``: ``KDLoss`` with ``temperature``/``alpha``
+  inside ``WeightedSumLoss``), ``alpha=0.1, beta=0.9`` for the same loss; its own data loader
+  (``requires_supp``), ``forward_process`` + ``post_forward_process`` per step as in its
+  ``examples/torchvision/image_classification.py``. Skipped, with a note, when torchdistill is not
+  importable.
+
+With ``--cached`` two more bare loops run on a finite-view pipeline (``kdrun.data.views``: a torchvision
+CIFAR100 object over ``--cache-images`` random uint8 images with kdrun's CIFAR transform — 4-pixel-padded
+crop + flip = 162 views): ``bare-views`` (live teacher) and ``bare-cached`` (the teacher's outputs read
+from a ``kdrun.teacher_cache`` filled once before the rounds). The fill is timed and reported in units of
+teacher-forward epochs: fill seconds / (images × the live teacher's per-image forward time in
+``bare-views``' steps).
+
+Every variant's step time is the interval between consecutive step ends (data loading included); the
+first ``--warmup`` steps of each run are dropped; the table shows the median over all rounds' steps and
+the ratio to ``bare`` (img/s = batch / median step time).
+
+    python scripts/bench_overhead.py --rounds 3 --steps 12 --warmup 2 --cached
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler
+
+from kdrun.data.synthetic import build as synthetic
+from kdrun.losses.kl import kl_divergence
+from kdrun.models.cifar.resnet import resnet20, resnet56
+from kdrun.models.taps import ModelOutput
+
+CLASSES, SIZE, T_KD, W_KD, W_CE = 100, 32, 4.0, 0.9, 0.1
+SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def models(device: torch.device, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(seed)
+    teacher, student = resnet56(CLASSES).to(device).eval(), resnet20(CLASSES).to(device).train()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, student
+
+
+def data(steps: int, batch: int) -> Any:
+    return synthetic(num_classes=CLASSES, image_size=SIZE, train_size=batch * steps, val_size=batch).train
+
+
+def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return W_KD * kl_divergence(s_logits, t_logits, T_KD) + W_CE * F.cross_entropy(s_logits, y)
+
+
+# -- the variants: each returns the end time of every step -------------------------------------------
+
+
+def run_bare(steps: int, batch: int, device: torch.device, loader: DataLoader | None = None,
+             teacher_out: Callable[[Any], torch.Tensor] | None = None,
+             fwd_times: list[float] | None = None) -> list[float]:
+    """The hand-written loop. ``loader``/``teacher_out`` replace the data and the teacher call (the
+    finite-view and cached variants); ``fwd_times`` collects the live teacher's forward times."""
+    teacher, student = models(device, 0)
+    opt = torch.optim.SGD(student.parameters(), **SGD)
+    loader = loader or DataLoader(data(steps, batch), batch_size=batch, shuffle=True, drop_last=True)
+    ends = []
+    for k, b in enumerate(loader):
+        if k == steps:
+            break
+        x, y = b[0].to(device, non_blocking=True), b[1].to(device, non_blocking=True)
+        if teacher_out is not None:
+            t_logits = teacher_out(b)
+        else:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                t_logits = teacher(x)
+            t_logits = t_logits.clone()  # out of inference mode, for autograd
+            if fwd_times is not None:
+                sync(device)
+                fwd_times.append(time.perf_counter() - t0)
+        loss = kd_loss(student(x), t_logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        ends.append(time.perf_counter())
+    return ends
+
+
+def run_kdrun(steps: int, batch: int, device: torch.device) -> list[float]:
+    """kdrun's engine on the same job; step end times from a wrapper around the engine's step object."""
+    from hydra import compose, initialize_config_dir
+
+    import kdrun.engine.run as run
+    from kdrun.cli import config_dir
+
+    ends: list[float] = []
+    real = run.make_step
+
+    def timed_make_step(*a: Any, **kw: Any) -> Callable[..., Any]:
+        step = real(*a, **kw)
+
+        def timed(*sa: Any, **skw: Any) -> Any:
+            out = step(*sa, **skw)
+            sync(device)
+            ends.append(time.perf_counter())
+            return out
+
+        return _Proxy(step, timed)
+
+    overrides = [
+        "dataset=synthetic", f"dataset.num_classes={CLASSES}", f"dataset.image_size={SIZE}",
+        f"dataset.train_size={batch * steps}", f"dataset.val_size={batch}", "teacher=resnet56",
+        "teacher.checkpoint=null", "student=resnet20", "distill=kl", "distill.kl.temperature=4.0",
+        "balancer=fixed_kd", "optimizer=sgd", f"optimizer.lr={SGD['lr']}", f"optimizer.momentum={SGD['momentum']}",
+        f"optimizer.weight_decay={SGD['weight_decay']}", "scheduler=constant", f"trainer.batch_size={batch}",
+        f"trainer.max_steps={steps}", "trainer.epochs=1000", "trainer.save_last=false", "trainer.save_best=false",
+        f"trainer.accelerator={device.type}", "logger.progress=false",
+    ]
+    with tempfile.TemporaryDirectory() as d:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        run.make_step = timed_make_step
+        try:
+            res = run.train(cfg, Path(d))
+        finally:
+            run.make_step = real
+    assert res["steps"] == steps == len(ends), (res["steps"], len(ends))
+    return ends
+
+
+class _Proxy:
+    """The engine's step object with its ``__call__`` timed; every other attribute is the step's own."""
+
+    def __init__(self, step: Any, call: Callable[..., Any]) -> None:
+        object.__setattr__(self, "_step", step)
+        object.__setattr__(self, "_call", call)
+
+    def __call__(self, *a: Any, **kw: Any) -> Any:
+        return self._call(*a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._step, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._step, name, value)
+
+
+def torchdistill_available() -> str | None:
+    try:
+        import torchvision.datasets  # noqa: F401  (torchdistill's registry reads sys.modules['torchvision.datasets'])
+        from torchdistill.core.distillation import DistillationBox  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means: skip with the reason
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def run_torchdistill(steps: int, batch: int, device: torch.device) -> list[float]:
+    import logging
+
+    import torchvision.datasets  # noqa: F401
+    from torchdistill.core.distillation import DistillationBox
+
+    logging.getLogger("torchdistill").setLevel(logging.WARNING)
+    teacher, student = models(device, 0)
+    train_config = {
+        "num_epochs": 1,
+        "train_data_loader": {"dataset_id": "train", "requires_supp": True,
+                              "sampler": {"class_or_func": RandomSampler, "kwargs": {}},
+                              "kwargs": {"batch_size": batch, "num_workers": 0, "drop_last": True}},
+        # torchdistill 1.1.5 has no default forward_proc (get_forward_proc_func(None) raises).
+        "teacher": {"sequential": [], "frozen_modules": [], "requires_grad": False,
+                    "forward_proc": "forward_batch_only"},
+        "student": {"adaptations": None, "sequential": [], "frozen_modules": [], "requires_grad": True,
+                    "forward_proc": "forward_batch_only"},
+        "optimizer": {"key": "SGD", "kwargs": dict(SGD)},
+        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {
+            "criterion": {"key": "KDLoss", "kwargs": {
+                "student_module_path": ".", "student_module_io": "output", "teacher_module_path": ".",
+                "teacher_module_io": "output", "temperature": T_KD, "alpha": W_CE, "beta": W_KD,
+                "reduction": "batchmean"}},
+            "weight": 1.0}}}},
+    }
+    box = DistillationBox(teacher, student, {"train": data(steps, batch)}, train_config, device, None, False, 1)
+    box.pre_epoch_process(epoch=0)
+    ends = []
+    for k, (x, y, supp) in enumerate(box.train_data_loader):
+        if k == steps:
+            break
+        x, y = x.to(device), y.to(device)
+        loss = box.forward_process(x, y, supp)
+        box.post_forward_process(loss=loss)
+        sync(device)
+        ends.append(time.perf_counter())
+    return ends
+
+
+# -- the finite-view / cached variants ---------------------------------------------------------------
+
+
+def fake_cifar(n: int) -> Any:
+    """A torchvision CIFAR100 over random uint8 images with kdrun's CIFAR training transform."""
+    from torchvision.datasets import CIFAR100
+
+    from kdrun.data.cifar100 import transforms
+
+    ds = CIFAR100.__new__(CIFAR100)  # no files: __getitem__ reads data/targets/transform only
+    rng = np.random.default_rng(0)
+    ds.data = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    ds.targets = [int(v) for v in rng.integers(0, CLASSES, n)]
+    ds.transform, ds.target_transform = transforms(SIZE, augment=True)[0], None
+    return ds
+
+
+class ViewsBench:
+    """The live and cached bare loops over one finite-view data set, and the one-off fill."""
+
+    def __init__(self, n_images: int, batch: int, device: torch.device, fill_batch: int, root: Path) -> None:
+        from kdrun.data.views import ViewDataset
+        from kdrun.teacher_cache import build_cache, make_key
+
+        self.data, self.batch, self.device = ViewDataset(fake_cifar(n_images)), batch, device
+        teacher, _ = models(device, 0)
+
+        def call(x: torch.Tensor) -> ModelOutput:
+            with torch.inference_mode():
+                return ModelOutput(teacher(x).clone())
+
+        key = make_key(teacher, self.data, (), "fp32", {"device": device.type, "precision": "fp32",
+                                                         "channels_last": False})
+        t0 = time.perf_counter()
+        self.cache = build_cache(root / "cache", key, call, self.data, batch_size=fill_batch,
+                                 prepare=lambda x: x.to(device), progress=sys.stderr.isatty())
+        self.fill_s = time.perf_counter() - t0
+        self.fwd_times: list[float] = []
+
+    def loader(self, steps: int) -> DataLoader:
+        sampler = RandomSampler(self.data, num_samples=self.batch * steps)  # several epochs of few images
+        return DataLoader(self.data, batch_size=self.batch, sampler=sampler, drop_last=True)
+
+    def live(self, steps: int) -> list[float]:
+        return run_bare(steps, self.batch, self.device, self.loader(steps), fwd_times=self.fwd_times)
+
+    def cached(self, steps: int) -> list[float]:
+        def lookup(b: Any) -> torch.Tensor:
+            return self.cache.get(b[2], b[3], self.device).logits
+
+        return run_bare(steps, self.batch, self.device, self.loader(steps), teacher_out=lookup)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=12, help="steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of every run")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--only", nargs="*", default=None, help="variants to run (bare always runs)")
+    p.add_argument("--cached", action="store_true", help="add the finite-view live and cached bare loops")
+    p.add_argument("--cache-images", type=int, default=64, help="images in the cached data set (× 162 views)")
+    p.add_argument("--fill-batch", type=int, default=256)
+    a = p.parse_args()
+    device, batch = torch.device(a.device), a.batch_size
+    notes = []
+    variants: dict[str, Callable[[int], list[float]]] = {
+        "bare": lambda n: run_bare(n, batch, device),
+        "kdrun": lambda n: run_kdrun(n, batch, device),
+    }
+    why = torchdistill_available()
+    if why is None:
+        variants["torchdistill"] = lambda n: run_torchdistill(n, batch, device)
+    else:
+        notes.append(f"torchdistill skipped: not importable ({why})")
+    with contextlib.ExitStack() as stack:
+        if a.cached:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            views = ViewsBench(a.cache_images, batch, device, a.fill_batch, root)
+            variants["bare-views"] = views.live
+            variants["bare-cached"] = views.cached
+        if a.only:
+            variants = {k: v for k, v in variants.items() if k == "bare" or k in a.only}
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for r in range(a.rounds):
+            for name, fn in variants.items():
+                ends = fn(a.steps + a.warmup)
+                times[name] += list(np.diff(ends[a.warmup:]))
+                print(f"round {r + 1}/{a.rounds} {name:14s} {1000 * statistics.median(times[name]):8.1f} ms/step",
+                      flush=True)
+    base = statistics.median(times["bare"])
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else \
+        f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    print(f"\n### KD overhead — {time.strftime('%Y-%m-%d')}, {dev}, torch {torch.__version__}")
+    print(f"`python scripts/bench_overhead.py {shlex.join(sys.argv[1:])}` — resnet56 → resnet20, batch {batch}, "
+          f"fp32, median of {a.steps - 1} step intervals after {a.warmup} warm-up × {a.rounds} interleaved round(s)\n")
+    print("| variant | ms/step | img/s | × bare step time |\n| --- | ---: | ---: | ---: |")
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"| {name} | {1000 * m:.1f} | {batch / m:.1f} | {m / base:.3f} |")
+    if "torchdistill" in times:
+        m = statistics.median(times["torchdistill"])
+        print(f"\nkdrun step / torchdistill step: {statistics.median(times['kdrun']) / m:.3f}")
+    if a.cached:
+        live, cached = statistics.median(times["bare-views"]), statistics.median(times["bare-cached"])
+        fwd = statistics.median(views.fwd_times) / batch  # live teacher forward, s per image
+        n, v = len(views.data), views.data.num_views
+        print(f"\ncached step speed-up (bare-views / bare-cached): {live / cached:.2f}×")
+        if "torchdistill" in times:
+            print(f"cached step vs torchdistill step: {statistics.median(times['torchdistill']) / cached:.2f}×")
+        print(f"live teacher forward in a training step: {1000 * fwd * batch:.1f} ms per batch of {batch} "
+              f"({1 / fwd:.1f} img/s); fill: {n} images × {v} views in {views.fill_s:.1f} s "
+              f"(batch {a.fill_batch}, {n * v / views.fill_s:.1f} views/s) = "
+              f"{views.fill_s / (n * fwd):.1f} teacher-forward epochs")
+    for note in notes:
+        print(f"\nNote: {note}")
+
+
+if __name__ == "__main__":
+    main()
