@@ -103,6 +103,10 @@ class TrainerConfig:
     deterministic: bool = False
     grad_clip: Annotated[float, Ge(0.0)] = 0.0  # max global grad norm; 0 disables
     nonfinite: Literal["skip", "raise"] = "skip"  # what a step with a non-finite gradient does
+    # Stop with an error when this many consecutive steps were all skipped as non-finite (a diverged run
+    # must not end as "done"); 0 disables. fp16's GradScaler skips a few steps in a row while it finds its
+    # scale, far fewer than this.
+    max_nonfinite_streak: Annotated[int, Ge(0)] = 100
     # Where per-objective gradients live (for gradient-level balancers and the diagnostics):
     # params = the shared student parameters (exact); features = a shared representation named by
     # grad_feature (MGDA-UB style: one backward per step).
@@ -114,6 +118,9 @@ class TrainerConfig:
     grad_feature: str = "pre_logits"  # the shared representation for grad_space=features
     val_every: Annotated[int, Ge(1)] = 1  # epochs
     resume: Optional[str] = None  # null | auto | PATH
+    # A fresh run refuses a directory that already holds a run (kdrun.rundir); true deletes that run's
+    # files first and starts over there.
+    overwrite: bool = False
     save_last: bool = True
     save_best: bool = True
     save_every_steps: Annotated[int, Ge(0)] = 0  # also write last.pt every N steps mid-epoch (0: epoch ends only)
@@ -462,7 +469,9 @@ ROOT_KEYS = ("dataset", "task", "teacher", "student", "distill", "projector", "b
 
 ROLE_KEYS = {
     "student": ("model", "checkpoint"),
-    "teacher": ("model", "checkpoint", "fit_if_missing_epochs"),
+    # allow_random: use a teacher with neither weights nor a fit (random init) — refused otherwise;
+    # cache: the teacher-output cache (kdrun.teacher_cache), null = the live teacher every step.
+    "teacher": ("model", "checkpoint", "fit_if_missing_epochs", "allow_random", "cache"),
 }
 
 

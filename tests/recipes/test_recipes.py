@@ -7,8 +7,8 @@ Why a sample and not all ~170 recipes through the engine: the recipes are a smal
 is decided by the parts it combines: its models (the model pair), its distillation terms, its projector and
 its balancer. :func:`stratified_sample` picks, greedily and cheapest first, recipes until every one of
 those parts that occurs in any recipe -- every (student, teacher) pair, every distill term, every projector
-a term uses, every balancer (and DTO mode) -- is covered at least once. That is ~30 short runs (≈2 min
-on 2 cores) instead of ~170, and a newly added recipe with a new part is picked up automatically.
+a term uses, every balancer (DTO exact and amortised are two classes) -- is covered at least once. That
+is ~30 short runs (≈2 min on 2 cores) instead of ~170, and a newly added recipe with a new part is picked up automatically.
 
 The COCO detection recipes (ViDT, DTO-KD Tables 3/5, MoKD Tables 1/4) are sampled the same way over their
 own parts (student, teacher, distill term, projector, balancer) and run on ``coco_synthetic`` at 64 px with
@@ -53,11 +53,12 @@ COMPOSED: dict[str, DictConfig | Exception] = {n: _compose(n) for n in NAMES}
 
 
 def test_recipes_exist() -> None:
-    # ImageNet 10, CIFAR (DTO-KD/MoKD) 66 + 13 scratch, cross-batch 64 + 17 unique, quickstart 1, COCO 23.
-    assert len(NAMES) >= 170, NAMES
+    # ImageNet 10, CIFAR (DTO-KD/MoKD) 66 + 13 scratch, cross-batch 64 + 17 unique, quickstart 1, COCO 28.
+    assert len(NAMES) >= 175, NAMES
     coco = [n for n in NAMES if n.startswith("coco_")]
-    # Table 3: 3 students x (no KD + 4 methods); Table 5: 2 students x 4 methods with the Swin-small teacher
-    assert len(coco) == 3 * 5 + 2 * 4, coco
+    # Table 3: 3 students x (no KD + 4 methods); Table 5: 2 students x 4 methods with the Swin-small teacher;
+    # the ablations' own runs (DTO-KD Table 4: clip, proj, proj_opt; MoKD Table 3: proj, proj_opt)
+    assert len(coco) == 3 * 5 + 2 * 4 + 5, coco
 
 
 def test_generated_files_are_up_to_date() -> None:
@@ -103,7 +104,7 @@ def test_every_kdrun_cell_of_every_table_has_a_recipe() -> None:
 
 def test_method_presets_select_the_methods_parts() -> None:
     mokd = compose_cfg(["+method=mokd"])
-    assert mokd.balancer._target_ == "kdrun.balancers.dto.DTO" and mokd.balancer.mode == "amortised"
+    assert mokd.balancer._target_ == "kdrun.balancers.dto.DTOAmortised" and mokd.balancer.optimizer == "adamw"
     assert mokd.projector._target_ == "kdrun.projectors.subspace.Subspace"
     assert set(mokd.distill) == {"kl", "normalized_l1"}
     dto = compose_cfg(["+method=dto_kd"])
@@ -112,6 +113,106 @@ def test_method_presets_select_the_methods_parts() -> None:
     deit = compose_cfg(["+method=deit_kd"])
     assert deit.distill.deit_hard.student_logits == "dist_logits" and deit.balancer.alpha_task == 0.5
     assert not compose_cfg(["+method=none"]).distill
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every recipe x every balancer: `kdrun train +recipe=R balancer=B` and `-m +recipe=R balancer=a,b,c`.
+
+BALANCERS = sorted(p.stem for p in (ROOT / "conf" / "balancer").glob("*.yaml"))
+
+
+def _balancer_nodes() -> dict[str, DictConfig]:
+    """Each balancer option as Hydra composes it (options may have defaults lists: objective_clip)."""
+    return {b: compose_cfg([f"balancer={b}"]).balancer for b in BALANCERS}
+
+
+def _global_files() -> list[Path]:
+    """Every config that writes at the root (`# @package _global_`): recipes, method presets, ..."""
+    out = []
+    for p in sorted((ROOT / "conf").rglob("*.yaml")) + sorted((ROOT / "recipes").glob("*.yaml")):
+        if p.parent.name == "recipe" and p.parent.is_symlink():
+            continue  # conf/recipe -> recipes/: listed once
+        if "# @package _global_" in p.read_text().split("\n", 1)[0]:
+            out.append(p)
+    return out
+
+
+def test_no_global_config_sets_balancer_keys() -> None:
+    """A recipe or preset that set balancer keys in its body would have them merged into whatever balancer
+    the user picks (`balancer.alpha_task is not a parameter of DTO`); protocol weights are named options
+    (conf/balancer/fixed_kd.yaml, fixed_mean.yaml) instead. With no such keys, composing `+recipe=R
+    balancer=B` is the recipe's config with B's node in place of its own, which the next tests use."""
+    import yaml
+
+    files = _global_files()
+    assert len(files) >= len(NAMES) + 5  # every recipe and the method presets are looked at
+    offenders = [str(p.relative_to(ROOT)) for p in files if "balancer" in (yaml.safe_load(p.read_text()) or {})]
+    assert not offenders, f"set balancer keys in the body (use a named conf/balancer option): {offenders}"
+
+
+# A recipe per kind of defaults list (plain / fixed_kd / fixed_mean via a preset / a DTO method preset /
+# COCO), composed for real with a balancer of each shape (keys of its own, a loss-level learner, one with
+# a defaults list of its own): the result must be the recipe's config with the option's node swapped in.
+SWITCH_SAMPLE = ["quickstart", "cifar100_resnet56_resnet20_kd", "deit_tiny_regnety160_kd",
+                 "cifar100_resnet56_resnet20_mokd", "coco_vidt_base_vidt_nano_dto_kd"]
+SWITCH_BALANCERS = ["fixed", "dto", "objective_clip"]
+
+
+@pytest.fixture(scope="module")
+def balancer_nodes() -> dict[str, DictConfig]:
+    return _balancer_nodes()
+
+
+@pytest.mark.parametrize("name", SWITCH_SAMPLE)
+def test_group_switch_replaces_the_recipes_balancer_whole(name: str, balancer_nodes: dict[str, DictConfig]) -> None:
+    for b in SWITCH_BALANCERS:
+        cfg = compose_cfg([f"+recipe={name}", f"balancer={b}"])
+        assert OmegaConf.to_container(cfg.balancer) == OmegaConf.to_container(balancer_nodes[b]), (name, b)
+        swapped = COMPOSED[name].copy()
+        swapped.balancer = balancer_nodes[b]
+        assert cfg == swapped, (name, b)  # nothing else of the recipe changes
+
+
+def validation_class(cfg: DictConfig) -> str:
+    """What, besides the balancer node itself, decides whether a balancer validates on a recipe: the
+    trainer settings (grad_space & co.), the task (its objectives), the distill terms (the objectives'
+    members) and whether there is a teacher. The other nodes (dataset, models, optimiser, scheduler,
+    projector, term values) are validated on their own, independently of the balancer, and are checked
+    on every recipe by test_recipe_composes_and_validates."""
+    c = OmegaConf.to_container(cfg, resolve=False)
+    return json.dumps({"trainer": c["trainer"], "task": c["task"], "distill": sorted(c.get("distill") or {}),
+                       "teacher": c["teacher"] is None}, sort_keys=True)
+
+
+CLASSES: dict[str, list[str]] = {}
+for _n, _c in COMPOSED.items():
+    if not isinstance(_c, Exception):
+        CLASSES.setdefault(validation_class(_c), []).append(_n)
+REPRESENTATIVES = sorted(names[0] for names in CLASSES.values())
+
+
+def test_representatives_cover_every_recipe() -> None:
+    covered = sorted(n for names in CLASSES.values() for n in names)
+    assert covered == sorted(n for n, c in COMPOSED.items() if not isinstance(c, Exception))
+    assert len(REPRESENTATIVES) >= 15  # CIFAR/ImageNet/COCO/quickstart protocols x term sets: not vacuous
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_every_balancer_validates_on_the_recipe(name: str, balancer_nodes: dict[str, DictConfig]) -> None:
+    """`kdrun.config.validate` on the recipe with each balancer option in turn (what `kdrun train
+    +recipe=R balancer=B` and `-m balancer=a,b,...` run), for one recipe of each validation class; every
+    balancer option is tried, and the recipes of a class differ only in nodes validated independently
+    of the balancer. (The full product, ~4000 validations, takes ~100 s on a shared 2-core box.)"""
+    # Resolved once; validate() then only resolves the swapped balancer node.
+    x = OmegaConf.create(OmegaConf.to_container(COMPOSED[name], resolve=True))
+    failed = {}
+    for b, node in balancer_nodes.items():
+        x.balancer = node
+        try:
+            validate(x)
+        except Exception as e:  # collect all, report together
+            failed[b] = str(e)
+    assert not failed, failed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,12 +366,12 @@ def detection(cfg: DictConfig | Exception) -> bool:
 
 COCO = {n: c for n, c in COMPOSED.items() if detection(c)}
 # row -> (projector, balancer) of the method, as DTO-KD §4 / MoKD §3-4 describe them (see gen_recipes.py)
-COCO_METHODS = {"token_matching": ("Identity", "Fixed"), "vkd": ("Orthogonal", "Fixed"),
-                "dto_kd": ("Orthogonal", "DTO"), "mokd": ("Subspace", "DTO")}
+COCO_METHODS = {"token_matching": ("Identity", "Fixed"), "vkd": ("Orthogonal", "Fixed"),  # dto_kd clips per objective (Table 4)
+                "dto_kd": ("Orthogonal", "ObjectiveClip"), "mokd": ("Subspace", "DTOAmortised")}
 
 
 def test_coco_recipes_follow_the_vidt_protocol() -> None:
-    assert len(COCO) == 23
+    assert len(COCO) == 28
     for name, cfg in COCO.items():
         assert cfg.dataset._target_ == "kdrun.data.coco.build", name  # the real COCO, not the synthetic set
         o, sch, t = cfg.optimizer, cfg.scheduler, cfg.trainer
@@ -282,23 +383,30 @@ def test_coco_recipes_follow_the_vidt_protocol() -> None:
         assert cfg.student.model.det_tokens == 100 and cfg.student.model.dec_layers == 6, name
         # ViDT's initialisation: an ImageNet Swin body (nano only from the ViDT release, the others via timm)
         bw = cfg.student.model.backbone_weights
-        assert bw.endswith("swin_nano_patch4_window7_224.pth") if "nano" in name else bw == "timm", name
+        nano = cfg.student.model._target_.endswith("vidt_nano")
+        assert bw.endswith("swin_nano_patch4_window7_224.pth") if nano else bw == "timm", name
         row = cfg.paper.row
         if row == "nokd":
             assert cfg.teacher is None and not cfg.distill and cfg.balancer._target_.endswith(".Fixed"), name
             continue
         assert cfg.teacher.model._target_ in ("kdrun.models.vidt.vidt_base", "kdrun.models.vidt.vidt_small"), name
         assert cfg.teacher.model.weights.endswith(f"{cfg.teacher.model._target_.rsplit('.', 1)[-1]}_50.pth"), name
-        assert set(cfg.distill) == {"token_matching"} and cfg.distill.token_matching.weight == 4.0, name
-        projector, balancer = COCO_METHODS[row]
+        loss = "token_matching_vkd" if row == "vkd" else "token_matching"  # VkD's own ViDT criterion
+        assert set(cfg.distill) == {loss} and cfg.distill[loss].weight == 4.0, name
+        projector, balancer = COCO_METHODS.get(row, (None, None)) if not name.startswith("coco_ablation_") \
+            else (cfg.projector._target_.rsplit(".", 1)[-1], cfg.balancer._target_.rsplit(".", 1)[-1])
         assert cfg.projector._target_.endswith("." + projector), (name, cfg.projector._target_)
         assert cfg.balancer._target_.endswith("." + balancer), (name, cfg.balancer._target_)
-        if balancer == "DTO":
-            assert cfg.balancer.mode == "amortised" and cfg.balancer.lr == 0.025, name
-            assert cfg.balancer.weight_decay == 0.01, name
-        else:
-            assert cfg.balancer.alpha_task == 1.0 and cfg.balancer.alpha_distill == 1.0, name
+        dto = cfg.balancer.inner if balancer == "ObjectiveClip" else cfg.balancer
+        if dto._target_.endswith(".DTOAmortised"):  # the papers' π optimiser: AdamW lr 0.025, weight decay 0.01 (§4)
+            assert dto.optimizer == "adamw" and dto.lr == 0.025, name
+            assert dto.weight_decay == 0.01, name
+        elif dto._target_.endswith(".Fixed"):
+            assert dto.alpha_task == 1.0 and dto.alpha_distill == 1.0, name
         assert cfg.task.objectives is None, name  # {distill, task}: MoKD App. A Eq. 2
+        if name.startswith("coco_ablation_"):
+            assert name == f"{cfg.paper.table}_{cfg.paper.row}", name
+            continue
         student = cfg.student.model._target_.rsplit(".", 1)[-1]
         teacher = cfg.teacher.model._target_.rsplit(".", 1)[-1]
         assert name == f"coco_{teacher}_{student}_{row}", name
@@ -368,7 +476,7 @@ def test_coco_sample_covers_every_part() -> None:
     assert covered == everything
     assert {"projector:kdrun.projectors.subspace.Subspace", "projector:kdrun.projectors.orthogonal.Orthogonal",
             "projector:kdrun.projectors.identity.Identity", "teacher:vidt_small", "teacher:vidt_base",
-            "teacher:None", "student:vidt_small", "balancer:kdrun.balancers.dto.DTO:amortised"} <= covered
+            "teacher:None", "student:vidt_small", "balancer:kdrun.balancers.dto.DTOAmortised:"} <= covered
     assert len(COCO_SAMPLE) <= 6, COCO_SAMPLE
 
 
