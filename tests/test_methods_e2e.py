@@ -38,6 +38,14 @@ def test_every_distill_loss_trains(digits_teacher: str, tmp_path: Path, loss: st
         extra.append("distill.crd.num_negatives=64")
     if loss == "deit_hard":
         extra.append("distill.deit_hard.student_logits=logits")  # the ConvNet has no distillation token
+    # The digits ConvNet has no pre-activation taps (the CIFAR zoo's preact_stageK, which OFD and ReviewKD
+    # read by default as mdistiller does) and no BatchNorm declared before a ReLU for OFD's margin.
+    stages = "[stage1,stage2,stage3]"
+    if loss == "ofd":
+        extra += [f"distill.ofd.student_taps={stages}", f"distill.ofd.teacher_taps={stages}",
+                  "distill.ofd.margin=estimate"]
+    if loss == "reviewkd":
+        extra.append("distill.reviewkd.teacher_taps=[stage1,stage2,stage3,pre_logits]")
     res = run(base(digits_teacher, *extra), tmp_path)
     assert res["steps"] == 4 and res["nonfinite_skipped"] == 0
     s = event_scalars(tmp_path)

@@ -27,6 +27,11 @@ class TensorImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def targets(self) -> Tensor:
+        """The labels under torchvision's name, which :meth:`DataModule.train_labels` reads."""
+        return self.labels
+
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         x = self.images[i]
         if self.pad:

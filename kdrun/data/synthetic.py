@@ -27,12 +27,26 @@ class SyntheticImages(Dataset):
         g = torch.Generator().manual_seed(template_seed + 7919)
         self.templates = torch.randn((num_classes, *self.shape), generator=g) if learnable else None
 
+        self._targets: Tensor | None = None
+
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def targets(self) -> Tensor:
+        """Every sample's label (torchvision's name, read by :meth:`DataModule.train_labels`): the first
+        draw of each sample's generator, as in ``__getitem__``; computed once, on first use."""
+        if self._targets is None:
+            self._targets = torch.tensor([self._label(torch.Generator().manual_seed(self.seed * 1_000_003 + i))
+                                          for i in range(self.length)], dtype=torch.long)
+        return self._targets
+
+    def _label(self, g: torch.Generator) -> int:
+        return int(torch.randint(0, self.num_classes, (1,), generator=g))
+
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        y = int(torch.randint(0, self.num_classes, (1,), generator=g))
+        y = self._label(g)
         x = torch.randn(self.shape, generator=g)
         if self.templates is not None:
             x = x + self.snr * self.templates[y]

@@ -5,7 +5,7 @@ part of the :class:`~kdrun.losses.base.DistillLoss` interface.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from torch import Tensor, nn
 
@@ -55,13 +55,30 @@ def as_taps(taps: Sequence[str] | str, what: str) -> tuple[str, ...]:
     return out
 
 
-def warmup_factor(progress_step: int, warmup_steps: int) -> float:
-    """min((progress_step + 1) / warmup_steps, 1): mdistiller's ``min(epoch / warmup, 1)`` (1-based
-    epochs) at optimiser-step granularity, with ``progress_step`` the 0-based index of the current step.
-    Never 0, so log-loss balancers never see log 0."""
-    if warmup_steps <= 0:
+WarmupMode = Literal["epoch", "linear"]
+
+
+def warmup_factor(progress_step: int, warmup_epochs: float, steps_per_epoch: int | None,
+                  mode: WarmupMode = "epoch") -> float:
+    """The loss warm-up factor at 0-based optimiser step ``progress_step``.
+
+    ``"epoch"``: mdistiller's ``min(epoch / warmup_epochs, 1)`` with its 1-based epoch
+    (distillers/DKD.py line 72, distillers/ReviewKD.py line 96; engine/trainer.py lines 78-86 count
+    epochs from 1), a staircase constant within an epoch: epoch = progress_step // steps_per_epoch + 1.
+    ``"linear"``: the same ramp per step, min((progress_step + 1) / (warmup_epochs · steps_per_epoch), 1).
+    Never 0, so log-loss balancers never see log 0; ``warmup_epochs <= 0`` disables it."""
+    if warmup_epochs <= 0:
         return 1.0
-    return min((int(progress_step) + 1) / float(warmup_steps), 1.0)
+    if not steps_per_epoch or steps_per_epoch <= 0:
+        raise RuntimeError("a loss warm-up stated in epochs needs the steps per epoch: the engine must call "
+                           "bind(DataInfo(num_data, steps_per_epoch, labels)) before training "
+                           "(or set warmup_epochs: 0).")
+    step = int(progress_step)
+    if mode == "epoch":
+        return min((step // int(steps_per_epoch) + 1) / float(warmup_epochs), 1.0)
+    if mode == "linear":
+        return min((step + 1) / (float(warmup_epochs) * int(steps_per_epoch)), 1.0)
+    raise ValueError(f"warm-up mode must be 'epoch' or 'linear', got {mode!r}")
 
 
 def need_setup(module: nn.Module, built: Any) -> None:

@@ -73,6 +73,11 @@ class DistillLoss(nn.Module):
     def bind(self, info: DataInfo) -> None:
         """Called once by the engine before :meth:`setup`. Default: nothing to remember."""
 
+    def bind_teacher(self, teacher: nn.Module) -> None:
+        """Called once by the engine, after :meth:`bind` and before :meth:`setup`, with the frozen teacher
+        network (no taps, no wrapper), for terms whose constants come from the teacher's parameters (OFD's
+        margin from its BatchNorms, as mdistiller's ``get_margin_from_BN``). Default: nothing."""
+
     def set_progress(self, step: int) -> None:
         """Called by the engine before every training forward with the 0-based optimiser step."""
         self.progress_step = int(step)

@@ -19,14 +19,26 @@ M_s[i] ← normalise(0.5·M_s[i] + 0.5·g_s(x_i)), M_t[i] likewise. Benchmark te
 
 What the engine must pass: ``forward(s, t, target, index=idx)`` with ``idx`` the LongTensor [B] of the
 batch samples' positions in the *training set* (the dataset must return them, e.g. ``(x, y, index)``),
-0 ≤ idx < ``num_data``. Optionally ``contrast_index`` [B, K+1] with column 0 = idx and the negatives in
-the other columns: CRD's CIFAR benchmark draws the negatives from *other classes* in the dataset
-("exact" mode, RepDistiller's ``CIFAR100InstanceSample``). Without it the negatives are drawn uniformly
-from [0, N) here (RepDistiller's fallback path), so a negative shares the anchor's class with
-probability ≈ 1/num_classes. CRD declares ``needs_index = True`` so the engine can tell.
+0 ≤ idx < ``num_data``; CRD declares ``needs_index = True`` so the engine can tell. :meth:`bind` gives
+the training-set size (``info.num_data``: one memory row per sample) and the training labels.
+
+Negatives (``negatives``):
+
+* ``other_class`` (default): as the CIFAR-100 benchmark draws them, RepDistiller's
+  ``CIFAR100InstanceSample`` in ``mode='exact'`` (``dataset/cifar100.py`` lines 116-168): the positive
+  is the anchor itself and the K negatives are drawn from the samples of *other classes*, without
+  replacement (``np.random.choice(cls_negative[target], k, replace=k > len(cls_negative[target]))``,
+  line 166-167: with replacement only when fewer than K such samples exist). The anchor's class is
+  ``info.labels[index]`` (the data set's own label, so mixup's soft targets do not matter). Needs
+  ``info.labels``; without them :meth:`setup` raises.
+* ``uniform``: K indices uniform on [0, N) with replacement (RepDistiller's ``crd/memory.py``
+  ``AliasMethod`` draw when no ``contrast_idx`` is given), so a negative shares the anchor's class with
+  probability ≈ 1/num_classes and may be the anchor itself (``crd/memory.py`` lines 35-37).
+
+``forward(..., contrast_index=)`` [B, K+1] (column 0 = idx) overrides both.
 
 State: the memories and Z are buffers (``memory_s``, ``memory_t``, ``z_s``, ``z_t``) and are saved in
-checkpoints; ``num_data`` must be the training-set size (50 000 for CIFAR-100). Under DDP every rank
+checkpoints; ``num_data`` is the training-set size (50 000 for CIFAR-100), from :meth:`bind`. Under DDP every rank
 updates its own copy from its own batch, like the single-GPU reference; buffers are not synchronised.
 The memory and Z change only in a training-mode forward with autograd enabled. In evaluation, and in a
 no-grad re-evaluation (the engine's recompute of the objectives after the step, for FAMO/MoKD-style
@@ -39,7 +51,7 @@ updates), so it is neither deterministic nor batch-duplication invariant.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +59,7 @@ from torch import Tensor, nn
 
 from kdrun.config import Ge, Gt, Le
 from kdrun.losses._common import need_setup
-from kdrun.losses.base import DistillLoss, tap
+from kdrun.losses.base import DataInfo, DistillLoss, tap
 from kdrun.models.taps import ModelOutput
 
 
@@ -58,6 +70,24 @@ def nce_loss(x: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
     log_d1 = torch.log(x[:, 0] / (x[:, 0] + noise + eps))
     log_d0 = torch.log(noise / (x[:, 1:] + noise + eps))
     return -(log_d1.sum() + log_d0.sum()) / x.shape[0]
+
+
+def other_class_negatives(index: Tensor, labels: Tensor, k: int) -> Tensor:
+    """[B, k+1] contrast indices: column 0 the anchor ``index``, then k indices of samples whose label
+    differs from the anchor's, uniformly without replacement (with replacement for an anchor whose
+    class leaves fewer than k others), as RepDistiller's ``CIFAR100InstanceSample`` (mode 'exact')."""
+    allowed = labels.unsqueeze(0) != labels[index].unsqueeze(1)  # [B, N]
+    n_allowed = allowed.sum(dim=1)
+    if bool((n_allowed == 0).any()):
+        raise ValueError("CRD other_class negatives: an anchor's class holds every training sample, so there "
+                         "are no other-class samples to contrast with; use negatives: uniform.")
+    weights = allowed.float()
+    neg = torch.empty(index.shape[0], k, dtype=torch.long, device=index.device)
+    replace = n_allowed < k
+    for rows, with_replacement in ((~replace, False), (replace, True)):
+        if bool(rows.any()):
+            neg[rows] = torch.multinomial(weights[rows], k, replacement=with_replacement)
+    return torch.cat([index.reshape(-1, 1), neg], dim=1)
 
 
 class Embed(nn.Module):
@@ -78,6 +108,7 @@ class CRD(DistillLoss):
                  feat_dim: Annotated[int, Ge(1)] = 128, num_negatives: Annotated[int, Ge(1)] = 16384,
                  temperature: Annotated[float, Gt(0.0)] = 0.07,
                  momentum: Annotated[float, Ge(0.0), Le(1.0)] = 0.5,
+                 negatives: Literal["other_class", "uniform"] = "other_class",
                  num_data: Optional[Annotated[int, Ge(1)]] = None) -> None:
         super().__init__()
         self.student_tap = str(student_tap)
@@ -88,8 +119,11 @@ class CRD(DistillLoss):
         self.num_negatives = int(num_negatives)
         self.temperature = float(temperature)
         self.momentum = float(momentum)
-        # None: the training-set size, which the engine sets (``num_data``) before ``setup``.
+        self.negatives = negatives
+        # None: the training-set size, from bind(). Set it only to use the term without an engine.
         self.num_data = None if num_data is None else int(num_data)
+        # The training labels (for other_class negatives); data, not state: not saved in checkpoints.
+        self.register_buffer("labels", None, persistent=False)
         self.embed_s: Embed | None = None
         self.embed_t: Embed | None = None
         self.register_buffer("memory_s", torch.empty(0, self.feat_dim))
@@ -107,10 +141,26 @@ class CRD(DistillLoss):
         self.memory_s = torch.rand(self.num_data, self.feat_dim).mul_(2 * std).add_(-std)
         self.memory_t = torch.rand(self.num_data, self.feat_dim).mul_(2 * std).add_(-std)
 
+    def bind(self, info: DataInfo) -> None:
+        if self.num_data is not None and self.num_data != int(info.num_data):
+            raise ValueError(f"distill.crd.num_data={self.num_data} but the training set has {info.num_data} "
+                             "samples (one memory row per sample); leave num_data unset.")
+        self.num_data = int(info.num_data)
+        if info.labels is not None:
+            labels = torch.as_tensor(info.labels).long().reshape(-1)
+            if labels.numel() != self.num_data:
+                raise ValueError(f"CRD: DataInfo.labels has {labels.numel()} entries for {self.num_data} samples")
+            self.labels = labels.to(self.memory_s.device)
+
     def setup(self, student: dict[str, Any], teacher: dict[str, Any]) -> None:
         if self.num_data is None:
             raise ValueError("distill.crd.num_data is not set and the engine did not provide the "
-                             "training-set size.")
+                             "training-set size (bind(DataInfo(num_data, ...)) before setup).")
+        if self.negatives == "other_class" and self.labels is None:
+            raise ValueError("distill.crd.negatives=other_class draws the negatives from other classes, as "
+                             "RepDistiller's CIFAR-100 benchmark does, and needs the training labels, but the "
+                             "data set gave none (DataModule.train_labels() is None). Valid choices: "
+                             "other_class (needs labels), uniform.")
         if self.memory_s.shape[0] != self.num_data:
             self._alloc_memory()
         self.embed_s = Embed(math.prod(student[self.student_tap]), self.feat_dim)
@@ -147,6 +197,11 @@ class CRD(DistillLoss):
             last = self._last_negatives
             if not self._updating() and last is not None and torch.equal(last[0], index):
                 idx = last[1]  # a re-evaluation of the same batch: same negatives, comparable loss
+            elif self.negatives == "other_class":
+                if self.labels is None:
+                    raise RuntimeError("CRD negatives=other_class: no training labels were bound")
+                idx = other_class_negatives(index, self.labels.to(index.device), k)
+                self._last_negatives = (index, idx)
             else:
                 idx = torch.randint(0, self.num_data, (b, k + 1), device=self.memory_s.device)
                 idx[:, 0] = index

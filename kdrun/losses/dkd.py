@@ -7,16 +7,16 @@ The KD loss is split at the target class t. With p = softmax(z / T) for student 
 
     ℓ = w(step) · T² · (α · TCKD + β · NCKD),   averaged over the batch,
 
-with w(step) = min((step + 1) / warmup_steps, 1) the linear warm-up of the official code (mdistiller
-multiplies by min(epoch / 20, 1)). Everything is computed from log-sum-exps in fp32, so p_t → 1 does not
-produce log 0 (mdistiller takes ``log`` of the summed binary probabilities).
+with w(step) the warm-up of the official code: mdistiller multiplies by min(epoch / 20, 1) with 1-based
+epochs (``mdistiller/distillers/DKD.py`` line 72), a staircase that
+:func:`~kdrun.losses._common.warmup_factor` reproduces at every optimiser step (``warmup: epoch``;
+``warmup: linear`` ramps per step instead). Everything is computed from log-sum-exps in fp32, so
+p_t → 1 does not produce log 0 (mdistiller takes ``log`` of the summed binary probabilities).
 
-Defaults follow mdistiller's CIFAR-100 configuration (``CFG.DKD``): α = 1, β = 8, T = 4, warm-up 20
-epochs. The engine counts optimiser steps, so the warm-up is given in steps (``warmup_steps``) and the
-term reads ``self.progress_step``, **which the engine must set before each forward** to the 0-based
-index of the current optimiser step (it stays 0 otherwise, i.e. the first warm-up value forever).
-``conf/distill/dkd.yaml`` uses 15640 steps = 20 epochs × 782 steps (CIFAR-100's 50 000 images at
-mdistiller's batch size 64); scale it to your data. ``warmup_steps: 0`` disables the warm-up.
+Defaults follow mdistiller's CIFAR-100 configuration (``CFG.DKD``): α = 1, β = 8, T = 4, and
+``conf/distill/dkd.yaml`` sets its warm-up of 20 epochs (``warmup_epochs``; the class default 0 is
+off). The steps per epoch come from :meth:`bind` (the loader's real count: 781 on CIFAR-100 at batch
+64 with ``drop_last``), the step from :meth:`set_progress` (0-based optimiser step).
 
 Note: a balancer that works on log L (MoKD/DTO-style ∇log L) is blind to a multiplicative warm-up,
 since ∇log(w·L) = ∇log L.
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdrun.config import Ge, Gt
-from kdrun.losses._common import warmup_factor
-from kdrun.losses.base import DistillLoss, tap
+from kdrun.losses._common import WarmupMode, warmup_factor
+from kdrun.losses.base import DataInfo, DistillLoss, tap
 from kdrun.models.taps import ModelOutput
 
 
@@ -67,19 +67,24 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alp
 
 class DKD(DistillLoss):
     def __init__(self, alpha: Annotated[float, Ge(0.0)] = 1.0, beta: Annotated[float, Ge(0.0)] = 8.0,
-                 temperature: Annotated[float, Gt(0.0)] = 4.0, warmup_steps: Annotated[int, Ge(0)] = 0,
+                 temperature: Annotated[float, Gt(0.0)] = 4.0, warmup_epochs: Annotated[float, Ge(0.0)] = 0.0,
+                 warmup: WarmupMode = "epoch",
                  student_logits: Literal["logits", "dist_logits"] = "logits") -> None:
         super().__init__()
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.temperature = float(temperature)
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_epochs = float(warmup_epochs)
+        self.warmup = warmup
+        self.steps_per_epoch: int | None = None  # from bind()
         self.student_logits = student_logits
         self.student_taps = (student_logits,)
         self.teacher_taps = ("logits",)
-        self.progress_step = 0  # set by the engine: 0-based index of the current optimiser step
+
+    def bind(self, info: DataInfo) -> None:
+        self.steps_per_epoch = int(info.steps_per_epoch)
 
     def forward(self, s: ModelOutput, t: ModelOutput, target: Tensor) -> Tensor:
         loss = dkd_loss(tap(s, self.student_logits), t.logits, target, self.alpha, self.beta,
                         self.temperature)
-        return loss * warmup_factor(self.progress_step, self.warmup_steps)
+        return loss * warmup_factor(self.progress_step, self.warmup_epochs, self.steps_per_epoch, self.warmup)

@@ -17,17 +17,18 @@ spatial pyramid,
 n_l the rank of the pyramid level used (1, 2, 3), MSE the element mean; ℓ = w(step) · Σ_j HCL(R_j, T_j),
 a per-sample mean so batch-size invariant; zero when R equals T.
 
-Taps (``student_taps``/``teacher_taps``, shallow → deep): mdistiller's CIFAR setting is
-``[stage1, stage2, stage3, pre_logits]``, the three stage outputs plus the pooled feature seen as a 1x1
-map (vectors ``[B, C]`` are reshaped to ``[B, C, 1, 1]``). Shapes (mdistiller's SHAPES / OUT_SHAPES /
+Taps (``student_taps``/``teacher_taps``, shallow → deep), as mdistiller's ``distillers/ReviewKD.py``
+lines 72-91 wire them (``STU_PREACT = False``): the student's post-ReLU stage outputs
+``[stage1, stage2, stage3, pre_logits]`` and the teacher's *pre-activation* ones
+``[preact_stage1, preact_stage2, preact_stage3, pre_logits]``; the pooled feature is seen as a 1x1 map
+(vectors ``[B, C]`` are reshaped to ``[B, C, 1, 1]``). Shapes (mdistiller's SHAPES / OUT_SHAPES /
 IN_CHANNELS / OUT_CHANNELS) come from :meth:`setup`; the mid width is min(512, channels of the deepest
-student level). mdistiller compares with the teacher's *pre-ReLU* stage features (``preact_feats``); taps
-give module outputs, which are post-ReLU for the CIFAR ResNets — an approximation, as for OFD (use a
-``...act:input`` tap where a model has one).
+student level).
 
-Warm-up: mdistiller multiplies by min(epoch / 20, 1); here w(step) = min((progress_step + 1) /
-warmup_steps, 1) with ``self.progress_step`` **set by the engine** to the 0-based index of the current
-optimiser step (``conf/distill/reviewkd.yaml``: 15640 steps = 20 CIFAR-100 epochs at batch 64).
+Warm-up: mdistiller multiplies by min(epoch / 20, 1) with 1-based epochs (line 96 there), reproduced at
+every optimiser step by :func:`~kdrun.losses._common.warmup_factor` (``warmup_epochs``, ``warmup:
+epoch``; ``linear`` ramps per step), with the steps per epoch from :meth:`bind` and the 0-based step
+from :meth:`set_progress`.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdrun.config import Ge
-from kdrun.losses._common import as_taps, need_setup, warmup_factor
-from kdrun.losses.base import DistillLoss, tap
+from kdrun.losses._common import WarmupMode, as_taps, need_setup, warmup_factor
+from kdrun.losses.base import DataInfo, DistillLoss, tap
 from kdrun.models.taps import ModelOutput
 
 
@@ -103,18 +104,23 @@ class ABF(nn.Module):
 
 class ReviewKD(DistillLoss):
     def __init__(self, student_taps: Sequence[str] = ("stage1", "stage2", "stage3", "pre_logits"),
-                 teacher_taps: Sequence[str] = ("stage1", "stage2", "stage3", "pre_logits"),
-                 max_mid_channel: Annotated[int, Ge(1)] = 512, warmup_steps: Annotated[int, Ge(0)] = 0) -> None:
+                 teacher_taps: Sequence[str] = ("preact_stage1", "preact_stage2", "preact_stage3", "pre_logits"),
+                 max_mid_channel: Annotated[int, Ge(1)] = 512, warmup_epochs: Annotated[float, Ge(0.0)] = 0.0,
+                 warmup: WarmupMode = "epoch") -> None:
         super().__init__()
         self.student_taps = as_taps(student_taps, "student_taps")
         self.teacher_taps = as_taps(teacher_taps, "teacher_taps")
         if len(self.student_taps) != len(self.teacher_taps):
             raise ValueError("ReviewKD pairs levels: student_taps and teacher_taps must have the same length")
         self.max_mid_channel = int(max_mid_channel)
-        self.warmup_steps = int(warmup_steps)
-        self.progress_step = 0  # set by the engine: 0-based index of the current optimiser step
+        self.warmup_epochs = float(warmup_epochs)
+        self.warmup = warmup
+        self.steps_per_epoch: int | None = None  # from bind()
         self.abfs: nn.ModuleList | None = None  # deepest level first
         self.out_sizes: list[tuple[int, int]] = []  # teacher H, W per level, deepest first
+
+    def bind(self, info: DataInfo) -> None:
+        self.steps_per_epoch = int(info.steps_per_epoch)
 
     def setup(self, student: dict[str, Any], teacher: dict[str, Any]) -> None:
         s_shapes = [_map_shape(student[a]) for a in self.student_taps]
@@ -141,4 +147,5 @@ class ReviewKD(DistillLoss):
     def forward(self, s: ModelOutput, t: ModelOutput, target: Tensor) -> Tensor:
         rs = [r.float() for r in self.review(s)]
         ts = [_as_map(tap(t, b)).detach().float() for b in self.teacher_taps]
-        return hcl_loss(rs, ts) * warmup_factor(self.progress_step, self.warmup_steps)
+        return hcl_loss(rs, ts) * warmup_factor(self.progress_step, self.warmup_epochs, self.steps_per_epoch,
+                                                self.warmup)

@@ -16,9 +16,21 @@ resolved against the model in this order:
    module's input instead of its output.
 
 Taps are captured with forward hooks, so they work for every ``nn.Module`` and under DDP.
+
+A tap never changes after it is taken. A hook sees the tensor *object*, and an in-place op that runs
+later in the forward (``nn.ReLU(inplace=True)`` after a tapped BatchNorm, the ``:input`` of such a ReLU,
+``out += residual``) would overwrite it. So each tap is kept by reference and its version counter is
+checked when the forward returns; the first forward also keeps a copy, and a tap whose tensor was
+modified gets that copy and is copied at hook time from then on. Unmodified taps stay the very tensor
+the model computed with, so a gradient w.r.t. a tap (``trainer.grad_space=features``) reaches the
+model's own graph. Inference-mode tensors (the frozen teacher) carry no version counter and are always
+copied. Should a tap that was not modified in the first forward be modified later (a model whose
+control flow changes), that forward's value is already lost: a ``RuntimeWarning`` says so and the tap
+is copied from then on.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -101,6 +113,10 @@ class Tapped(nn.Module):
         super().__init__()
         self.model = model
         self._store: dict[str, Tensor] = {}
+        # Per tap: (tensor as taken, its version then, a copy or None), checked when forward returns.
+        self._watch: dict[str, tuple[Tensor, int, Tensor | None]] = {}
+        self._copy_taps: set[str] = set()  # taps seen modified in place after they were taken
+        self._probed: set[str] = set()     # taps whose first capture has been checked
         self._handles: list[Any] = []
         self.taps: tuple[str, ...] = ()
         self.set_taps(taps)
@@ -109,6 +125,7 @@ class Tapped(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._copy_taps, self._probed = set(), set()  # re-learn which taps in-place ops overwrite
         self.taps = tuple(dict.fromkeys(t for t in taps if t != "logits"))
         if "dist_logits" in self.taps:
             # DeiT's distillation-token head: timm returns (cls, dist) logits in training mode only
@@ -135,9 +152,33 @@ class Tapped(nn.Module):
             else:
                 self._handles.append(module.register_forward_hook(self._hook(tap)))
 
+    def _keep(self, tap: str, t: Any) -> None:
+        """Store tap ``t`` so that a later in-place op cannot change it (module docstring)."""
+        if not isinstance(t, Tensor):
+            self._store[tap] = t
+        elif t.is_inference() or tap in self._copy_taps:
+            self._store[tap] = t.clone()
+        else:
+            self._store[tap] = t
+            self._watch[tap] = (t, t._version, t.clone() if tap not in self._probed else None)
+
+    def _settle(self) -> None:
+        """After the forward: swap in the copy of every tap that was modified after it was taken."""
+        for tap, (t, version, copy) in self._watch.items():
+            if self._store.get(tap) is t and t._version != version:
+                self._copy_taps.add(tap)
+                if copy is not None:
+                    self._store[tap] = copy
+                else:
+                    warnings.warn(f"tap '{tap}' was modified in place after it was taken, which its first "
+                                  "forward did not do; this forward's value is the modified one, later "
+                                  "forwards copy it when it is taken.", RuntimeWarning, stacklevel=3)
+            self._probed.add(tap)
+        self._watch = {}
+
     def _hook(self, tap: str):
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-            self._store[tap] = out[0] if isinstance(out, (tuple, list)) else out
+            self._keep(tap, out[0] if isinstance(out, (tuple, list)) else out)
 
         return hook
 
@@ -150,13 +191,14 @@ class Tapped(nn.Module):
 
     def _pre_hook(self, tap: str):
         def hook(_m: nn.Module, inp: Any) -> None:
-            self._store[tap] = inp[0] if isinstance(inp, (tuple, list)) else inp
+            self._keep(tap, inp[0] if isinstance(inp, (tuple, list)) else inp)
 
         return hook
 
     def forward(self, x: Any) -> ModelOutput:
-        self._store = {}
+        self._store, self._watch = {}, {}
         out = self.model(x)
+        self._settle()
         if isinstance(out, ModelOutput):  # models that return their own features (ViDT's tokens)
             merged = ModelOutput(out.logits, {**out.features, **self._store})
             self._store = {}

@@ -1,8 +1,8 @@
 """Distillation terms: hand-computed values, minima, finite gradients, batch structure, configs.
 
 Batch structure: every term returns a batch mean; for per-sample terms that means the loss on a batch
-equals the loss on the batch duplicated. DIST and PKT are relational but still duplication invariant;
-RKD (the √ε distance between copies enters its mean distance) and CRD (random negatives, a memory the
+equals the loss on the batch duplicated. DIST is relational but still duplication invariant; PKT keeps
+the peers' mean over the B×B matrix, so duplication halves it; RKD (the √ε distance between copies enters its mean distance) and CRD (random negatives, a memory the
 batch updates) are not, so for them other properties are checked.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 from kdrun.config import validate_target_node
 from kdrun.losses._common import warmup_factor
 from kdrun.losses.at import AT
-from kdrun.losses.base import DistillLoss
+from kdrun.losses.base import DataInfo, DistillLoss
 from kdrun.losses.crd import CRD, nce_loss
 from kdrun.losses.dist import DIST
 from kdrun.losses.dkd import DKD
@@ -125,14 +125,15 @@ def test_dkd_matches_benchmark_formula_and_temperature() -> None:
 def test_dkd_zero_grads_warmup_and_duplication() -> None:
     torch.manual_seed(1)
     zs, zt, y = torch.randn(4, 7), torch.randn(4, 7), torch.randint(0, 7, (4,))
-    dkd = DKD(warmup_steps=10)
+    dkd = DKD(warmup_epochs=10, warmup="linear")
+    dkd.bind(DataInfo(num_data=4, steps_per_epoch=1))
     assert DKD()(out(zt), out(zt), y).item() == pytest.approx(0.0, abs=1e-6)
     full = DKD()(out(zs), out(zt), y)
     dkd.progress_step = 0
     assert dkd(out(zs), out(zt), y).item() == pytest.approx(full.item() / 10, rel=1e-6)
     dkd.progress_step = 9
     assert dkd(out(zs), out(zt), y).item() == pytest.approx(full.item(), rel=1e-6)
-    assert warmup_factor(10_000, 10) == 1.0 and warmup_factor(4, 0) == 1.0
+    assert warmup_factor(10_000, 10, 1) == 1.0 and warmup_factor(4, 0, None) == 1.0
     assert_finite_grads(DKD(), out(zs), out(zt), y)
     assert DKD()(dup(out(zs)), dup(out(zt)), torch.cat([y, y])).item() == pytest.approx(full.item(), rel=1e-6)
     # Soft targets (mixup) fall back to their arg-max class.
@@ -343,8 +344,8 @@ def test_pkt_hand_computed_and_benchmark_scale() -> None:
     s = out(pre_logits=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     t = out(pre_logits=torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
     loss = PKT()(s, t, torch.zeros(2))
-    assert loss.item() == pytest.approx(0.5 * math.log(1.125), rel=1e-5)
-    # The benchmark code averages over the B×B matrix: its value is ours / B.
+    assert loss.item() == pytest.approx(2 * 0.5 * math.log(1.125) / 2 ** 2, rel=1e-5)  # (1/B²) Σ_i KL_i
+    # The benchmark code averages over the B×B matrix, and so do we.
     torch.manual_seed(8)
     fs, ft = torch.randn(64, 10), torch.randn(64, 10)
     eps = 1e-7
@@ -354,7 +355,7 @@ def test_pkt_hand_computed_and_benchmark_scale() -> None:
         return k / k.sum(1, keepdim=True)
     bench = torch.mean(cond(ft) * torch.log((cond(ft) + eps) / (cond(fs) + eps)))
     ours = PKT()(out(pre_logits=fs), out(pre_logits=ft), torch.zeros(64))
-    assert (ours / 64).item() == pytest.approx(bench.item(), rel=1e-5)
+    assert ours.item() == pytest.approx(bench.item(), rel=1e-5)
 
 
 def test_pkt_zero_grads_duplication() -> None:
@@ -362,7 +363,8 @@ def test_pkt_zero_grads_duplication() -> None:
     s, t, y = out(pre_logits=torch.randn(5, 4)), out(pre_logits=torch.randn(5, 4)), torch.zeros(5)
     assert PKT()(t, t, y).item() == pytest.approx(0.0, abs=1e-6)
     assert_finite_grads(PKT(), s, t, y)
-    assert PKT()(dup(s), dup(t), torch.cat([y, y])).item() == pytest.approx(PKT()(s, t, y).item(), rel=1e-5)
+    # Every row KL survives duplication, the 1/B² normalisation halves the mean.
+    assert PKT()(dup(s), dup(t), torch.cat([y, y])).item() == pytest.approx(PKT()(s, t, y).item() / 2, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,7 +424,7 @@ def test_nce_loss_hand_computed() -> None:
 def _crd(num_data: int = 20, k: int = 4) -> tuple[CRD, ModelOutput, ModelOutput]:
     torch.manual_seed(12)
     s, t = out(pre_logits=torch.randn(3, 6)), out(pre_logits=torch.randn(3, 5))
-    crd = CRD(feat_dim=4, num_negatives=k, num_data=num_data)
+    crd = CRD(feat_dim=4, num_negatives=k, num_data=num_data, negatives="uniform")
     crd.setup(shapes(s), shapes(t))
     return crd, s, t
 
@@ -498,7 +500,7 @@ def _identity_connectors(term: OFD) -> None:
 def test_ofd_margin_levels_zero_grads() -> None:
     s = out(**maps(2, (3, 3), (4, 2), seed=13, relu=False))
     t = out(**maps(2, (3, 3), (4, 2), seed=14, relu=False))  # pre-ReLU-like teacher maps
-    term = OFD(student_taps=["stage1", "stage2"], teacher_taps=["stage1", "stage2"])
+    term = OFD(student_taps=["stage1", "stage2"], teacher_taps=["stage1", "stage2"], margin="estimate")
     term.setup(shapes(s), shapes(t))
     term(s, t, torch.zeros(2))
     ft = t.features["stage1"]
@@ -515,7 +517,7 @@ def test_ofd_margin_levels_zero_grads() -> None:
     assert term(s, t, y).item() == pytest.approx((l1 + l2).item(), rel=1e-4)
     assert term(t, t, y).item() == pytest.approx(0.0, abs=1e-4)
     post = out(**maps(2, (3, 3), (4, 2), seed=15))  # post-ReLU teacher: margin 0
-    fresh = OFD(student_taps=["stage1", "stage2"], teacher_taps=["stage1", "stage2"])
+    fresh = OFD(student_taps=["stage1", "stage2"], teacher_taps=["stage1", "stage2"], margin="estimate")
     fresh.setup(shapes(s), shapes(post))
     assert_finite_grads(fresh, s, post, y)
     assert torch.equal(fresh.margin(0), torch.zeros(3))
@@ -524,7 +526,8 @@ def test_ofd_margin_levels_zero_grads() -> None:
 def test_ofd_duplication() -> None:
     s = out(**maps(4, (4, 8, 16), (8, 4, 2), seed=16))
     t = out(**maps(4, (8, 16, 32), (16, 8, 4), seed=17, relu=False))
-    term = OFD()
+    term = OFD(student_taps=["stage1", "stage2", "stage3"], teacher_taps=["stage1", "stage2", "stage3"],
+               margin="estimate")
     term.setup(shapes(s), shapes(t))
     y = torch.zeros(4)
     a = term(s, t, y).item()
@@ -554,7 +557,8 @@ def _review_pair(b: int, seed: int) -> tuple[ModelOutput, ModelOutput]:
 
 def test_reviewkd_shapes_warmup_grads_duplication() -> None:
     s, t = _review_pair(4, 18)
-    term = ReviewKD(warmup_steps=4)
+    term = ReviewKD(teacher_taps=["stage1", "stage2", "stage3", "pre_logits"], warmup_epochs=4, warmup="linear")
+    term.bind(DataInfo(num_data=4, steps_per_epoch=1))
     term.setup(shapes(s), shapes(t))
     review = term.review(s)
     assert [tuple(r.shape[1:]) for r in review] == [(8, 8, 8), (16, 4, 4), (32, 2, 2), (32, 1, 1)]

@@ -100,7 +100,7 @@ def test_parameter_count_matches_the_benchmark(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_and_feature_taps(name: str) -> None:
     model = _build(name)
-    taps = list(type(model).FEATURE_TAPS)
+    taps = list(model.FEATURE_TAPS)
     assert "stage1" in taps and "pool" in taps
     tapped = Tapped(model, ["pre_logits", *taps]).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -162,17 +162,19 @@ def test_loads_a_repdistiller_style_checkpoint(name: str, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("role", ["student", "teacher"])
 def test_configs_name_every_zoo_model(role: str) -> None:
+    """conf/model/<name>.yaml defines the architecture once; conf/<role>/<name>.yaml selects it."""
     for name, (ctor, *_rest) in ZOO.items():
-        path = REPO / "conf" / role / f"{name}.yaml"
-        text = path.read_text()
-        assert text.startswith("# ") and "CRD/RepDistiller" in text.splitlines()[0]
-        cfg = yaml.safe_load(text)
-        model_cfg = cfg["model"]
+        model_text = (REPO / "conf" / "model" / f"{name}.yaml").read_text()
+        assert model_text.startswith("# ") and "CRD/RepDistiller" in model_text.splitlines()[0]
+        model_cfg = yaml.safe_load(model_text)
         module, _, attr = model_cfg["_target_"].rpartition(".")
         assert getattr(importlib.import_module(module), attr) is ctor
         assert model_cfg["num_classes"] == "${dataset.num_classes}"
         assert model_cfg["in_chans"] == "${dataset.in_chans}"
+        text = (REPO / "conf" / role / f"{name}.yaml").read_text()
+        cfg = yaml.safe_load(text)
+        assert {"/model@model": name} in cfg["defaults"]
         assert cfg["checkpoint"] is None
         if role == "teacher":
             assert cfg["fit_if_missing_epochs"] == 0
-            assert "teacher.checkpoint=PATH" in text
+            assert "teacher.checkpoint=" in text

@@ -42,10 +42,27 @@ under that name).
 Every constructor is ``f(num_classes: int = 100, in_chans: int = 3) -> nn.Module`` and the model's
 ``forward`` returns logits only. Intermediate features are read with
 :class:`kdrun.models.taps.Tapped`: each model class declares ``CLASSIFIER`` (its final linear layer,
-whose input is the ``"pre_logits"`` tap) and ``FEATURE_TAPS``, where ``"stageK"`` is the module
-whose output is RepDistiller's feature ``feat[K]`` (``stage0`` the stem, ``stage1``... the stage
-outputs; VGG's ``stageK`` is ``blockK``) and ``"pool"`` the global-pooling module (its output is
-``(N, C, 1, 1)``).
+whose input is the ``"pre_logits"`` tap: RepDistiller's pooled feature, mdistiller's ``pooled_feat``)
+and ``FEATURE_TAPS`` (on the instance where the block count varies):
+
+* ``"stageK"`` is RepDistiller's ``forward(is_feat=True)`` feature ``feat[K]`` (mdistiller's
+  ``feats[K]``): ``stage0`` the stem output, ``stage1``... the stage outputs. For the ResNets, VGGs and
+  ShuffleNets these are *post-ReLU* (VGG: relu(blockK); ResNets/ShuffleNets: relu(bn1(conv1)) and the
+  ``layerK`` outputs); WRN's are the raw residual sums of its pre-activation blocks (``stage0`` =
+  ``conv1``); MobileNetV2's are ``conv1`` and ``blocks[1, 2, 4, 6]``.
+* ``"preact_stageK"`` is the ``forward(is_feat=True, preact=True)`` feature K (mdistiller's
+  ``preact_feats[K]``): the last block's value before its final ReLU (VGG: the ``blockK`` BatchNorm
+  output; ResNets/ShuffleNets: the residual sum or concatenation, at the block's parameter-free
+  ``preact`` module; ShuffleNetV2's is *unshuffled*, as in RepDistiller), WRN: the next BN
+  (``block2.layer.0.bn1``, ``block3.layer.0.bn1``, ``bn1``); ``preact_stage0`` is ``stage0`` and
+  MobileNetV2's ``preact_stageK`` is ``stageK``, as in RepDistiller's lists.
+* ``"pool"`` is the global-pooling module (its output is ``(N, C, 1, 1)``).
+
+The ResNets, WRNs and VGGs also declare ``BN_BEFORE_RELU``: the module paths of RepDistiller's /
+mdistiller's ``get_bn_before_relu`` (the BatchNorm behind ``preact_stage1``...), from which OFD computes
+its margin. The parameter-free modules that make these tensors hookable (``act0..act4``, ``relu``,
+``preact``) add no state_dict entries. ``tests/models/test_cifar_taps.py`` checks every tap of every
+model against a re-derivation of RepDistiller's forward.
 """
 from __future__ import annotations
 

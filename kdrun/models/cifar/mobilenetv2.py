@@ -7,6 +7,11 @@ stem and the standard seven inverted-residual stages held in ``blocks`` (an ``nn
 ``nn.Sequential``), then ``conv2`` (1x1 to 1280) and ``classifier`` (``nn.Sequential`` of one
 ``nn.Linear``, so its parameters are ``classifier.0.*``).
 
+Taps (RepDistiller ``models/mobilenetv2.py`` lines 132-158, ``forward(is_feat=True)``): ``stage0`` is
+``f0`` = ``conv1``'s output (post-ReLU), ``stage1..4`` the outputs of ``blocks[1]``, ``blocks[2]``,
+``blocks[4]``, ``blocks[6]``. RepDistiller's ``preact=True`` returns the same list (and mdistiller's
+MobileNetV2 has no ``preact_feats``), so ``preact_stageK`` names the same modules as ``stageK``.
+
 Differences from the RepDistiller code, none of which changes the state_dict: ``forward`` returns
 logits only, the stem takes ``in_chans`` channels, and the pooling is adaptive (identical to its
 ``AvgPool2d(2, ceil_mode=True)`` on 32x32 inputs).
@@ -63,6 +68,11 @@ class MobileNetV2(nn.Module):
         "stage2": "blocks.2",
         "stage3": "blocks.4",
         "stage4": "blocks.6",
+        "preact_stage0": "conv1",
+        "preact_stage1": "blocks.1",
+        "preact_stage2": "blocks.2",
+        "preact_stage3": "blocks.4",
+        "preact_stage4": "blocks.6",
         "pool": "avgpool",
     }
 

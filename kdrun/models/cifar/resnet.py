@@ -6,10 +6,16 @@ layout, widths) follows the CRD/RepDistiller benchmark (Tian et al., ICLR 2020),
 mdistiller, so that the benchmark's released teacher checkpoints load with ``strict=True``.
 ``resnet8x4``/``resnet32x4`` are that benchmark's 4x-wide variants (stage widths 64/128/256).
 
+Taps (RepDistiller ``models/resnet.py`` lines 178-200, ``forward(is_feat=True[, preact=True])``):
+``stage0`` is ``f0`` = relu(bn1(conv1(x))) (the stem's ``relu``), ``stageK`` the output of ``layerK``
+(post-ReLU); ``preact_stageK`` (K >= 1) is ``fK_pre``, the last block's residual sum before its final
+ReLU (the block's parameter-free ``preact`` module, lines 51-53 there), ``preact_stage0`` is ``f0``.
+
 Differences from the RepDistiller code, none of which changes the state_dict: ``forward`` returns
 logits only (features are read with :class:`kdrun.models.taps.Tapped`), the first conv takes
-``in_chans`` channels, and the final pooling is adaptive (identical to its ``AvgPool2d(8)`` on 32x32
-inputs, and it also accepts other input sizes).
+``in_chans`` channels, every block has a parameter-free ``preact`` (identity) module on its residual
+sum, and the final pooling is adaptive (identical to its ``AvgPool2d(8)`` on 32x32 inputs, and it also
+accepts other input sizes).
 """
 from __future__ import annotations
 
@@ -34,12 +40,13 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
+        self.preact = nn.Identity()  # its output is the residual sum before the final ReLU (a tap point)
 
     def forward(self, x: Tensor) -> Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return (out + residual).relu()
+        return self.preact(out + residual).relu()
 
 
 class Bottleneck(nn.Module):
@@ -58,20 +65,20 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
+        self.preact = nn.Identity()  # its output is the residual sum before the final ReLU (a tap point)
 
     def forward(self, x: Tensor) -> Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return (out + residual).relu()
+        return self.preact(out + residual).relu()
 
 
 class ResNet(nn.Module):
     """CIFAR ResNet of the given depth; ``num_filters`` = (stem, stage1, stage2, stage3) widths."""
 
     CLASSIFIER = "fc"
-    FEATURE_TAPS = {"stage0": "relu", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3", "pool": "avgpool"}
 
     def __init__(
         self,
@@ -103,6 +110,15 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, num_filters[3], n, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(num_filters[3] * block.expansion, num_classes)
+        last_bn = "bn3" if block is Bottleneck else "bn2"
+        # stageK / preact_stageK: RepDistiller's feat[K] with preact False / True (module docstring).
+        self.FEATURE_TAPS = {
+            "stage0": "relu", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
+            "preact_stage0": "relu", **{f"preact_stage{k}": f"layer{k}.{n - 1}.preact" for k in (1, 2, 3)},
+            "pool": "avgpool",
+        }
+        # RepDistiller's get_bn_before_relu (models/resnet.py lines 164-176): the last block's last BN.
+        self.BN_BEFORE_RELU = tuple(f"layer{k}.{n - 1}.{last_bn}" for k in (1, 2, 3))
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

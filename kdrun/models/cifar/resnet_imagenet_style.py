@@ -7,8 +7,15 @@ at 32/16/8/4 on CIFAR images. The definition (attribute names ``conv1, bn1, laye
 ``resnetv2.py`` there), also used by mdistiller, so that released checkpoints load with
 ``strict=True``.
 
+Taps (RepDistiller ``models/resnetv2.py`` lines 141-160, ``forward(is_feat=True[, preact=True])``):
+``stage0`` is ``f0`` = relu(bn1(conv1(x))) (the parameter-free stem ``relu``), ``stageK`` the output of
+``layerK`` (post-ReLU); ``preact_stageK`` (K >= 1) is ``fK_pre``, the last block's residual sum before
+its final ReLU (the block's parameter-free ``preact`` module, lines 33-35 / 66-68 there);
+``preact_stage0`` is ``f0``.
+
 Differences from the RepDistiller code, none of which changes the state_dict: ``forward`` returns
-logits only, and the stem takes ``in_chans`` channels.
+logits only, the stem takes ``in_chans`` channels, the stem ReLU is the module ``relu`` and every
+block has a parameter-free ``preact`` (identity) module on its residual sum.
 """
 from __future__ import annotations
 
@@ -33,11 +40,12 @@ class BasicBlock(nn.Module):
                 nn.Conv2d(in_planes, self.expansion * planes, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(self.expansion * planes),
             )
+        self.preact = nn.Identity()  # its output is the residual sum before the final ReLU (a tap point)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.preact(out + self.shortcut(x)))
 
 
 class Bottleneck(nn.Module):
@@ -59,26 +67,19 @@ class Bottleneck(nn.Module):
                 nn.Conv2d(in_planes, self.expansion * planes, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(self.expansion * planes),
             )
+        self.preact = nn.Identity()  # its output is the residual sum before the final ReLU (a tap point)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.preact(out + self.shortcut(x)))
 
 
 class ImageNetStyleResNet(nn.Module):
     """Four-stage ResNet (widths 64/128/256/512 x expansion) with a 3x3 stride-1 stem."""
 
     CLASSIFIER = "linear"
-    FEATURE_TAPS = {
-        "stage0": "bn1",
-        "stage1": "layer1",
-        "stage2": "layer2",
-        "stage3": "layer3",
-        "stage4": "layer4",
-        "pool": "avgpool",
-    }
 
     def __init__(
         self,
@@ -92,12 +93,23 @@ class ImageNetStyleResNet(nn.Module):
         self.in_planes = 64
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
         self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
         self.layer2 = self._make_layer(block, 128, num_blocks[1], stride=2)
         self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
         self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(512 * block.expansion, num_classes)
+        last_bn = "bn3" if block is Bottleneck else "bn2"
+        # stageK / preact_stageK: RepDistiller's feat[K] with preact False / True (module docstring).
+        self.FEATURE_TAPS = {
+            "stage0": "relu", **{f"stage{k}": f"layer{k}" for k in (1, 2, 3, 4)},
+            "preact_stage0": "relu",
+            **{f"preact_stage{k}": f"layer{k}.{num_blocks[k - 1] - 1}.preact" for k in (1, 2, 3, 4)},
+            "pool": "avgpool",
+        }
+        # RepDistiller's get_bn_before_relu (models/resnetv2.py lines 116-130): the last block's last BN.
+        self.BN_BEFORE_RELU = tuple(f"layer{k}.{num_blocks[k - 1] - 1}.{last_bn}" for k in (1, 2, 3, 4))
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -122,7 +134,7 @@ class ImageNetStyleResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = self.avgpool(out).flatten(1)
         return self.linear(out)

@@ -6,9 +6,17 @@ the CRD/RepDistiller benchmark (Tian et al., ICLR 2020), also used by mdistiller
 channels, stages ``layer1..layer3`` that each halve the resolution in their first unit (32 -> 16 -> 8
 -> 4), and a ``linear`` classifier.
 
+Taps (RepDistiller ``models/ShuffleNetv1.py`` lines 95-113, ``forward(is_feat=True[, preact=True])``):
+``stage0`` is ``f0`` = relu(bn1(conv1(x))) (the parameter-free stem ``relu``), ``stageK`` the output of
+``layerK``; ``preact_stageK`` (K >= 1) is ``fK_pre``, the last unit's concatenation/sum before its final
+ReLU (the unit's parameter-free ``preact`` module, lines 46-48 there); ``preact_stage0`` is ``f0``.
+RepDistiller gives ShuffleNet no ``get_bn_before_relu`` (line 92), so OFD has no BN margin for it as a
+teacher.
+
 Differences from the RepDistiller code, none of which changes the state_dict: ``forward`` returns
-logits only, the stem takes ``in_chans`` channels, and the global pooling is a parameter-free
-``avgpool`` module (adaptive; identical to its ``avg_pool2d(out, 4)`` on 32x32 inputs).
+logits only, the stem takes ``in_chans`` channels, the stem ReLU is the module ``relu``, every unit has
+a parameter-free ``preact`` (identity) module, and the global pooling is a parameter-free ``avgpool``
+module (adaptive; identical to its ``avg_pool2d(out, 4)`` on 32x32 inputs).
 """
 from __future__ import annotations
 
@@ -51,6 +59,7 @@ class Bottleneck(nn.Module):
         self.shortcut = nn.Sequential()
         if stride == 2:
             self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1))
+        self.preact = nn.Identity()  # its output is the unit's result before the final ReLU (a tap point)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -59,14 +68,13 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
         out = torch.cat([out, res], 1) if self.stride == 2 else out + res
-        return F.relu(out)
+        return F.relu(self.preact(out))
 
 
 class ShuffleNetV1(nn.Module):
     """ShuffleNetV1 with stage widths ``out_planes``, units per stage ``num_blocks`` and ``groups``."""
 
     CLASSIFIER = "linear"
-    FEATURE_TAPS = {"stage0": "bn1", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3", "pool": "avgpool"}
 
     def __init__(
         self,
@@ -79,12 +87,20 @@ class ShuffleNetV1(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
+        self.relu = nn.ReLU()
         self.in_planes = 24
         self.layer1 = self._make_layer(out_planes[0], num_blocks[0], groups)
         self.layer2 = self._make_layer(out_planes[1], num_blocks[1], groups)
         self.layer3 = self._make_layer(out_planes[2], num_blocks[2], groups)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(out_planes[2], num_classes)
+        # stageK / preact_stageK: RepDistiller's feat[K] with preact False / True (module docstring).
+        self.FEATURE_TAPS = {
+            "stage0": "relu", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
+            "preact_stage0": "relu",
+            **{f"preact_stage{k}": f"layer{k}.{num_blocks[k - 1] - 1}.preact" for k in (1, 2, 3)},
+            "pool": "avgpool",
+        }
 
     def _make_layer(self, out_planes: int, num_blocks: int, groups: int) -> nn.Sequential:
         layers = []
@@ -96,7 +112,7 @@ class ShuffleNetV1(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         out = self.avgpool(out).flatten(1)
         return self.linear(out)

@@ -6,8 +6,16 @@ unit, a 1x1 head to 1024 channels) in the CIFAR form of the CRD/RepDistiller ben
 ICLR 2020), also used by mdistiller: a 1x1 stem to 24 channels, stages ``layer1..layer3`` (32 -> 16
 -> 8 -> 4), ``conv2``/``bn2`` and a ``linear`` classifier.
 
+Taps (RepDistiller ``models/ShuffleNetv2.py`` lines 140-159, ``forward(is_feat=True[, preact=True])``):
+``stage0`` is ``f0`` = relu(bn1(conv1(x))) (the parameter-free stem ``relu``), ``stageK`` the output of
+``layerK``; ``preact_stageK`` (K >= 1) is ``fK_pre`` of the stage's last unit: ``cat([x1, bn3(...)])``
+before the branch ReLU and *without* the channel shuffle that the unit's output gets (lines 52-57
+there; the unit's parameter-free ``preact`` module); ``preact_stage0`` is ``f0``. RepDistiller gives
+ShuffleNetV2 no ``get_bn_before_relu`` (line 137), so OFD has no BN margin for it as a teacher.
+
 Differences from the RepDistiller code, none of which changes the state_dict: ``forward`` returns
-logits only, the stem takes ``in_chans`` channels, and the global pooling is a parameter-free
+logits only, the stem takes ``in_chans`` channels, the stem ReLU is the module ``relu``, every basic
+unit has a parameter-free ``preact`` (identity) module, and the global pooling is a parameter-free
 ``avgpool`` module (adaptive; identical to its ``avg_pool2d(out, 4)`` on 32x32 inputs).
 """
 from __future__ import annotations
@@ -65,13 +73,16 @@ class BasicBlock(nn.Module):
         self.conv3 = nn.Conv2d(c, c, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
         self.shuffle = ShuffleBlock()
+        self.preact = nn.Identity()  # its output is RepDistiller's unshuffled preact (a tap point)
 
     def forward(self, x: Tensor) -> Tensor:
         x1, x2 = self.split(x)
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return self.shuffle(torch.cat([x1, out], 1))
+        preact = self.preact(torch.cat([x1, self.bn3(self.conv3(out))], 1))
+        # RepDistiller: shuffle(cat([x1, relu(bn3(...))])). x1 is a ReLU output (the stem, DownBlock and
+        # basic-unit outputs all are), so relu(x1) = x1 and this is the same tensor, values and gradients.
+        return self.shuffle(F.relu(preact))
 
 
 class DownBlock(nn.Module):
@@ -109,7 +120,6 @@ class ShuffleNetV2(nn.Module):
     """ShuffleNetV2 of width ``net_size`` (a key of :data:`CONFIGS`)."""
 
     CLASSIFIER = "linear"
-    FEATURE_TAPS = {"stage0": "bn1", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3", "pool": "avgpool"}
 
     def __init__(self, net_size: float = 1, num_classes: int = 100, in_chans: int = 3) -> None:
         super().__init__()
@@ -117,6 +127,7 @@ class ShuffleNetV2(nn.Module):
         num_blocks = CONFIGS[net_size]["num_blocks"]
         self.conv1 = nn.Conv2d(in_chans, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
+        self.relu = nn.ReLU()
         self.in_channels = 24
         self.layer1 = self._make_layer(out_channels[0], num_blocks[0])
         self.layer2 = self._make_layer(out_channels[1], num_blocks[1])
@@ -125,6 +136,14 @@ class ShuffleNetV2(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(out_channels[3], num_classes)
+        # stageK / preact_stageK: RepDistiller's feat[K] with preact False / True (module docstring);
+        # layerK holds one DownBlock then num_blocks basic units, so its last unit is index num_blocks.
+        self.FEATURE_TAPS = {
+            "stage0": "relu", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
+            "preact_stage0": "relu",
+            **{f"preact_stage{k}": f"layer{k}.{num_blocks[k - 1]}.preact" for k in (1, 2, 3)},
+            "pool": "avgpool",
+        }
 
     def _make_layer(self, out_channels: int, num_blocks: int) -> nn.Sequential:
         layers: list[nn.Module] = [DownBlock(self.in_channels, out_channels)]
@@ -133,7 +152,7 @@ class ShuffleNetV2(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.avgpool(out).flatten(1)

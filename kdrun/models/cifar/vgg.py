@@ -11,14 +11,19 @@ Faithful detail: each block ends with its last BatchNorm (the ReLU after it is a
 ``forward``), and ``pool3`` is skipped for 32x32 inputs (it is used only for 64x64 inputs), so the
 last two blocks both run at 4x4.
 
+Taps (RepDistiller ``models/vgg.py`` lines 64-98, ``forward(is_feat=True[, preact=True])``): ``stageK``
+is ``feat[K]``, the *post-ReLU* block output (the parameter-free ``act0..act4`` ReLU modules, so that a
+hook sees it); ``preact_stageK`` (K >= 1) is ``fK_pre``, the block's BatchNorm output before that ReLU
+(``blockK``); ``preact_stage0`` is ``f0``, post-ReLU, as in RepDistiller's ``preact=True`` list.
+
 Differences from the RepDistiller code, none of which changes the state_dict: ``forward`` returns
-logits only, and the first conv takes ``in_chans`` channels.
+logits only, the first conv takes ``in_chans`` channels, and the functional ReLUs after the blocks are
+the parameter-free modules ``act0..act4``.
 """
 from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 CFG: dict[str, list[list[int]]] = {
@@ -34,14 +39,21 @@ class VGG(nn.Module):
     """VGG with five conv blocks; ``cfg`` lists the conv widths of each block."""
 
     CLASSIFIER = "classifier"
+    # stageK: RepDistiller's feat[K] (post-ReLU); preact_stageK: its preact=True list (block BN output).
     FEATURE_TAPS = {
-        "stage0": "block0",
-        "stage1": "block1",
-        "stage2": "block2",
-        "stage3": "block3",
-        "stage4": "block4",
+        "stage0": "act0",
+        "stage1": "act1",
+        "stage2": "act2",
+        "stage3": "act3",
+        "stage4": "act4",
+        "preact_stage0": "act0",
+        "preact_stage1": "block1",
+        "preact_stage2": "block2",
+        "preact_stage3": "block3",
+        "preact_stage4": "block4",
         "pool": "pool4",
     }
+
 
     def __init__(
         self, cfg: list[list[int]], batch_norm: bool = True, num_classes: int = 100, in_chans: int = 3
@@ -58,6 +70,11 @@ class VGG(nn.Module):
         self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
+        # Not in-place: the pre-activation block outputs stay intact for the preact_stageK taps.
+        self.act0, self.act1, self.act2, self.act3, self.act4 = (nn.ReLU() for _ in range(5))
+        # mdistiller's get_bn_before_relu (models/cifar/vgg.py lines 61-66): the BNs whose outputs are
+        # preact_stage1..4, read by OFD for its margin.
+        self.BN_BEFORE_RELU = tuple(f"block{k}.{len(getattr(self, f'block{k}')) - 1}" for k in range(1, 5))
 
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
         self._initialize_weights()
@@ -87,13 +104,13 @@ class VGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.shape[2]
-        x = self.pool0(F.relu(self.block0(x)))
-        x = self.pool1(F.relu(self.block1(x)))
-        x = self.pool2(F.relu(self.block2(x)))
-        x = F.relu(self.block3(x))
+        x = self.pool0(self.act0(self.block0(x)))
+        x = self.pool1(self.act1(self.block1(x)))
+        x = self.pool2(self.act2(self.block2(x)))
+        x = self.act3(self.block3(x))
         if h == 64:
             x = self.pool3(x)
-        x = F.relu(self.block4(x))
+        x = self.act4(self.block4(x))
         x = self.pool4(x).flatten(1)
         return self.classifier(x)
 

@@ -6,6 +6,16 @@ blocks in three stages of widths 16k/32k/64k, depth 6n+4. The definition (attrib
 (Tian et al., ICLR 2020), also used by mdistiller, so that its released checkpoints load with
 ``strict=True``.
 
+Taps (RepDistiller ``models/wrn.py`` lines 103-122, ``forward(is_feat=True[, preact=True])``):
+``stage0`` is ``f0`` = conv1(x), ``stageK`` the output of ``blockK`` (a pre-activation network: the
+raw residual sums). ``preact_stageK`` is RepDistiller's ``preact=True`` feature K, the BN that the next
+stage applies first: ``block2.layer.0.bn1`` (K = 1), ``block3.layer.0.bn1`` (K = 2), the final ``bn1``
+(K = 3), each followed by an in-place ReLU, which :class:`~kdrun.models.taps.Tapped` does not let
+overwrite the tap; ``preact_stage0`` is ``f0``. RepDistiller *re-applies* those BNs to the stage
+outputs after the forward (lines 119-121; mdistiller does so in every forward), which in training mode
+updates their running statistics a second time; here the tap reads the forward's own BN output (the
+same values), so the running statistics are updated once.
+
 Differences from the RepDistiller code, none of which changes the state_dict: ``forward`` returns
 logits only, the first conv takes ``in_chans`` channels, and the global pooling is a parameter-free
 ``avgpool`` module (adaptive; identical to its ``avg_pool2d(out, 8)`` on 32x32 inputs) so that it can
@@ -69,7 +79,15 @@ class WideResNet(nn.Module):
     """WRN-``depth``-``widen_factor`` for 32x32 inputs."""
 
     CLASSIFIER = "fc"
-    FEATURE_TAPS = {"stage0": "conv1", "stage1": "block1", "stage2": "block2", "stage3": "block3", "pool": "avgpool"}
+    # stageK / preact_stageK: RepDistiller's feat[K] with preact False / True (module docstring).
+    FEATURE_TAPS = {
+        "stage0": "conv1", "stage1": "block1", "stage2": "block2", "stage3": "block3",
+        "preact_stage0": "conv1", "preact_stage1": "block2.layer.0.bn1", "preact_stage2": "block3.layer.0.bn1",
+        "preact_stage3": "bn1",
+        "pool": "avgpool",
+    }
+    # mdistiller's get_bn_before_relu (models/cifar/wrn.py lines 116-121): the BNs behind preact_stage1..3.
+    BN_BEFORE_RELU = ("block2.layer.0.bn1", "block3.layer.0.bn1", "bn1")
 
     def __init__(
         self,
