@@ -185,9 +185,11 @@ def teacher_values(teacher: str) -> tuple[dict[str, Any], dict[str, str]]:
                                    "here, or pass teacher.checkpoint=<released RepDistiller/mdistiller .pth>"})
 
 
-def stage_taps(teacher: str, student: str) -> list[str]:
+def stage_taps(teacher: str, student: str, preact: bool = False) -> list[str]:
+    """The stages after the stem (mdistiller's ``feats[1:]``/``preact_feats[1:]``): ``stageK`` is the zoo's
+    post-ReLU RepDistiller feat[K], ``preact_stageK`` its preact=True feature (kdrun/models/cifar)."""
     n = 4 if teacher in FOUR_STAGE and student in FOUR_STAGE else 3
-    return [f"stage{i}" for i in range(1, n + 1)]
+    return [f"{'preact_' if preact else ''}stage{i}" for i in range(1, n + 1)]
 
 
 def cifar_cost(teacher: str | None, student: str) -> float:
@@ -211,39 +213,73 @@ def distill_for(method: str, teacher: str, student: str) -> tuple[list[str], dic
     comments: dict[str, str] = {}
     if method == "kd":
         values = {"distill": {"kl": {"temperature": 4.0, "weight": 1.0}}}
-    elif method in ("at", "kdsvd", "ofd") and len(taps) == 4:
+    elif method in ("at", "kdsvd"):
         values = {"distill": {method: {"student_taps": taps, "teacher_taps": taps}}}
-        comments = {f"distill.{method}.student_taps": "four-stage pair: every stage after the stem (mdistiller feats[1:])"}
+        line = {"at": "AT.py:44", "kdsvd": "KDSVD.py:92"}[method]
+        comments = {f"distill.{method}.student_taps": f"post-ReLU stages after the stem: mdistiller distillers/{line} "
+                                                       "feats[1:]"}
+    elif method == "ofd":
+        pre = stage_taps(teacher, student, preact=True)
+        values = {"distill": {"ofd": {"student_taps": pre, "teacher_taps": pre, "margin": "bn"}}}
+        comments = {"distill.ofd.student_taps": "pre-activation stages: mdistiller distillers/OFD.py:136-137 "
+                                                "preact_feats[1:]",
+                    "distill.ofd.margin": "from the teacher's BN before each ReLU: mdistiller distillers/OFD.py:90-109"}
     elif method == "reviewkd":
-        node: dict[str, Any] = {}
-        if len(taps) == 4:
-            node["student_taps"] = node["teacher_taps"] = [*taps, "pre_logits"]
-            comments["distill.reviewkd.student_taps"] = "four stages + pooled (mdistiller's 5-level res50/mv2 setting)"
+        node: dict[str, Any] = {"student_taps": [*taps, "pre_logits"],
+                                "teacher_taps": [*stage_taps(teacher, student, preact=True), "pre_logits"]}
+        comments["distill.reviewkd.student_taps"] = ("student feats + pooled, teacher preact_feats + pooled: "
+                                                     "mdistiller distillers/ReviewKD.py:72-91"
+                                                     + (" (5 levels for four-stage pairs)" if len(taps) == 4 else ""))
+        node["warmup_epochs"] = 20
+        comments["distill.reviewkd.warmup_epochs"] = ("x min(epoch / 20, 1), 1-based epochs: mdistiller "
+                                                      "distillers/ReviewKD.py:96")
         node["weight"] = REVIEWKD_WEIGHT.get(pair, 1.0)
         comments["distill.reviewkd.weight"] = ("ReviewKD authors' CIFAR-100/script/reviewKD.sh --kd-loss-weight"
                                                if pair in REVIEWKD_WEIGHT else
                                                "not in the ReviewKD scripts: mdistiller's default")
         values = {"distill": {"reviewkd": node}}
     elif method == "dkd":
-        values = {"distill": {"dkd": {"beta": DKD_BETA.get(pair, 8.0)}}}
+        values = {"distill": {"dkd": {"beta": DKD_BETA.get(pair, 8.0), "warmup_epochs": 20}}}
         comments = {"distill.dkd.beta": f"mdistiller configs/cifar100/dkd/{DKD_BETA_FILE.get(pair, '?')}.yaml"
-                    + ("" if pair in DKD_BETA else " (default 8.0)")}
+                    + ("" if pair in DKD_BETA else " (default 8.0)"),
+                    "distill.dkd.warmup_epochs": "x min(epoch / 20, 1), 1-based epochs: mdistiller distillers/DKD.py:72"}
+    elif method == "pkt":
+        values = {"distill": {"pkt": {"weight": 30000.0}}}
+        comments = {"distill.pkt.weight": "the loss is the mean over the BxB matrix: RepDistiller "
+                                          "distiller_zoo/PKT.py:40, mdistiller distillers/PKT.py:31"}
+    elif method == "crd":
+        values = {"distill": {"crd": {"negatives": "other_class"}}}
+        comments = {"distill.crd.negatives": "other-class negatives without replacement: RepDistiller "
+                                             "dataset/cifar100.py:159-167 (mode 'exact')"}
     option = {"kd": "kl"}.get(method, method)  # conf/distill option of the method
     return ([f"override /distill: {option}", "override /projector: identity"], values, comments)
 
 
 def balancer_for(method: str, balancer: str) -> tuple[list[str], dict[str, Any], dict[str, str]]:
+    """Defaults entries, values and comments of a recipe's balancer.
+
+    A recipe only *selects* a balancer option and never sets balancer keys in its body: Hydra merges the
+    body into whatever option the user picks, so `kdrun train +recipe=R balancer=B` (and `-m
+    balancer=a,b,c`) would fail on keys B does not take. Weights a protocol needs are named options
+    instead (conf/balancer/fixed_kd.yaml: mdistiller's CE 0.1 / KD 0.9); DTO-KD/MoKD's π optimiser (AdamW,
+    lr 0.025, weight decay 0.01, DTO-KD §4 / MoKD §4) is conf/balancer/dto.yaml's default."""
     if method in ("dto_kd", "mokd") and balancer == "dto":
-        return ([], {"balancer": {"lr": 0.025, "weight_decay": 0.01}},
-                {"balancer.lr": "π optimiser (DTO-KD §4 / MoKD §4 implementation details)"})
+        return ([], {}, {})  # /method: dto_kd|mokd selects conf/balancer/dto.yaml
     if balancer == "fixed":
-        if method == "kd":
-            return (["override /balancer: fixed"], {"balancer": {"alpha_task": 0.1, "alpha_distill": 0.9}},
-                    {"balancer.alpha_task": "CE 0.1 / KD 0.9 (mdistiller KD.LOSS.CE_WEIGHT / KD_WEIGHT)"})
-        # CE weight 1 = conf/balancer/fixed.yaml's default (left unset, so balancer sweeps need no key
-        # deletions); the term's own `weight` is the benchmark's feature weight.
-        return (["override /balancer: fixed"], {}, {})
+        # Hinton KD: CE 0.1 / KD 0.9 (mdistiller cfg.py CFG.KD.LOSS.CE_WEIGHT / KD_WEIGHT); the other
+        # methods: CE weight 1 (conf/balancer/fixed.yaml) and the term's own `weight`, the benchmark's
+        # feature weight.
+        return ([f"override /balancer: {'fixed_kd' if method == 'kd' else 'fixed'}"], {}, {})
     return ([f"override /balancer: {balancer}"], {}, {})
+
+
+def pi_optimiser_note(name: str) -> str:
+    """Said in every recipe whose balancer is DTO: the π optimiser is the papers', not FAMO's code's."""
+    return ("π optimiser: AdamW, lr 0.025, weight decay 0.01, as DTO-KD §4 / MoKD §4 state "
+            "(conf/balancer/dto.yaml). FAMO's code steps π with Adam + L2 decay instead, which behaves differently "
+            "(tests/balancers/test_logit_optim_kinds.py): balancer.optimizer=adam_l2 for FAMO's. Other balancers "
+            "on this recipe: "
+            f"kdrun train -m +recipe={name} balancer=dto,fixed,mgda seed=0,1,2")
 
 
 def merge(*dicts: dict[str, Any]) -> dict[str, Any]:
@@ -286,6 +322,8 @@ def cifar_kd_recipe(teacher: str, student: str, method: str, balancer: str,
     elif balancer == "fixed":
         notes.append("Weights: CE 1 (the fixed balancer's defaults) + the term's `weight`, the benchmark's "
                      "feature-loss weight (conf/distill defaults = mdistiller's).")
+    if balancer == "dto":
+        notes.append(pi_optimiser_note(name))
     if balancer == "cross_batch":
         notes.append("Cross-batch gradient consistency (cross-batch §2): an auxiliary batch's CE gradient steers "
                      "the CE/distill weights each step (conf/balancer/cross_batch.yaml).")
@@ -388,6 +426,17 @@ IMAGENET_ROWS = {  # suffix -> (row id, method preset, label)
 # H100-hour estimates (see reproduce_imagenet.sh for the basis).
 IMAGENET_HOURS = {("deit_tiny", False): 25.0, ("deit_small", False): 35.0,
                   ("deit_tiny", True): 70.0, ("deit_small", True): 85.0}
+# DTO-KD §4 / MoKD §4: "for data augmentation, we follow [VkD]": DeiT III's 3-Augment (conf/dataset/imagenet_3aug).
+THREE_AUGMENT_ROWS = {"vkd", "dto_kd", "mokd"}
+VKD_STUDENT = {"deit_tiny": "vkd_deit_tiny", "deit_small": "vkd_deit_small"}  # conf/student (VkD's models/deit.py)
+DEIT_AUG = ("RandAugment + mixup 0.8 + cutmix 1.0 + random erasing 0.25 + 3x repeated augmentation, label "
+            "smoothing 0.1 inside mixup (all in conf/dataset/imagenet.yaml)")
+THREE_AUG = ("VkD's augmentation, as DTO-KD §4 / MoKD §4 state ('for data augmentation, we follow [VkD]'): "
+             "DeiT III's 3-Augment (roymiles/vkd augment.py aug_generator = facebookresearch/deit augment.py "
+             "new_data_aug_generator: random-resized crop 0.08-1 bicubic + flip, one of grayscale/solarize/Gaussian "
+             "blur, colour jitter 0.3), mixup 0.8 + cutmix 1.0 with label smoothing 0.1 (VkD train.py keeps them), "
+             "no RandAugment, no random erasing, no repeated augmentation (VkD's plain DistributedSampler); "
+             "conf/dataset/imagenet_3aug.yaml")
 
 
 def imagenet_recipes() -> dict[str, Recipe]:
@@ -396,8 +445,11 @@ def imagenet_recipes() -> dict[str, Recipe]:
         for suffix, (row, method, what) in IMAGENET_ROWS.items():
             kd = row != "nokd"
             name = f"{col}_regnety160{suffix}"
-            defaults = [f"/method: {method}", "override /dataset: imagenet",
-                        f"override /teacher: {'timm' if kd else 'none'}", "override /student: timm",
+            three_aug = row in THREE_AUGMENT_ROWS
+            vkd_student = row == "vkd"  # VkD's own number: VkD's own student definition
+            defaults = [f"/method: {method}", f"override /dataset: {'imagenet_3aug' if three_aug else 'imagenet'}",
+                        f"override /teacher: {'timm' if kd else 'none'}",
+                        f"override /student: {VKD_STUDENT[col] if vkd_student else 'timm'}",
                         "override /optimizer: adamw", "override /scheduler: cosine"]
             values: dict[str, Any] = {}
             comments: dict[str, str] = {}
@@ -406,11 +458,16 @@ def imagenet_recipes() -> dict[str, Recipe]:
                 comments["teacher.model.model_name"] = "DeiT's RegNetY-16GF teacher, 82.6 top-1 (the tables' teacher row)"
                 comments["teacher.model.pretrained"] = ("downloads timm's weights (network or HF cache); offline: "
                                                         "pretrained=false teacher.checkpoint=PATH")
-            values["student"] = {"model": {"model_name": distilled if kd else plain, "pretrained": False,
-                                           "drop_path_rate": 0.1}}
-            comments["student.model.model_name"] = ("the distillation-token DeiT (head + head_dist)" if kd else
-                                                    "plain DeiT: no distillation token")
-            comments["student.model.drop_path_rate"] = "stochastic depth 0.1 (DeiT protocol)"
+            if vkd_student:
+                values["student"] = {"model": {"drop_path_rate": 0.0}}
+                comments["student.model.drop_path_rate"] = ("VkD builds its student with num_classes and img_size only "
+                                                            "(train.py L154-157): its --drop-path 0.1 never reaches it")
+            else:
+                values["student"] = {"model": {"model_name": distilled if kd else plain, "pretrained": False,
+                                               "drop_path_rate": 0.1}}
+                comments["student.model.model_name"] = ("the distillation-token DeiT (head + head_dist)" if kd else
+                                                        "plain DeiT: no distillation token")
+                comments["student.model.drop_path_rate"] = "stochastic depth 0.1 (DeiT protocol)"
             if kd and row != "kd":
                 values["distill"] = {"kl": {"temperature": 1.0, "student_logits": "dist_logits"}}
                 comments["distill.kl.temperature"] = "the papers give none; DeiT's code default --distillation-tau 1.0"
@@ -420,9 +477,6 @@ def imagenet_recipes() -> dict[str, Recipe]:
                 values["distill"][feature] = {"student_tap": "patch_mean"}
                 comments[f"distill.{feature}.student_tap"] = ("VkD: the student's mean-pooled patch tokens "
                                                               "(the teacher's pooled features, layer-normed)")
-            if method in ("dto_kd", "mokd"):
-                values["balancer"] = {"lr": 0.025, "weight_decay": 0.01}
-                comments["balancer.lr"] = "π optimiser lr 0.025, weight decay 0.01 (DTO-KD §4 / MoKD §4)"
             values["optimizer"] = {"lr": 1.0e-3, "weight_decay": 0.05, "betas": [0.9, 0.999], "eps": 1.0e-8}
             comments["optimizer.lr"] = ("the papers' 1e-3 is for a TOTAL batch of 1024; DeiT's code scales "
                                         "lr = 1e-3 x total_batch / 1024 (5e-4 x total / 512)")
@@ -436,17 +490,35 @@ def imagenet_recipes() -> dict[str, Recipe]:
             notes = [
                 f"{label} student, RegNetY-160 teacher, ImageNet-1K, 300 epochs: {what}.",
                 f"Paper: DTO-KD Table 1 / MoKD Table 2, row {row}, column {label}.",
-                "Protocol: DeiT (Touvron et al. 2021) as DTO-KD §4 / MoKD §4 state it: AdamW lr 1e-3, weight decay",
-                "0.05, cosine with 5 warm-up epochs, RandAugment + mixup 0.8 + cutmix 1.0 + random erasing 0.25 +",
-                "3x repeated augmentation, label smoothing 0.1 inside mixup (all in conf/dataset/imagenet.yaml),",
-                "drop-path 0.1. The papers call the teacher ImageNet-21K pre-trained; DeiT's RegNetY-160 (82.6) is",
-                "an ImageNet-1K model, and 82.6 is the teacher accuracy both tables print.",
+                "Protocol: DeiT (Touvron et al. 2021) as DTO-KD §4 / MoKD §4 state it: AdamW lr 1e-3, weight decay "
+                "0.05, cosine with 5 warm-up epochs" + ("" if vkd_student else ", drop-path 0.1") + ". Augmentation: "
+                + (THREE_AUG if three_aug else "DeiT's, " + DEIT_AUG) + ". The papers call the teacher ImageNet-21K "
+                "pre-trained; DeiT's RegNetY-160 (82.6) is an ImageNet-1K model, and 82.6 is the teacher accuracy "
+                "both tables print.",
             ]
+            if vkd_student:
+                notes.append("Student: VkD's (roymiles/vkd models/deit.py DistilledVisionTransformer, "
+                             f"conf/student/{VKD_STUDENT[col]}.yaml): a convolutional stem (CiVT's) instead of the "
+                             "16-px patch embedding, the distillation token = the mean of the stem's tokens (not a "
+                             "learned token), no stochastic depth. Deviations from VkD's train.py kept here: the "
+                             "papers' optimiser (lr 1e-3 at total batch 1024, 5 warm-up epochs, min lr 1e-5) where "
+                             "VkD's code uses AdamW at utils/optimizer.py's default lr 5e-4 (train.py L232 passes no "
+                             "lr) with no warm-up and a per-iteration cosine to 5e-6 (L236-244). Weight decay matches "
+                             "(none on 1-D parameters, biases, pos_embed, cls_token: utils/optimizer.py = "
+                             "conf/optimizer/adamw.yaml).")
+            elif three_aug:
+                notes.append("Student: timm's distilled DeiT (a learned distillation token, 16-px patch embedding), "
+                             "what the papers name; VkD's student differs (convolutional stem, distillation token = "
+                             "mean of the stem's tokens, no drop-path): the papers do not say which one their code "
+                             f"uses. VkD's instead: `student={VKD_STUDENT[col]} ~student.model.model_name "
+                             "~student.model.pretrained student.model.drop_path_rate=0.0`.")
             if row in ("vkd", "dto_kd", "mokd"):
                 notes += ["Feature taps: as VkD, the feature term matches the teacher's pooled features (layer-normed",
                           "without affine by the projector) with the student's mean-pooled patch tokens (patch_mean)."]
             if row == "kd":
                 notes += ["DeiT's row is hard distillation through the distillation token (deit_hard)."]
+            if method in ("dto_kd", "mokd"):
+                notes.append(pi_optimiser_note(name))
             out[name] = Recipe(name=name, title=f"{label} <- RegNetY-160 on ImageNet-1K: {row}.", notes=notes,
                                defaults=defaults, values=ordered(values), cells=[("imagenet", row, col)],
                                comments=comments, hours=IMAGENET_HOURS[(col, kd)])
@@ -459,23 +531,102 @@ def imagenet_recipes() -> dict[str, Recipe]:
 VIDT_LABEL = {"vidt_nano": "Swin-nano", "vidt_tiny": "Swin-tiny", "vidt_small": "Swin-small", "vidt_base": "Swin-base"}
 COCO_STUDENTS = ["vidt_nano", "vidt_tiny", "vidt_small"]   # DTO-KD Table 3 / MoKD Table 1 blocks
 COCO_TEACHER_STUDENTS = ["vidt_nano", "vidt_tiny"]         # DTO-KD Table 5 / MoKD Table 4 students
-COCO_ROWS = {  # row id -> (method preset or None, projector, balancer, what)
-    "nokd": ("none", None, None, "no distillation (the plain ViDT, Song et al. ICLR 2022)"),
-    "token_matching": (None, "identity", "fixed",
-                       ("ViDT+ token matching (Song et al. 2022, §3.4): [PATCH]/body-[DET]/neck-[DET] tokens "
-                        "compared as they are, fixed unit weights (the release's total loss)")),
-    "vkd": ("vkd", "orthogonal", "fixed",
-            ("VkD-style: token matching through VkD's orthogonal projector (one per token family, teacher "
-             "tokens layer-normed), fixed unit weights")),
-    "dto_kd": ("dto_kd", "orthogonal", "dto",
-               ("DTO-KD: token matching through the orthogonal projector (Table 4's 'Proj') with the amortised "
-                "DTO balancer on L_distill vs L_task (Table 4's 'Optimization')")),
-    "mokd": ("mokd", "subspace", "dto",
-             ("MoKD: token matching through the subspace projector (§3.2) with the amortised balancer on "
-              "L_distill = L_patch + L_neck + L_head vs L_task = L_cls + L_bbox + L_giou (App. A Eq. 2)")),
+PER_SCALE_NOTE = ("one projector per [PATCH] scale (DTO-KD Fig. 2: 'multiple light-weight projectors at different "
+                  "scales'), one for the body [DET], one for the neck [DET] tokens")
+
+
+@dataclass(frozen=True)
+class CocoRow:
+    """One distillation setting of the COCO tables: the conf/ options it picks and what it is."""
+
+    method: str | None            # conf/method preset (None: the options below only)
+    distill: str                  # conf/distill option (replaces the preset's classification losses)
+    projector: str | None         # conf/projector option (None: the preset's)
+    balancer: str | None          # conf/balancer option (None: the preset's)
+    what: str
+    projector_values: tuple[tuple[str, Any], ...] = ()
+    hours_factor: float = 1.0     # per-step cost relative to a fixed-weight run (DTO's extra forward, clipping)
+
+
+# DTO's extra no-grad student forward (next_loss: same_batch) ~1/3 of the student's step.
+DTO_FACTOR = 4.0 / 3.0
+# Per-objective clipping (kdrun/balancers/objective_clip.py) needs both objectives' gradients (one vmapped
+# backward, trainer.jacobian=auto): x1.5 per ViDT-nano step measured on the CPU benchmark (benchmarks/RESULTS.md,
+# "Per-scale projectors and per-objective clipping"; a GPU may differ).
+CLIP_FACTOR = 1.5
+VKD_PROJECTOR = (("teacher_norm", "none"), ("affine", True), ("orthogonal_map", "auto"))
+NO_METRIC = (("metric", "identity"),)
+COCO_ROWS = {  # row id -> setting
+    "nokd": CocoRow("none", "none", None, None, "no distillation (the plain ViDT, Song et al. ICLR 2022)"),
+    "token_matching": CocoRow(None, "token_matching", "identity", "fixed",
+                              "ViDT+ token matching (Song et al. 2022, §3.4): [PATCH]/body-[DET]/neck-[DET] tokens "
+                              "compared as they are, fixed unit weights (the release's total loss)"),
+    "vkd": CocoRow("vkd", "token_matching_vkd", "orthogonal", "fixed",
+                   "VkD's own ViDT distillation (roymiles/vkd vidt/methods/vidt/criterion.py lines 284-331, "
+                   "kdrun/losses/vkd_detection.py): student tokens through VkD's OrthogonalLinear (vidt/main.py "
+                   "lines 29-44; " + PER_SCALE_NOTE + "), both sides standardised per channel, smooth-L1 summed "
+                   "over the 6 token sets, no square root; fixed unit weights", VKD_PROJECTOR),
+    "dto_kd": CocoRow("dto_kd", "token_matching", "orthogonal", "objective_clip",
+                      "DTO-KD: token matching through orthogonal projectors (Table 4's 'Proj'; " + PER_SCALE_NOTE
+                      + ") with the amortised DTO balancer on L_distill vs L_task (Table 4's 'Optimization') on "
+                      "per-objective gradients clipped to 0.1 (Table 4's clipping, 'a pre-processing step to both "
+                      "objectives': Table 3's DTO-KD numbers are Table 4's last row, which has it)",
+                      hours_factor=DTO_FACTOR * CLIP_FACTOR),
+    "mokd": CocoRow("mokd", "token_matching", "subspace", None,
+                    "MoKD: token matching through subspace projectors (§3.2; " + PER_SCALE_NOTE + ") with the "
+                    "amortised balancer on L_distill = L_patch + L_neck + L_head vs L_task = L_cls + L_bbox + L_giou "
+                    "(App. A Eq. 2)", hours_factor=DTO_FACTOR),
+}
+# DTO-KD Table 4 / MoKD Table 3 (ViDT-nano <- ViDT-base): the rows that are no other table's run. The rows
+# that are (DTO-KD 'none' and MoKD 'none' = Token-Matching, DTO-KD 'all' = DTO-KD, MoKD 'all' = MoKD) are
+# `paper.also` cells of those recipes (COCO_ABLATION_SHARED).
+COCO_ABLATION_ROWS = {  # (table, row id) -> setting
+    ("coco_ablation_dto_kd", "clip"): CocoRow(
+        None, "token_matching", "identity", "objective_clip_fixed",
+        "DTO-KD Table 4 'clipping only': token matching without projectors, fixed unit weights, each objective's "
+        "gradient clipped to 0.1 before they are summed"),
+    ("coco_ablation_dto_kd", "proj"): CocoRow(
+        None, "token_matching", "orthogonal", "fixed",
+        "DTO-KD Table 4 'Proj only': token matching through DTO-KD's orthogonal projectors (" + PER_SCALE_NOTE
+        + "), fixed unit weights, no per-objective clipping"),
+    ("coco_ablation_dto_kd", "proj_opt"): CocoRow(
+        "dto_kd", "token_matching", "orthogonal", "dto",
+        "DTO-KD Table 4 'Proj + Optimization': DTO-KD without the per-objective clipping (orthogonal projectors, "
+        "amortised DTO)", hours_factor=DTO_FACTOR),
+    ("coco_ablation_mokd", "proj"): CocoRow(
+        None, "token_matching", "subspace", "fixed",
+        "MoKD Table 3 'Subspace Learning' only: token matching through MoKD's subspace projectors (P_s, P_t) with "
+        "the metric D fixed to I (kdrun's reading of the 'High-dimensional Alignment' column: the learnable "
+        "indefinite metric, which MoKD Fig. 2 says is 'for alignment'), fixed unit weights", NO_METRIC),
+    ("coco_ablation_mokd", "proj_opt"): CocoRow(
+        "mokd", "token_matching", "subspace", None,
+        "MoKD Table 3 'Subspace Learning + Multi-Task Optimization': MoKD with D fixed to I (no 'alignment')",
+        NO_METRIC, hours_factor=DTO_FACTOR),
+}
+COCO_ABLATION_SHARED = {  # row of the ViDT-nano <- ViDT-base recipe -> ablation cells it also fills
+    "token_matching": [("coco_ablation_dto_kd", "none"), ("coco_ablation_mokd", "none")],
+    "dto_kd": [("coco_ablation_dto_kd", "all")],
+    "mokd": [("coco_ablation_mokd", "all")],
 }
 COCO_ROW_LABEL = {"nokd": "No distillation", "token_matching": "Token-Matching", "vkd": "VkD",
                   "dto_kd": "DTO-KD", "mokd": "MoKD"}
+ABLATION_LABEL = {("coco_ablation_dto_kd", "none"): "DTO-KD Table 4, row with no check mark",
+                  ("coco_ablation_dto_kd", "clip"): "DTO-KD Table 4, row with gradient clipping only",
+                  ("coco_ablation_dto_kd", "proj"): "DTO-KD Table 4, row with Proj only",
+                  ("coco_ablation_dto_kd", "proj_opt"): "DTO-KD Table 4, row with Proj + Optimization",
+                  ("coco_ablation_dto_kd", "all"): "DTO-KD Table 4, row with all three",
+                  ("coco_ablation_mokd", "none"): "MoKD Table 3, row with no check mark",
+                  ("coco_ablation_mokd", "proj"): "MoKD Table 3, row with Subspace Learning only",
+                  ("coco_ablation_mokd", "proj_opt"): "MoKD Table 3, row with Subspace Learning + Multi-Task Optimization",
+                  ("coco_ablation_mokd", "all"): "MoKD Table 3, row with all three"}
+ABLATION_NOTE = ("Ablation readings (DTO-KD Table 4 / MoKD Table 3): 'Proj' = the projectors on the token "
+                 "matching (off: tokens compared as they are); 'Optimization' = the amortised DTO balancer (off: "
+                 "fixed unit weights); gradient clipping = each objective's gradient clipped to norm 0.1 before "
+                 "balancing (kdrun/balancers/objective_clip.py; the papers give no norm: ViDT's --clip_max_norm). "
+                 "ViDT's own global clipping of the summed gradient (trainer.grad_clip 0.1) stays on in every row, "
+                 "as the protocol. An alternative reading the numbers allow: Table 4's clipping-only row (41.8/61.2/"
+                 "44.7) equals Token-Matching with ViDT's global clip (41.9/61.2/44.7, Table 3) and MoKD Table 3's "
+                 "baseline; under it the rows without clipping would run with trainer.grad_clip=0 instead.")
 VIDT_WEIGHTS = "${oc.env:KDRUN_CACHE,'~/.cache/kdrun'}/teachers/%s_50.pth"
 # ViDT's optimiser (naver-ai/vidt main.py build_optimizer): AdamW, every group at --lr; weight decay on
 # everything but the backbone's 1-d parameters (norms, biases: `len(shape) == 1 or name.endswith(".bias")`)
@@ -510,24 +661,33 @@ COCO_NANO_HOURS = 100.0
 VIDT_COST = {"vidt_nano": 1.0, "vidt_tiny": 20.0 / 17.2, "vidt_small": 20.0 / 12.1, "vidt_base": 20.0 / 9.0}
 
 
-def coco_hours(teacher: str | None, student: str, balancer: str | None) -> float:
-    cost = VIDT_COST[student] * (4.0 / 3.0 if balancer == "dto" else 1.0)
+def coco_hours(teacher: str | None, student: str, factor: float) -> float:
+    cost = VIDT_COST[student] * factor
     if teacher:
         cost += VIDT_COST[teacher] / 3.0
     return round(COCO_NANO_HOURS * cost / 5.0) * 5.0
 
 
-def coco_recipe(teacher: str | None, student: str, row: str, cells: list[tuple[str, str, str]]) -> Recipe:
-    method, projector, balancer, what = COCO_ROWS[row]
+def coco_paper_line(table: str, row: str, column: str, student: str) -> str:
+    """Where a cell is printed, in words."""
+    if table in ("coco_ablation_dto_kd", "coco_ablation_mokd"):
+        return f"{ABLATION_LABEL[(table, row)]} (table {table}, row {row}, column {column})."
+    t3, t5 = {"dto_kd": ("DTO-KD Table 3", "DTO-KD Table 5"), "mokd": ("MoKD Table 1", "MoKD Table 4")}.get(
+        row, ("DTO-KD Table 3 / MoKD Table 1", "DTO-KD Table 5 / MoKD Table 4"))
+    if table == "coco":
+        return f"{t3}, block {VIDT_LABEL[student]}, row '{COCO_ROW_LABEL[row]}' (table coco, column {column})."
+    return f"{t5}, row '{COCO_ROW_LABEL[row]}', column {column} (table coco_teachers)."
+
+
+def coco_recipe(teacher: str | None, student: str, name: str, spec: CocoRow, label: str,
+                cells: list[tuple[str, str, str]]) -> Recipe:
     kd = teacher is not None
-    name = f"coco_{teacher}_{student}_{row}" if kd else f"coco_student_{student}"
-    defaults = [f"/method: {method}"] if method else []
+    defaults = [f"/method: {spec.method}"] if spec.method else []
     defaults += ["override /task: detection", "override /dataset: coco",
                  f"override /teacher: {teacher or 'none'}", f"override /student: {student}"]
     if kd:
-        defaults.append("override /distill: token_matching")  # replaces the preset's classification losses
-        if not method:
-            defaults += [f"override /projector: {projector}", f"override /balancer: {balancer}"]
+        defaults.append(f"override /distill: {spec.distill}")  # replaces the preset's classification losses
+        defaults += [f"override /{g}: {o}" for g, o in (("projector", spec.projector), ("balancer", spec.balancer)) if o]
     defaults += ["override /optimizer: adamw", "override /scheduler: cosine"]
     values: dict[str, Any] = {}
     comments: dict[str, str] = {}
@@ -535,11 +695,23 @@ def coco_recipe(teacher: str | None, student: str, row: str, cells: list[tuple[s
         values["teacher"] = {"model": {"weights": VIDT_WEIGHTS % teacher}}
         comments["teacher.model.weights"] = (f"the naver-ai/vidt release's {teacher}_50.pth (v0.1-vidt: ViDT "
                                              f"{VIDT_LABEL[teacher]}, 50 epochs); or teacher.checkpoint=<kdrun run>")
-        values["distill"] = {"token_matching": {"weight": 4.0}}
-        comments["distill.token_matching.weight"] = "ViDT's --distil_loss_coef (a constant factor: no effect on DTO's log-loss weights)"
-    if balancer == "dto":
-        values["balancer"] = {"lr": 0.025, "weight_decay": 0.01}
-        comments["balancer.lr"] = "π optimiser lr 0.025, weight decay 0.01 (DTO-KD §4 / MoKD §4, also for detection)"
+        term: dict[str, Any] = {"weight": 4.0}
+        comments[f"distill.{spec.distill}.weight"] = (
+            "VkD's --distil_loss_coef (roymiles/vkd vidt/arguments.py line 134)" if spec.distill == "token_matching_vkd"
+            else "ViDT's --distil_loss_coef (a constant factor: no effect on DTO's log-loss weights)")
+        if spec.distill == "token_matching" and spec.projector != "identity":
+            term["patch_projectors"] = "per_scale"
+            comments["distill.token_matching.patch_projectors"] = ("one projector per [PATCH] scale (DTO-KD Fig. 2); "
+                                                                   "shared: one for all four")
+        values["distill"] = {spec.distill: term}
+        if spec.projector_values:
+            values["projector"] = dict(spec.projector_values)
+            if spec.distill == "token_matching_vkd":
+                comments["projector.affine"] = ("VkD's OrthogonalLinear: orthogonal W, then a learnable per-channel "
+                                                "scale and bias (roymiles/vkd vidt/main.py lines 29-44)")
+                comments["projector.teacher_norm"] = "the loss standardises both sides itself (criterion.py line 298)"
+            else:
+                comments["projector.metric"] = "D = I: MoKD Table 3 without 'High-dimensional Alignment' (kdrun's reading)"
     values["student"] = {"model": {"backbone_weights": BACKBONE_WEIGHTS[student]}}
     comments["student.model.backbone_weights"] = ("ImageNet Swin for the body, as ViDT (a Microsoft-format "
                                                   "checkpoint path, or timm); null: from scratch")
@@ -562,29 +734,33 @@ def coco_recipe(teacher: str | None, student: str, row: str, cells: list[tuple[s
                                       "trainer.devices=8 trainer.batch_size=2; the papers' 4 H100s: "
                                       "trainer.devices=4 trainer.batch_size=4)")
     comments["trainer.val_batch_size"] = "per process; 800 x 1333 images"
-    comments["trainer.grad_clip"] = "ViDT --clip_max_norm 0.1 (DTO-KD Table 4's gradient clipping)"
+    comments["trainer.grad_clip"] = ("ViDT --clip_max_norm 0.1 on the summed gradient (DTO-KD Table 4's per-objective "
+                                     "clipping is the balancer's, objective_clip)")
     comments["trainer.precision"] = "bf16 autocast (the release trains fp32)"
     if kd:
-        title = f"ViDT {VIDT_LABEL[student]} <- ViDT {VIDT_LABEL[teacher]} on COCO 2017: {row}."
+        title = f"ViDT {VIDT_LABEL[student]} <- ViDT {VIDT_LABEL[teacher]} on COCO 2017: {label}."
     else:
-        title = f"ViDT {VIDT_LABEL[student]} on COCO 2017 without a teacher: {row}."
-    paper = []
-    for t, _, c in cells:
-        t3, t5 = {"dto_kd": ("DTO-KD Table 3", "DTO-KD Table 5"), "mokd": ("MoKD Table 1", "MoKD Table 4")}.get(
-            row, ("DTO-KD Table 3 / MoKD Table 1", "DTO-KD Table 5 / MoKD Table 4"))
-        if t == "coco":
-            paper.append(f"{t3}, block {VIDT_LABEL[student]}, row '{COCO_ROW_LABEL[row]}' (table coco, column {c}).")
-        else:
-            paper.append(f"{t5}, row '{COCO_ROW_LABEL[row]}', column {c} (table coco_teachers).")
+        title = f"ViDT {VIDT_LABEL[student]} on COCO 2017 without a teacher: {label}."
+    paper = [coco_paper_line(t, r, c, student) for t, r, c in cells]
     who = f"{VIDT_LABEL[student]} student" + (f", {VIDT_LABEL[teacher]} teacher" if kd else "")
-    notes = [f"{who}, COCO 2017, 50 epochs: {what}.", *[f"Paper: {p}" for p in paper], COCO_PROTOCOL]
-    if kd:
+    notes = [f"{who}, COCO 2017, 50 epochs: {spec.what}.", *[f"Paper: {p}" for p in paper], COCO_PROTOCOL]
+    if kd and spec.distill == "token_matching":
         notes.append("Losses: the method presets' classification terms (KL + feature loss) are replaced by ViDT's "
                      "token matching (conf/distill/token_matching.yaml), the detection L_distill of MoKD App. A "
-                     "Eq. 2; the projector group applies per token family (patch, body [DET], neck [DET]).")
+                     "Eq. 2; the projector group applies per token family (patch: per scale, body [DET], neck [DET]).")
+    if spec.distill == "token_matching_vkd":
+        notes.append("Deviation: VkD's vidt/example.sh distils from vidt_small_150.pth; this recipe uses the "
+                     "table's teacher (the ViDT release's 50-epoch checkpoint), as the other rows.")
+    if spec.balancer in ("objective_clip", "objective_clip_fixed"):
+        notes.append("Per-objective clipping costs one backward per objective (kdrun/balancers/objective_clip.py): "
+                     "the gradient diagnostics log the unclipped gradients, balancer/clip/norm/* and balancer/clip/coef/* the clip.")
+    if any(t.startswith("coco_ablation_") for t, _, _ in cells):
+        notes.append(ABLATION_NOTE)
+    if spec.balancer in (None, "dto", "objective_clip") and spec.method in ("dto_kd", "mokd"):
+        notes.append(pi_optimiser_note(name))
     notes.append(BACKBONE_NOTE)
     return Recipe(name=name, title=title, notes=notes, defaults=defaults, values=ordered(values),
-                  cells=list(cells), comments=comments, hours=coco_hours(teacher, student, balancer))
+                  cells=list(cells), comments=comments, hours=coco_hours(teacher, student, spec.hours_factor))
 
 
 def coco_recipes() -> dict[str, Recipe]:
@@ -593,7 +769,7 @@ def coco_recipes() -> dict[str, Recipe]:
         cells = [("coco", "nokd", s)]
         if s in COCO_TEACHER_STUDENTS:
             cells += [("coco_teachers", "nokd", f"{t}_{s}") for t in ("vidt_small", "vidt_base")]
-        r = coco_recipe(None, s, "nokd", cells)
+        r = coco_recipe(None, s, f"coco_student_{s}", COCO_ROWS["nokd"], "nokd", cells)
         out[r.name] = r
     for t in ("vidt_base", "vidt_small"):
         for s in COCO_STUDENTS:
@@ -603,8 +779,14 @@ def coco_recipes() -> dict[str, Recipe]:
                 cells = [("coco", row, s)] if t == "vidt_base" else []
                 if s in COCO_TEACHER_STUDENTS:
                     cells.append(("coco_teachers", row, f"{t}_{s}"))
-                r = coco_recipe(t, s, row, cells)
+                if (t, s) == ("vidt_base", "vidt_nano"):
+                    cells += [(table, r, s) for table, r in COCO_ABLATION_SHARED.get(row, [])]
+                r = coco_recipe(t, s, f"coco_{t}_{s}_{row}", COCO_ROWS[row], row, cells)
                 out[r.name] = r
+    for (table, row), spec in COCO_ABLATION_ROWS.items():
+        name = f"{table}_{row}"  # coco_ablation_<paper>_<row>: ViDT-nano <- ViDT-base, as the tables
+        r = coco_recipe("vidt_base", "vidt_nano", name, spec, f"{table} {row}", [(table, row, "vidt_nano")])
+        out[r.name] = r
     return out
 
 
@@ -641,9 +823,9 @@ IMAGENET_BASIS = """# GPU-hour basis (estimates, not measurements): DeiT (Touvro
 # V100. Assuming an H100 ~3x a V100 for ViT training and ~6x for bf16 RegNet inference: no-KD DeiT-Ti
 # ~25 H100-h, DeiT-S ~35; with the RegNetY-160 teacher forward on every image ~70 and ~85 H100-h (the
 # papers ran 4 H100s: ~1 day wall each with trainer.devices=4 trainer.batch_size=256; ~3 days on one H100
-# with the recipes' batch of 1024). The input pipeline (RandAugment, 3x repeated augmentation)
-# needs ~10 CPU workers per GPU to keep up. Runs need ImageNet in $KDRUN_DATA/imagenet (train/, val/)
-# and timm's regnety_160.deit_in1k weights (network or a populated HF cache)."""
+# with the recipes' batch of 1024). The input pipeline (RandAugment and 3x repeated augmentation for
+# the nokd/kd rows, DeiT-III's 3-Augment for the VkD-protocol rows) needs ~10 CPU workers per GPU.
+# Runs need ImageNet in $KDRUN_DATA/imagenet (train/, val/) and timm's regnety_160.deit_in1k weights (network or a populated HF cache)."""
 
 
 COCO_BASIS = """# GPU-hour basis (estimates, not measurements): Deformable DETR (Zhu et al. 2021, Table 1) trains its
@@ -716,7 +898,11 @@ def scripts(recipes: dict[str, Recipe]) -> dict[str, str]:
                           [r for r in coco if r.name.startswith("coco_student_")]),
                          ("Swin-base teacher (Table 3; nano/tiny also Table 5)",
                           [r for r in coco if r.name.startswith("coco_vidt_base_")]),
-                         ("Swin-small teacher (Table 5)", [r for r in coco if r.name.startswith("coco_vidt_small_")])],
+                         ("Swin-small teacher (Table 5)", [r for r in coco if r.name.startswith("coco_vidt_small_")]),
+                         ("ablations' own runs (DTO-KD Table 4 / MoKD Table 3; `--table coco_ablation_dto_kd|"
+                          "coco_ablation_mokd`; their other rows are runs above)",
+                          [r for r in recipes.values() if r.cells
+                           and all(c[0].startswith("coco_ablation_") for c in r.cells)])],
             SEEDS["coco"], pre=coco_pre, extra=" trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))"),
         "reproduce_imagenet.sh": script(
             "imagenet", "ImageNet-1K: DTO-KD Table 1 / MoKD Table 2 (DeiT-Ti/S students, RegNetY-160 teacher).",

@@ -5,7 +5,7 @@
 # set). Run dirs are $KDRUN_RUNS/<recipe>/seed<N>, so `kdrun tables --table coco $KDRUN_RUNS` finds
 # them; trainer.resume=auto makes every line idempotent (a finished run is not trained again, a killed
 # one continues). Runs of recipes that several tables share are the same directories.
-# 23 runs, about 4500 H100-hours in total (seed 0: the papers report single runs).
+# 28 runs, about 5835 H100-hours in total (seed 0: the papers report single runs).
 # GPU-hour basis (estimates, not measurements): Deformable DETR (Zhu et al. 2021, Table 1) trains its
 # ResNet-50 model for 50 epochs in ~325 V100-hours; a ViDT-nano student (16M parameters, no encoder) is
 # assumed to cost about as much per image with kdrun's pure-PyTorch deformable attention (no CUDA kernel),
@@ -36,23 +36,30 @@ kdrun train +recipe=coco_student_vidt_small seed=0 hydra.run.dir=$KDRUN_RUNS/coc
 # -- Swin-base teacher (Table 3; nano/tiny also Table 5) --
 kdrun train +recipe=coco_vidt_base_vidt_nano_token_matching seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_nano_token_matching/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~175 H100-h
 kdrun train +recipe=coco_vidt_base_vidt_nano_vkd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_nano_vkd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~175 H100-h
-kdrun train +recipe=coco_vidt_base_vidt_nano_dto_kd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_nano_dto_kd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~205 H100-h
+kdrun train +recipe=coco_vidt_base_vidt_nano_dto_kd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_nano_dto_kd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~275 H100-h
 kdrun train +recipe=coco_vidt_base_vidt_nano_mokd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_nano_mokd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~205 H100-h
 kdrun train +recipe=coco_vidt_base_vidt_tiny_token_matching seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_tiny_token_matching/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~190 H100-h
 kdrun train +recipe=coco_vidt_base_vidt_tiny_vkd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_tiny_vkd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~190 H100-h
-kdrun train +recipe=coco_vidt_base_vidt_tiny_dto_kd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_tiny_dto_kd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~230 H100-h
+kdrun train +recipe=coco_vidt_base_vidt_tiny_dto_kd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_tiny_dto_kd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~305 H100-h
 kdrun train +recipe=coco_vidt_base_vidt_tiny_mokd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_tiny_mokd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~230 H100-h
 kdrun train +recipe=coco_vidt_base_vidt_small_token_matching seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_small_token_matching/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~240 H100-h
 kdrun train +recipe=coco_vidt_base_vidt_small_vkd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_small_vkd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~240 H100-h
-kdrun train +recipe=coco_vidt_base_vidt_small_dto_kd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_small_dto_kd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~295 H100-h
+kdrun train +recipe=coco_vidt_base_vidt_small_dto_kd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_small_dto_kd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~405 H100-h
 kdrun train +recipe=coco_vidt_base_vidt_small_mokd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_base_vidt_small_mokd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~295 H100-h
 
 # -- Swin-small teacher (Table 5) --
 kdrun train +recipe=coco_vidt_small_vidt_nano_token_matching seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_small_vidt_nano_token_matching/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~155 H100-h
 kdrun train +recipe=coco_vidt_small_vidt_nano_vkd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_small_vidt_nano_vkd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~155 H100-h
-kdrun train +recipe=coco_vidt_small_vidt_nano_dto_kd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_small_vidt_nano_dto_kd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~190 H100-h
+kdrun train +recipe=coco_vidt_small_vidt_nano_dto_kd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_small_vidt_nano_dto_kd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~255 H100-h
 kdrun train +recipe=coco_vidt_small_vidt_nano_mokd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_small_vidt_nano_mokd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~190 H100-h
 kdrun train +recipe=coco_vidt_small_vidt_tiny_token_matching seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_small_vidt_tiny_token_matching/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~170 H100-h
 kdrun train +recipe=coco_vidt_small_vidt_tiny_vkd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_small_vidt_tiny_vkd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~170 H100-h
-kdrun train +recipe=coco_vidt_small_vidt_tiny_dto_kd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_small_vidt_tiny_dto_kd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~210 H100-h
+kdrun train +recipe=coco_vidt_small_vidt_tiny_dto_kd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_small_vidt_tiny_dto_kd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~290 H100-h
 kdrun train +recipe=coco_vidt_small_vidt_tiny_mokd seed=0 hydra.run.dir=$KDRUN_RUNS/coco_vidt_small_vidt_tiny_mokd/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~210 H100-h
+
+# -- ablations' own runs (DTO-KD Table 4 / MoKD Table 3; `--table coco_ablation_dto_kd|coco_ablation_mokd`; their other rows are runs above) --
+kdrun train +recipe=coco_ablation_dto_kd_clip seed=0 hydra.run.dir=$KDRUN_RUNS/coco_ablation_dto_kd_clip/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~175 H100-h
+kdrun train +recipe=coco_ablation_dto_kd_proj seed=0 hydra.run.dir=$KDRUN_RUNS/coco_ablation_dto_kd_proj/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~175 H100-h
+kdrun train +recipe=coco_ablation_dto_kd_proj_opt seed=0 hydra.run.dir=$KDRUN_RUNS/coco_ablation_dto_kd_proj_opt/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~205 H100-h
+kdrun train +recipe=coco_ablation_mokd_proj seed=0 hydra.run.dir=$KDRUN_RUNS/coco_ablation_mokd_proj/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~175 H100-h
+kdrun train +recipe=coco_ablation_mokd_proj_opt seed=0 hydra.run.dir=$KDRUN_RUNS/coco_ablation_mokd_proj_opt/seed0 trainer.resume=auto trainer.devices=$GPUS trainer.batch_size=$((16 / GPUS))  # ~205 H100-h
