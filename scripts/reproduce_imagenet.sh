@@ -13,7 +13,8 @@
 # papers ran 4 H100s: ~1 day wall each with trainer.devices=4 trainer.batch_size=256; ~3 days on one H100
 # with the recipes' batch of 1024). The input pipeline (RandAugment and 3x repeated augmentation for
 # the nokd/kd rows, DeiT-III's 3-Augment for the VkD-protocol rows) needs ~10 CPU workers per GPU.
-# Runs need ImageNet in $KDRUN_DATA/imagenet (train/, val/) and timm's regnety_160.deit_in1k weights (network or a populated HF cache).
+# Runs need ImageNet in $KDRUN_DATA/imagenet (train/, val/) and timm's regnety_160.deit_in1k weights
+# (network or a populated HF cache).
 set -euo pipefail
 KDRUN_RUNS=${KDRUN_RUNS:-runs/paper}
 TEACHERS=${KDRUN_CACHE:-$HOME/.cache/kdrun}/teachers
