@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from kdrun.config import ConfigError, unknown_key_message
 from kdrun.errors import fail, find_user_error, full_traceback_requested, report
@@ -200,7 +200,7 @@ def run_train(argv: list[str]) -> None:
                       f"(and the same hydra.run.dir={results['run_dir']})", flush=True)
             raise SystemExit(results["exit_code"])
         if D.is_main():
-            summarise(results)
+            summarise(results, multirun_dir(HydraConfig.get()))
         return results["final"][results["primary_metric"]]
 
     sys.argv = ["kdrun train", *argv]
@@ -218,22 +218,59 @@ def run_train(argv: list[str]) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def summarise(results: dict) -> None:
-    """The figures a user looks for first, then where everything else is."""
+def multirun_dir(hydra_cfg: Any) -> str | None:
+    """The sweep directory of a multirun (``-m``), ``None`` for a single run."""
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return str(Path(hydra_cfg.runtime.cwd) / str(hydra_cfg.sweep.dir))  # relative to where kdrun started
+
+
+def summarise(results: dict, sweep_dir: str | None = None) -> None:
+    """The figures a user looks for first, then where everything else is (:func:`summary_lines`)."""
+    print("\n".join(summary_lines(results, sweep_dir)), flush=True)
+
+
+def summary_lines(results: dict, sweep_dir: str | None = None) -> list[str]:
+    """The end-of-run summary. It names the weights each figure belongs to: "final" is the last epoch's
+    val (``last.pt``), "best" the best val epoch's (``best.pt``, which ``kdrun eval RUN_DIR`` picks).
+    ``sweep_dir``: the sweep of a multirun, whose directory is then the TensorBoard logdir (every
+    job's curves side by side)."""
+    from kdrun.logger import format_metrics, format_value
+
     def fmt(m: dict) -> str:
-        return "   ".join(f"{k} {v:6.2f}" for k, v in m.items() if k not in ("loss", "epoch", "samples"))
+        return format_metrics(m, [k for k in m if k not in ("loss", "epoch", "samples")])
 
     t, f, b = results.get("teacher"), results["final"], results["best"]
     key = results.get("primary_metric", "top1")
+    run_dir = Path(results["run_dir"])
+
+    has_best, has_last = (run_dir / "best.pt").is_file(), (run_dir / "last.pt").is_file()
     lines = ["", "kdrun: done."]
     if t:
         lines.append(f"  teacher  val {fmt(t)}")
-    lines.append(f"  student  val {fmt(f)}   (best {key} {b[key]:.2f} at epoch {b['epoch']})")
+    lines.append(f"  student  val {fmt(f)}   final ({'last.pt' if has_last else 'not saved'}, "
+                 f"step {results['steps']})")
+    at = f"step {b['step']} (epoch {b['epoch']})" if b.get("step") is not None else f"epoch {b['epoch']}"
+    # what evaluate.resolve_checkpoint picks for a run dir: best.pt, else last.pt
+    picks = "best.pt" if has_best else "last.pt" if has_last else None
+    lines.append(f"           best {key} {format_value(b[key])} at {at} "
+                 f"({'best.pt' if has_best else 'best.pt not saved'}"
+                 + (f"; `kdrun eval RUN_DIR` evaluates {picks})" if picks else ")"))
+    skipped = int(results.get("nonfinite_skipped") or 0)
+    if skipped > 0:
+        lines.append(f"  skipped  {skipped} non-finite step{'s' * (skipped != 1)} (no update on them; "
+                     "train/nonfinite_skipped in the curves)")
     lines.append(f"  {results['steps']} steps in {results['wall_time_s']:.1f} s, "
                  f"{results['images_per_s']:.0f} images/s")
-    lines.append(f"  run dir  {results['run_dir']}")
-    lines.append(f"  curves   tensorboard --logdir {Path(results['run_dir']) / 'tb'}")
-    print("\n".join(lines), flush=True)
+    lines.append(f"  run dir  {run_dir}")
+    if sweep_dir:
+        lines.append(f"  curves   tensorboard --logdir {sweep_dir}   (every job of the sweep; this one: "
+                     f"{run_dir / 'tb'})")
+    else:
+        lines.append(f"  curves   tensorboard --logdir {run_dir / 'tb'}")
+    return lines
 
 
 def run_eval(argv: list[str]) -> None:

@@ -36,17 +36,21 @@ from kdrun import checkpoint as ckpt
 from kdrun.config import ConfigError, TrainerConfig, validate
 from kdrun.data.loaders import close_loaders, make_loaders
 from kdrun.engine import autocast, evaluate, pick_device
+from kdrun.logger import format_metrics, format_value
 from kdrun.models.build import CheckpointError, build_model, extract_state_dict
 from kdrun.models.taps import ModelOutput
 
 TIMED = "forward + post-processing (data loading and host-to-device copy excluded)"
 # keys evaluate_checkpoint adds to the task's metrics
-EXTRA_KEYS = ("checkpoint", "model", "params", "images_per_s", "images_per_s_with_loading",
+EXTRA_KEYS = ("checkpoint", "checkpoint_from_run_dir", "checkpoint_epoch", "checkpoint_step", "checkpoint_logged",
+              "model", "params", "images_per_s", "images_per_s_with_loading",
               "throughput_batch_size", "throughput_batches", "throughput_images", "throughput_warmup_batches",
               "throughput_device", "throughput_precision", "throughput_timed")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself, or for a run directory its ``best.pt`` (the best val epoch's weights), else its
+    ``last.pt`` (the final weights, which the end-of-run summary's "final" figures are of)."""
     p = Path(path).expanduser()
     if p.is_dir():
         for name in ("best.pt", "last.pt"):
@@ -181,6 +185,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), device: str
     finally:
         close_loaders(loaders)
     metrics["checkpoint"] = str(p)
+    metrics.update(checkpoint_facts(state, from_run_dir=Path(path).expanduser().is_dir()))
     metrics["model"] = str(cfg.student.model.get("_target_", type(model).__name__))
     metrics["params"] = count_params(model)
     if throughput:
@@ -193,17 +198,47 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), device: str
     return metrics
 
 
+def checkpoint_facts(state: dict[str, Any], from_run_dir: bool) -> dict[str, Any]:
+    """Which weights were evaluated: the run's epoch and step at the save, and the val metrics the run
+    logged for these very weights (its history entry of that step; ``None`` for a mid-epoch save, which
+    no validation saw, or a checkpoint without history such as a fitted teacher's)."""
+    step = state.get("step")
+    logged = next((h for h in state.get("history") or [] if step is not None and h.get("step") == step), None)
+    return {"checkpoint_from_run_dir": from_run_dir, "checkpoint_epoch": state.get("epoch"),
+            "checkpoint_step": step,
+            "checkpoint_logged": None if logged is None else {k: v for k, v in logged.items()
+                                                              if k not in ("epoch", "step")}}
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1.0 or v == -1.0 else f"{v:.2f}"
+        return format_value(v)
     return str(v)
+
+
+def weights_line(m: dict[str, Any]) -> list[str]:
+    """Which file was evaluated and what the run logged for it, so that eval and the run's summary
+    ("final" = last.pt, "best" = best.pt) can be compared figure for figure."""
+    name = Path(str(m.get("checkpoint", ""))).name
+    why = {"best.pt": "the best val epoch's weights", "last.pt": "the final weights"}.get(name, "")
+    if m.get("checkpoint_from_run_dir"):
+        why += (", " if why else "") + "picked from the run dir: best.pt, else last.pt"
+    at = ", ".join(f"{k} {m[f'checkpoint_{k}']}" for k in ("epoch", "step") if m.get(f"checkpoint_{k}") is not None)
+    lines = [f"  weights  {name}" + (f" ({why})" if why else "") + (f": {at}" if at else "")]
+    logged = m.get("checkpoint_logged")
+    if logged:
+        scores = {k: v for k, v in logged.items() if k not in ("loss", "samples")}
+        lines.append(f"           the run logged val {format_metrics(scores)} for these weights")
+    elif m.get("checkpoint_step") is not None:
+        lines.append("           no val of these weights was logged (saved mid-epoch or between validations)")
+    return lines
 
 
 def format_summary(m: dict[str, Any]) -> str:
     """A readable summary of :func:`evaluate_checkpoint`'s result."""
     counts = ("samples", "images", "detections")
     scores = {k: v for k, v in m.items() if k not in EXTRA_KEYS and k not in counts}
-    lines = [f"kdrun eval  {m.get('checkpoint', '')}  ({m.get('model', '?')})"]
+    lines = [f"kdrun eval  {m.get('checkpoint', '')}  ({m.get('model', '?')})", *weights_line(m)]
     n = ", ".join(f"{int(m[k])} {k}" for k in counts if k in m and isinstance(m[k], (int, float)))
     lines.append("  val      " + "   ".join(f"{k} {_fmt(v)}" for k, v in scores.items())
                  + (f"   ({n})" if n else ""))

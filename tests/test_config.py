@@ -203,15 +203,21 @@ def test_unknown_option_and_key_are_rejected_by_composition() -> None:
 
 
 def test_validation_happens_before_anything_is_built(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import kdrun.engine as engine
+    """The names patched are the ones the builders call (kdrun/engine/build.py imports instantiate and
+    build_model into its own namespace), so building anything before validation raises here."""
+    import kdrun.engine.build as build
+    from kdrun.engine import train
 
     def boom(*a, **k):  # noqa: ANN002, ANN003
         raise AssertionError("something was instantiated before validation failed")
 
-    monkeypatch.setattr(engine, "instantiate", boom)
-    monkeypatch.setattr(engine, "build_model", boom)
+    monkeypatch.setattr(build, "instantiate", boom)
+    monkeypatch.setattr(build, "build_model", boom)
     with pytest.raises(ConfigError):
-        engine.train(compose_cfg(["trainer.epochs=0"]), tmp_path)
+        train(compose_cfg(["trainer.epochs=0"]), tmp_path)
+    # the patches are live: the same call with a valid config reaches a builder and fails there
+    with pytest.raises(AssertionError, match="instantiated before validation"):
+        train(compose_cfg([*QUICK, "trainer.epochs=1"]), tmp_path / "valid")
 
 
 def _kdrun(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

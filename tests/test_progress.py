@@ -71,3 +71,46 @@ def test_on_a_terminal_one_live_bar() -> None:
     assert text.count("\n") == 2  # the written line and the bar's final newline
     assert "epoch 1: val top1 10.0\n" in text
     assert "100/100" in text.rsplit("\r", 1)[-1] and "loss 0.5" in text
+
+
+def test_finish_shows_the_last_step_when_it_is_not_a_log_step() -> None:
+    out = io.StringIO()
+    p = Progress(103, enabled=True, stream=out)
+    for step in range(10, 101, 10):  # log steps 10 … 100; the run ends at 103
+        p.update(step, f"task {step}")
+    p.finish(103)
+    p.finish(103)  # already shown: nothing more
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith("100%") and "103/103" in lines[-1] and lines[-1].endswith("task 100]")
+    assert sum("103/103" in line for line in lines) == 1
+    term = FakeTerminal()
+    p = Progress(103, enabled=True, stream=term)
+    p.update(100, "x")
+    p.finish(103)
+    p.close()
+    assert "103/103" in term.getvalue().rsplit("\r", 1)[-1]
+
+
+def test_label_prefixes_the_bar_and_defaults_to_the_phase() -> None:
+    from kdrun.logger import console_phase, current_phase
+
+    out = io.StringIO()
+    with console_phase("teacher fit"):
+        assert current_phase() == "teacher fit"
+        p = Progress(10, enabled=True, stream=out)
+    assert current_phase() is None
+    p.update(10, "task 0.1")
+    assert out.getvalue().startswith("teacher fit: 100%")
+    term = FakeTerminal()
+    p = Progress(10, enabled=True, stream=term, label="teacher fit")
+    p.update(5, "")
+    p.close()
+    assert "teacher fit:  50%" in term.getvalue()
+
+
+def test_metric_formatting() -> None:
+    from kdrun.logger import format_metrics, format_value
+
+    assert format_value(45.2123) == "45.21" and format_value(0.41237) == "0.4124" and format_value(-1.0) == "-1.00"
+    assert format_value(float("nan")) == "nan"
+    assert format_metrics({"top5": 90.0, "top1": 45.0, "loss": 0.5}, ["top1", "top5", "missing"]) == "top1 45.00  top5 90.00"

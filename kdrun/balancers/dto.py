@@ -3,13 +3,15 @@
 Notation: ℓᵢ = log Lᵢ, gᵢ = ∇ log Lᵢ = ∇Lᵢ / Lᵢ, J = [g₁; g₂] (Eq. 8), G = J Jᵀ (Eq. 13–15),
 Δ = the probability simplex. Losses enter logs clamped, L̃ = max(L, ``eps``), because log needs L > 0.
 
-Two classes, one per algorithm, so that what the engine reads (``uses_ddp_backward``, ``max_objectives``)
-is a property of the class, not of a ``mode`` string: :class:`DTOExact` (``conf/balancer/dto_exact.yaml``)
+Two classes, one per algorithm, so that what the engine reads (``uses_ddp_backward``) is a property
+of the class, not of a ``mode`` string: :class:`DTOExact` (``conf/balancer/dto_exact.yaml``)
 and :class:`DTOAmortised` (``conf/balancer/dto.yaml``, the papers' practical algorithm).
 
-:class:`DTOExact` — Theorem 3.1 on the log-loss Gram matrix (gradient-level, exactly 2 objectives)
--------------------------------------------------------------------------------------------------
+:class:`DTOExact` — Eq. 9 solved exactly on the log-loss Gram matrix (gradient-level, any k ≥ 2)
+-----------------------------------------------------------------------------------------------
 G_log = D G D with D = diag(1/L̃) (:func:`kdrun.balancers.gradients.log_space`; no extra backward), then
+π* = argmin_{π∈Δ} πᵀ G_log π (Eq. 9) by :func:`kdrun.balancers.min_norm.min_norm_weights`. For k = 2
+that is Theorem 3.1,
 
     π₁* = (g₂₂ − g₁₂) / (g₁₁ + g₂₂ − 2g₁₂)      (Eq. 11),   π₂* = 1 − π₁*   (Eq. 12)
 
@@ -87,9 +89,12 @@ Then, in ``after_step`` (only after a successful optimiser step):
     the fixed point. FAMO's δ and the exact rule's G_log are invariant to such rescaling.
   - It stops moving when ℓ₁ = ℓ₂ or s = 0, regardless of gradient conflict.
 
-ξ-optimiser (``optimizer``): ``adam_l2`` (default; FAMO's code: ``torch.optim.Adam(lr=0.025,
-weight_decay=γ)``, an L2 penalty), ``adamw`` (decoupled; DTO-KD §4 names "AdamW with a learning rate of
-0.025 and a weight decay of 0.01"), or ``sgd`` (plain η-step, the literal reading of Eq. 18). Defaults
+ξ-optimiser (``optimizer``): ``adamw`` (default, decoupled weight decay: DTO-KD §4, dto-kd.txt:238,
+and MoKD §4, mokd.txt:197, name "AdamW with a learning rate of 0.025 and a weight decay of 0.01"; the
+same default as ``conf/balancer/dto.yaml``), ``adam_l2`` (FAMO's code: ``torch.optim.Adam(lr=0.025,
+weight_decay=γ)``, an L2 penalty, Cranial-XIX/FAMO famo.py:20; :class:`kdrun.balancers.famo.FAMO`'s
+default), or ``sgd`` (plain η-step, the literal reading of Eq. 18). The two Adams are not
+interchangeable (tests/balancers/test_logit_optim_kinds.py). Defaults
 lr = 0.025, weight decay = 0.01 (DTO-KD §4 implementation details; FAMO's β and γ). The optimiser is
 hand-written (:mod:`kdrun.balancers.logit_optim`) and its state — ξ, Adam moments, step count (and
 the lagged losses) — is in this module's ``state_dict`` (float64).
@@ -99,8 +104,18 @@ recomputed loss overflowed) skips the ξ update rather than poisoning ξ with Na
 changes state (contract rule 1), all updates happen in ``after_step``; losses that feed ξ go through
 ``ctx.all_reduce_mean`` so every DDP rank holds the same ξ.
 
-Objectives: exactly 2 in exact mode (Theorem 3.1 is a 2-objective closed form); k ≥ 2 in amortised
-mode (FAMO is defined for any k). No objective is looked up by position: π is reported in
+k ≥ 3 objectives (exact): Theorem 3.1 is a two-objective closed form, but the problem it solves, Eq. 9,
+(dto-kd.txt:150, a minimum over the simplex Δ) is defined for any k; MoKD Remark A.1 (mokd.txt:369)
+considers three-objective groupings such as (L_kl, L_kd, L_cls). There is no closed form; the
+exact min-norm point of the k log-gradients is a convex QP, solved exactly by
+:func:`kdrun.balancers.min_norm.min_norm_weights` (an interior-point start polished by an active-set
+KKT solve; k = 2 is the closed form above, the same function). At the optimum every objective in the
+support (πᵢ > 0) gets the same contribution ⟨g*, gᵢ⟩ = ‖g*‖² (Cor. 3.3 generalised, the KKT
+condition) and every objective outside it at least that much (Cor. 3.2). ``raw_weights`` are
+πᵢ / L̃ᵢ as for k = 2.
+
+Objectives: any k ≥ 2 in both classes (exact: Eq. 9 via the QP above; amortised: FAMO is defined
+for any k). No objective is looked up by position: π is reported in
 ``self.objectives`` order, and both rules are symmetric in the objectives.
 """
 from __future__ import annotations
@@ -113,30 +128,29 @@ from torch import Tensor
 from kdrun.balancers.base import Balancer, StepContext, StepResult
 from kdrun.balancers.gradients import log_space
 from kdrun.balancers.logit_optim import OptimKind, new_state, optim_update
+from kdrun.balancers.min_norm import DEGENERATE_RTOL, min_norm_weights
 from kdrun.config import Ge, Gt
 
-DEGENERATE_RTOL = 1e-10
+__all__ = ["DEGENERATE_RTOL", "DTOAmortised", "DTOExact", "amortised_raw_weights", "closed_form_weights",
+           "eq18_logit_grad", "famo_logit_grad", "log_improvement"]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Pure math (tested without a model).
 
 
-def closed_form_weights(gram: Tensor, rtol: float = DEGENERATE_RTOL) -> Tensor:
+def closed_form_weights(gram: Tensor) -> Tensor:
     """Theorem 3.1 (Eq. 11–12) clipped to the simplex: argmin_{π∈Δ} ½‖Jᵀπ‖² for a 2×2 Gram matrix.
 
-    Returns a float64 (2,) tensor. ``gram`` is whatever Gram matrix the rule is applied to (DTO-KD
-    uses the log-loss one). Degenerate denominator (g₁ ≈ g₂, incl. both zero) → (½, ½).
+    Returns a float64 (2,) tensor on ``gram``'s device. ``gram`` is whatever Gram matrix the rule is
+    applied to (DTO-KD uses the log-loss one). Degenerate denominator (g₁ ≈ g₂, incl. both zero, or a
+    non-finite G) → (½, ½). One implementation with the k ≥ 3 solver: this is
+    :func:`~kdrun.balancers.min_norm.min_norm_weights`'s k = 2 branch (the same formula and
+    ``DEGENERATE_RTOL``), computed on G divided by its largest diagonal entry (π is invariant to it).
     """
-    g = gram.detach().double()
-    if g.shape != (2, 2):
-        raise ValueError(f"closed_form_weights needs a 2x2 Gram matrix, got {tuple(g.shape)}")
-    g11, g22, g12 = g[0, 0], g[1, 1], 0.5 * (g[0, 1] + g[1, 0])
-    den = g11 + g22 - 2.0 * g12
-    if not bool(den > rtol * (g11 + g22)):  # also False for NaN: fall back to ½ (the step is skipped)
-        return torch.full((2,), 0.5, dtype=torch.float64, device=g.device)
-    p1 = ((g22 - g12) / den).clamp(0.0, 1.0)
-    return torch.stack([p1, 1.0 - p1])
+    if gram.shape != (2, 2):
+        raise ValueError(f"closed_form_weights needs a 2x2 Gram matrix, got {tuple(gram.shape)}")
+    return min_norm_weights(gram).to(gram.device)
 
 
 def amortised_raw_weights(pi: Tensor, losses: Tensor, eps: float) -> Tensor:
@@ -168,13 +182,13 @@ def eq18_logit_grad(logits: Tensor, log_losses: Tensor) -> Tensor:
 
 
 class DTOExact(Balancer):
-    """DTO-KD Theorem 3.1 (Eq. 11–12) on the log-loss Gram matrix, clipped to the simplex (module doc).
+    """Eq. 9 on the log-loss Gram matrix, exactly: Theorem 3.1 clipped to the simplex for k = 2, the
+    min-norm QP for k ≥ 3 (module doc).
 
     Gradient-level: the forward runs outside DDP's reducer and the rank-averaged Jacobian gives every
     rank the same π. Stateless."""
 
     uses_ddp_backward = False
-    max_objectives = 2
 
     def __init__(self, eps: Annotated[float, Gt(0.0)] = 1e-8) -> None:
         super().__init__()
@@ -184,17 +198,34 @@ class DTOExact(Balancer):
         jac = ctx.jacobian()
         losses = ctx.all_reduce_mean(self.stack(ctx.objectives).detach().double()).to(jac.matrix.device)
         g_log = log_space(jac.gram(), losses, self.eps)
-        pi = closed_form_weights(g_log)
+        pi = self.weights(g_log).to(losses.device)
         raw = pi / losses.clamp_min(self.eps)
         jac.write_grad(raw)
-        g11, g22, g12 = g_log[0, 0], g_log[1, 1], g_log[0, 1]
-        den = g11 + g22 - 2.0 * g12
-        extras = {
-            "log_grad_cosine": (g12 / (g11 * g22).sqrt().clamp_min(torch.finfo(torch.float64).tiny)).float(),
-            "clipped": ((pi == 0) | (pi == 1)).any().float(),
-            "degenerate": (~(den > DEGENERATE_RTOL * (g11 + g22))).float(),
-        }
-        return StepResult(weights=pi.float(), raw_weights=raw.float(), extras=extras)
+        return StepResult(weights=pi.float(), raw_weights=raw.float(), extras=self.extras(g_log, pi))
+
+    @staticmethod
+    def weights(g_log: Tensor) -> Tensor:
+        """π* = argmin_{π∈Δ} πᵀ G_log π (Eq. 9), float64 on the CPU: for k = 2 Theorem 3.1 clipped
+        (:func:`closed_form_weights`), for k ≥ 3 the exact QP; one call for both."""
+        return min_norm_weights(g_log)
+
+    @staticmethod
+    def extras(g_log: Tensor, pi: Tensor) -> dict[str, Tensor]:
+        """``clipped``: the optimum is on a face of Δ (some πᵢ = 0, or 1 for k = 2), so the objectives no
+        longer contribute equally (Cor. 3.3 fails); ``degenerate``: π is the fallback of a G whose
+        optimum is not unique (k = 2: g₁ ≈ g₂; any k: all-zero or non-finite G); k = 2 also logs the
+        cosine of the two log-gradients."""
+        tiny = torch.finfo(torch.float64).tiny
+        if len(pi) == 2:
+            g11, g22, g12 = g_log[0, 0], g_log[1, 1], g_log[0, 1]
+            return {
+                "log_grad_cosine": (g12 / (g11 * g22).sqrt().clamp_min(tiny)).float(),
+                "clipped": ((pi == 0) | (pi == 1)).any().float(),
+                "degenerate": (~(g11 + g22 - 2.0 * g12 > DEGENERATE_RTOL * (g11 + g22))).float(),
+            }
+        diag = g_log.diagonal()
+        return {"clipped": (pi == 0).any().float(),
+                "degenerate": (~(torch.isfinite(g_log).all() & (diag.max() > 0))).float()}
 
 
 class DTOAmortised(Balancer):
@@ -211,7 +242,7 @@ class DTOAmortised(Balancer):
         update: Literal["famo", "eq18"] = "famo",
         lr: Annotated[float, Gt(0.0)] = 0.025,
         weight_decay: Annotated[float, Ge(0.0)] = 0.01,
-        optimizer: Literal["adam_l2", "adamw", "sgd"] = "adam_l2",
+        optimizer: Literal["adam_l2", "adamw", "sgd"] = "adamw",
         eps: Annotated[float, Gt(0.0)] = 1e-8,
     ) -> None:
         super().__init__()
@@ -286,17 +317,3 @@ class DTOAmortised(Balancer):
         if bool(torch.isfinite(now).all()):
             self.prev_losses.copy_(now)
             self.has_prev.fill_(True)
-
-
-class DTO(DTOAmortised):
-    """Transitional constructor for code written against the former single class: ``DTO(mode="exact")``
-    is a :class:`DTOExact`, ``DTO(...)`` / ``DTO(mode="amortised", ...)`` a :class:`DTOAmortised`
-    (FAMO subclasses it). Configs name the two classes directly; new code should too."""
-
-    def __new__(cls, mode: Literal["exact", "amortised"] = "amortised", *args: object, **kw: object) -> "Balancer":
-        if mode == "exact":
-            return DTOExact(eps=float(kw.get("eps", 1e-8)))  # type: ignore[arg-type]  # not a DTO: no __init__
-        return super().__new__(cls)
-
-    def __init__(self, mode: Literal["exact", "amortised"] = "amortised", **kw: object) -> None:
-        super().__init__(**kw)  # type: ignore[arg-type]

@@ -6,13 +6,15 @@ optimiser step, δᵢ = log Lᵢ(θₜ) − log Lᵢ(θₜ₊₁) on the same ba
 ``Adam(lr=β, weight_decay=γ)`` steps ξ.
 
 DTO-KD's amortised algorithm *is* this update (DTO-KD §3.1 builds on Liu et al. 2023 and its
-practical algorithm keeps FAMO's two-stage loop), so this class is :class:`kdrun.balancers.dto.DTO`
-with ``mode="amortised"`` and ``update="famo"`` fixed: one implementation, two names (the baseline
-tables list FAMO separately). FAMO's optional per-objective lower bounds L* (``log(L − L* + 1e-8)``)
-are taken as 0, as in its code's default; losses are clamped at ``eps`` instead of shifted by it.
+practical algorithm keeps FAMO's two-stage loop), so this class is
+:class:`kdrun.balancers.dto.DTOAmortised` with ``update="famo"`` fixed: one implementation, two names
+(the baseline tables list FAMO separately). FAMO's optional per-objective lower bounds L*
+(``log(L − L* + 1e-8)``) are taken as 0, as in its code's default; losses are clamped at ``eps``
+instead of shifted by it.
 
 Defaults: β = lr = 0.025 and γ = weight_decay = 0.01 (FAMO's settings for its main benchmarks, also
-DTO-KD's), ``optimizer="adam_l2"`` (FAMO's ``torch.optim.Adam`` with L2 weight decay),
+DTO-KD's), ``optimizer="adam_l2"`` (FAMO's ``torch.optim.Adam`` with L2 weight decay, Cranial-XIX/FAMO
+famo.py:20 @0a6ad06 — where DTO-KD's own default is the papers' AdamW),
 ``next_loss="same_batch"`` (FAMO's extra no-grad forward of the same batch). Corner cases: see
 :mod:`kdrun.balancers.dto`. Any k ≥ 2.
 """
@@ -20,11 +22,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from kdrun.balancers.dto import DTO
+from kdrun.balancers.dto import DTOAmortised
 from kdrun.config import Ge, Gt
 
 
-class FAMO(DTO):
+class FAMO(DTOAmortised):
     def __init__(
         self,
         lr: Annotated[float, Gt(0.0)] = 0.025,
@@ -33,5 +35,5 @@ class FAMO(DTO):
         optimizer: Literal["adam_l2", "adamw", "sgd"] = "adam_l2",
         eps: Annotated[float, Gt(0.0)] = 1e-8,
     ) -> None:
-        super().__init__(mode="amortised", next_loss=next_loss, update="famo", lr=lr,
-                         weight_decay=weight_decay, optimizer=optimizer, eps=eps)
+        super().__init__(next_loss=next_loss, update="famo", lr=lr, weight_decay=weight_decay,
+                         optimizer=optimizer, eps=eps)

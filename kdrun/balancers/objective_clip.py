@@ -95,6 +95,11 @@ class ObjectiveClip(Balancer):
     def on_bind(self) -> None:
         self.inner.bind(self.objectives)
 
+    def set_total_steps(self, total_steps: int) -> None:
+        # The engine calls this on the outer balancer only; a schedule inside (distill_decay) needs it.
+        super().set_total_steps(total_steps)
+        self.inner.set_total_steps(total_steps)
+
     def _clipped(self, jac: Jacobian) -> tuple[Jacobian, Tensor, Tensor]:
         if isinstance(jac, FeatureJacobian):
             raise RuntimeError("objective_clip needs parameter gradients; use trainer.grad_space=params")

@@ -16,11 +16,7 @@ The names below are what other modules import from ``kdrun.engine``.
 """
 from __future__ import annotations
 
-# tests/test_config.py patches kdrun.engine.instantiate / build_model (names the former single module had).
-from hydra.utils import instantiate  # noqa: F401
-
 from kdrun.data.loaders import close_loaders, make_loaders
-from kdrun.engine.build import build_model  # noqa: F401
 from kdrun.engine.context import step_context
 from kdrun.engine.run import train
 from kdrun.engine.runtime import autocast, pick_device, sync_batchnorm

@@ -15,14 +15,22 @@ from kdrun.checkpoint import Checkpointer, TrainState
 from kdrun.engine.build import Parts
 from kdrun.engine.step import KDStep
 from kdrun.engine.validation import evaluate
-from kdrun.logger import Progress, RunLogger
+from kdrun.logger import Progress, RunLogger, current_phase, format_metrics, format_value
 
 
 class Loop:
     """Runs ``step`` until ``trainer.epochs``/``max_steps`` or an agreed stop signal.
 
-    After :meth:`run`: ``last_val`` holds the last validation metrics, ``images``/``wall`` the
-    throughput figures, and ``preempt`` the stop-signal state (``preempt.agreed``: stopped early)."""
+    After :meth:`run`: ``last_val`` holds the validation metrics of the final weights (those in
+    ``last.pt``), ``images``/``wall`` the throughput figures, and ``preempt`` the stop-signal state
+    (``preempt.agreed``: stopped early).
+
+    Console (rank 0, ``logger.progress``): the teacher's val line once, the bar (its text: the epoch and
+    every objective's value on the last log step), one line per validation, and, inside a
+    :func:`kdrun.logger.console_phase` (the teacher fit), the phase's name on all of them and a line
+    when it ends. The bar shows the objectives, not the balanced sum: they mean the same under every
+    balancer, while Σ wᵢLᵢ depends on each balancer's weight convention (exact DTO's raw weights πᵢ/Lᵢ
+    make it Σ πᵢ = 1 on every step)."""
 
     def __init__(self, parts: Parts, step: KDStep, state: TrainState, checkpointer: Checkpointer,
                  logger: RunLogger, run_dir: Path, progress: bool) -> None:
@@ -33,6 +41,8 @@ class Loop:
         self.wall = 0.0
         self.window_t, self.window_images = 0.0, 0  # images/s between consecutive log steps
         self.preempt = P.Preemption(parts.t.preempt_signals, parts.t.preempt_check_every)
+        self.phase = current_phase()  # "teacher fit" while the teacher is fitted, else None
+        self.progress = Progress(parts.total_steps, enabled=False)  # replaced in run()
 
     def save(self, name: str) -> None:
         self.st.skipped = self.step.skipped
@@ -47,7 +57,10 @@ class Loop:
     def run(self) -> None:
         t, st = self.p.t, self.st
         self.p.trainable.train()
-        progress = Progress(self.p.total_steps, enabled=D.is_main() and self.show_progress)
+        progress = self.progress = Progress(self.p.total_steps, enabled=D.is_main() and self.show_progress,
+                                            label=self.phase)
+        if st.teacher_metrics:  # measured once per run (kept in the checkpoints), shown once per session
+            progress.write(f"teacher  val {format_metrics(st.teacher_metrics, self.p.task.metric_keys)}")
         t_start = self.window_t = time.perf_counter()
         stop = False
         # Stop signals are only recorded; the loop acts on them at a step boundary all ranks agree on.
@@ -62,9 +75,13 @@ class Loop:
                 if stop and st.epoch_step == self.p.steps_per_epoch:  # max_steps landed on an epoch end
                     st.epoch, st.epoch_step = st.epoch + 1, 0
                 self.end_epoch(stop)
-        progress.close()
-        if not self.preempt.agreed and not self.last_val:  # resumed a finished run, or stopped mid-epoch
+        progress.finish(st.step)  # the last step is not always a log step: the bar ends where the run did
+        if not self.preempt.agreed and not self.last_val:  # resumed a finished run
             self.last_val = self.validate(self.p.student, "val_detections.json")
+        if self.phase and not self.preempt.agreed:
+            progress.write(f"{self.phase}: done after {st.epoch} epochs ({st.step} steps); val "
+                           f"{format_metrics(self.last_val, self.p.task.metric_keys)}")
+        progress.close()
         self.wall = time.perf_counter() - t_start
         st.skipped = self.step.skipped
 
@@ -85,8 +102,7 @@ class Loop:
                 self.window_t, self.window_images = now, 0
                 vals = self.logger.log(st.step, out.values)
                 if vals:
-                    progress.update(st.step, f"ep {st.epoch + 1}/{t.epochs} "
-                                    f"loss {vals.get('loss/total', float('nan')):.4f}")
+                    progress.update(st.step, f"ep {st.epoch + 1}/{t.epochs} " + objectives_text(vals))
             if 0 < t.max_steps <= st.step:
                 return True
             if self.preempt.should_stop(st.step):  # collective: every rank stops after the same step
@@ -103,7 +119,9 @@ class Loop:
         last.pt."""
         t, st, task = self.p.t, self.st, self.p.task
         ended_epoch = st.epoch_step == 0
-        if ended_epoch and (st.epoch % t.val_every == 0 or st.epoch == t.epochs or stop):
+        # A stop mid-epoch (max_steps) is validated too: the final figures are then those of the weights
+        # last.pt holds, which is what `kdrun eval RUN_DIR/last.pt` reports.
+        if stop or (ended_epoch and (st.epoch % t.val_every == 0 or st.epoch == t.epochs)):
             self.last_val = self.validate(self.p.student, "val_detections.json")
             st.history.append({"epoch": st.epoch, "step": st.step, **self.last_val})
             self.logger.log(st.step, {**{f"val/{k}": self.last_val[k] for k in task.metric_keys},
@@ -112,6 +130,12 @@ class Loop:
             st.best_metric = max(st.best_metric, self.last_val[task.primary_metric])
             if t.save_best and improved:
                 self.save("best.pt")
+            self.progress.finish(st.step)  # the bar at this step, then the line under it
+            where = f"epoch {st.epoch}/{t.epochs}" if ended_epoch else \
+                f"step {st.step} (epoch {st.epoch + 1}/{t.epochs}, stopped by max_steps)"
+            self.progress.write(f"{self.phase + '  ' if self.phase else ''}{where}  val "
+                                f"{format_metrics(self.last_val, task.metric_keys)}  "
+                                f"(best {task.primary_metric} {format_value(st.best_metric)})")
         if t.save_last and (ended_epoch or stop):
             self.save("last.pt")
 
@@ -132,3 +156,8 @@ class Loop:
         return {"run_dir": str(run_dir), "preempted": pre.signal_name, "exit_code": pre.exit_code,
                 "steps": st.step, "epochs": st.epoch, "epoch_step": st.epoch_step,
                 "world_size": D.world_size(), "checkpoint": str(run_dir / "last.pt")}
+
+
+def objectives_text(vals: dict[str, float]) -> str:
+    """``distill 0.4123 task 1.203``: every objective's value on this log step (see :class:`Loop`)."""
+    return " ".join(f"{k[len('objective/'):]} {v:.4g}" for k, v in vals.items() if k.startswith("objective/"))

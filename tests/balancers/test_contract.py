@@ -15,7 +15,7 @@ import torch
 from kdrun.balancers.base import Balancer
 from kdrun.balancers.cross_batch import CrossBatch
 from kdrun.balancers.distill_decay import DistillDecay
-from kdrun.balancers.dto import DTO
+from kdrun.balancers.dto import DTOAmortised, DTOExact
 from kdrun.balancers.dwa import DWA
 from kdrun.balancers.famo import FAMO
 from kdrun.balancers.gradnorm import GradNorm
@@ -33,11 +33,11 @@ def _decay() -> DistillDecay:
 
 # name → (factory, stateful: after_step must change the state_dict)
 BALANCERS: dict[str, tuple[Callable[[], Balancer], bool]] = {
-    "dto": (lambda: DTO(), True),
-    "dto_lagged": (lambda: DTO(next_loss="lagged"), True),
-    "dto_eq18": (lambda: DTO(update="eq18"), True),
-    "dto_adamw": (lambda: DTO(optimizer="adamw"), True),
-    "dto_exact": (lambda: DTO(mode="exact"), False),
+    "dto": (lambda: DTOAmortised(), True),
+    "dto_lagged": (lambda: DTOAmortised(next_loss="lagged"), True),
+    "dto_eq18": (lambda: DTOAmortised(update="eq18"), True),
+    "dto_adam_l2": (lambda: DTOAmortised(optimizer="adam_l2"), True),  # the default is adamw
+    "dto_exact": (lambda: DTOExact(), False),
     "famo": (lambda: FAMO(), True),
     "cross_batch": (lambda: CrossBatch(), False),
     "cross_batch_align": (lambda: CrossBatch(objective="align", alpha=0.5), False),

@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 from kdrun.balancers.base import StepContext
 from kdrun.balancers.dto import (
-    DTO,
     DEGENERATE_RTOL,
+    DTOAmortised,
+    DTOExact,
     closed_form_weights,
     eq18_logit_grad,
     famo_logit_grad,
@@ -152,6 +153,25 @@ def test_clipping_edges() -> None:
     assert torch.equal(closed_form_weights(G), torch.tensor([0.5, 0.5], dtype=torch.float64))
 
 
+def theorem_3_1(G: Tensor) -> Tensor:
+    """Eq. 11–12 as printed, clipped to [0, 1], with the degenerate rule (½, ½): an independent check of
+    closed_form_weights, which is the shared min-norm solver's k = 2 branch."""
+    g11, g22, g12 = float(G[0, 0]), float(G[1, 1]), float(G[0, 1])
+    den = g11 + g22 - 2 * g12
+    if not den > DEGENERATE_RTOL * (g11 + g22):
+        return torch.tensor([0.5, 0.5], dtype=torch.float64)
+    p1 = min(1.0, max(0.0, (g22 - g12) / den))
+    return torch.tensor([p1, 1 - p1], dtype=torch.float64)
+
+
+def test_closed_form_is_theorem_3_1_as_written(cases: dict) -> None:
+    G, pi = cases["G"], cases["pi"]
+    for i in range(len(G)):
+        assert torch.allclose(pi[i], theorem_3_1(G[i]), rtol=0, atol=1e-12), cases["kinds"][i]
+    with pytest.raises(ValueError, match="2x2"):
+        closed_form_weights(torch.eye(3, dtype=torch.float64))
+
+
 def test_corollaries(cases: dict) -> None:
     J, G, pi = cases["J"], cases["G"], cases["pi"]
     g1, g2 = J[:, 0], J[:, 1]
@@ -219,7 +239,7 @@ def test_exact_mode_writes_log_gradient_combination() -> None:
     from kdrun.balancers.gradients import compute_jacobian
 
     jac = compute_jacobian(objectives, [theta], retain_graph=True)
-    bal = DTO(mode="exact")
+    bal = DTOExact()
     bal.bind(("distill", "task"))
     ctx = StepContext(step=0, objectives=objectives, backward=lambda l: l.backward(),
                       jacobian=lambda: jac, gradients=lambda d: compute_jacobian(d, [theta]))
@@ -231,9 +251,10 @@ def test_exact_mode_writes_log_gradient_combination() -> None:
     assert torch.allclose(res.raw_weights.double(), pi / L, rtol=1e-6)
     assert torch.allclose(theta.grad.double(), pi @ gl, rtol=1e-5, atol=1e-7)
     assert bal.state_dict() == {}
-    with pytest.raises(Exception):
-        DTO(mode="exact").bind(("a", "b", "c"))
-    DTO(mode="amortised").bind(("a", "b", "c"))
+    DTOExact().bind(("a", "b", "c"))  # Eq. 9 for any k (the k ≥ 3 tests below)
+    DTOAmortised().bind(("a", "b", "c"))
+    with pytest.raises(Exception, match="at least 2"):
+        DTOExact().bind(("a",))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,7 +304,7 @@ class LeafCtx:
 
 @pytest.mark.parametrize("optimizer", ["adam_l2", "adamw"])
 def test_famo_logit_update_matches_hand_computation(optimizer: str) -> None:
-    bal = DTO(mode="amortised", optimizer=optimizer, lr=0.025, weight_decay=0.01)
+    bal = DTOAmortised(optimizer=optimizer, lr=0.025, weight_decay=0.01)
     bal.bind(("distill", "task"))
     xi, grads = [0.0, 0.0], []
     for t, (before, after) in enumerate(SEQ):
@@ -319,7 +340,7 @@ def test_famo_logit_grad_is_softmax_vjp() -> None:
 
 
 def test_eq18_update_matches_hand_computation() -> None:
-    bal = DTO(mode="amortised", update="eq18", optimizer="sgd", lr=0.1, weight_decay=0.01)
+    bal = DTOAmortised(update="eq18", optimizer="sgd", lr=0.1, weight_decay=0.01)
     bal.bind(("distill", "task"))
     assert not bal.needs_recompute
     xi = [0.0, 0.0]
@@ -356,7 +377,7 @@ def test_eq18_drives_weight_to_loss_closest_to_one() -> None:
 
 
 def test_lagged_uses_next_steps_losses() -> None:
-    bal = DTO(next_loss="lagged")
+    bal = DTOAmortised(next_loss="lagged")
     bal.bind(("distill", "task"))
     assert not bal.needs_recompute
     lc = LeafCtx(0, (2.0, 0.5), (float("nan"), float("nan")))
@@ -370,13 +391,13 @@ def test_lagged_uses_next_steps_losses() -> None:
     delta = torch.tensor([math.log(2.0) - math.log(1.5), math.log(0.5) - math.log(0.45)], dtype=torch.float64)
     zero = torch.zeros(2, dtype=torch.float64)
     st = optim_update(zero, famo_logit_grad(zero, delta), zero, zero, torch.zeros((), dtype=torch.int64),
-                      lr=0.025, weight_decay=0.01, kind="adam_l2")
+                      lr=0.025, weight_decay=0.01, kind="adamw")  # the default: the papers' AdamW
     assert torch.equal(bal.logits, st.param)
     assert bal.prev_losses.tolist() == [1.5, 0.45]
 
 
 def test_nonfinite_improvement_skips_update() -> None:
-    bal = DTO()
+    bal = DTOAmortised()
     bal.bind(("distill", "task"))
     lc = LeafCtx(0, (2.0, 0.5), (float("inf"), 0.4))
     bal.step(lc.ctx)
@@ -392,7 +413,7 @@ def test_all_reduce_applied_to_state_losses() -> None:
         calls.append(t.clone())
         return t * 2  # a stand-in "rank average": the state must see this, not the local value
 
-    bal = DTO(next_loss="lagged")
+    bal = DTOAmortised(next_loss="lagged")
     bal.bind(("distill", "task"))
     lc = LeafCtx(0, (2.0, 0.5), (1.0, 1.0))
     lc.ctx.all_reduce_mean = fake_all_reduce
@@ -407,7 +428,7 @@ def test_all_reduce_applied_to_state_losses() -> None:
 
 
 @pytest.mark.parametrize("factory", [
-    lambda: DTO(), lambda: DTO(next_loss="lagged"), lambda: DTO(mode="exact"), lambda: FAMO(),
+    lambda: DTOAmortised(), lambda: DTOAmortised(next_loss="lagged"), lambda: DTOExact(), lambda: FAMO(),
 ])
 def test_toy_quadratic_reaches_pareto_stationarity(factory) -> None:
     from kdrun.balancers.gradients import compute_jacobian
@@ -445,3 +466,145 @@ def test_toy_quadratic_reaches_pareto_stationarity(factory) -> None:
         J = torch.stack([2 * (theta - a), 2 * (theta - b)]).double()
     pi = closed_form_weights(J @ J.T)
     assert (pi @ J).norm() < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact DTO with k ≥ 3 objectives: Eq. 9 on the log-loss Gram matrix vs a brute-force min-norm point.
+
+
+def brute_force_min_norm(G: Tensor) -> tuple[Tensor, float]:
+    """argmin_{w∈Δ} wᵀGw by enumerating every face of the simplex: on the affine hull of face S the
+    minimiser is w = e/|S| + Z z with Z a basis of {v on S : Σv = 0} and (ZᵀGZ) z = −ZᵀG e/|S| (pinv:
+    one minimiser when it is not unique; a non-unique face minimum is also attained on a smaller face,
+    which the enumeration visits too). The best feasible candidate; its objective value is exact."""
+    k = G.shape[0]
+    best_w, best_f = None, math.inf
+    for mask in range(1, 2 ** k):
+        s = [i for i in range(k) if mask >> i & 1]
+        w0 = torch.zeros(k, dtype=torch.float64)
+        w0[s] = 1.0 / len(s)
+        z_basis = torch.zeros(k, max(len(s) - 1, 1), dtype=torch.float64)
+        for j in range(len(s) - 1):  # e_{s0} − e_{s(j+1)} spans {Σv = 0} on the face
+            z_basis[s[0], j], z_basis[s[j + 1], j] = 1.0, -1.0
+        w = w0
+        if len(s) > 1:
+            z = torch.linalg.pinv(z_basis.T @ G @ z_basis) @ (-(z_basis.T @ G @ w0))
+            w = w0 + z_basis @ z
+        if (w >= -1e-12).all():
+            w = w.clamp_min(0) / w.clamp_min(0).sum()
+            f = float(w @ G @ w)
+            if best_w is None or f < best_f - 1e-15 * abs(best_f):
+                best_w, best_f = w, f
+    assert best_w is not None
+    return best_w, best_f
+
+
+def simplex_grid_min(G: Tensor, n: int = 120) -> float:
+    """The smallest wᵀGw over a dense grid of the 2-simplex (k = 3): a second, cruder reference."""
+    a = torch.arange(n + 1, dtype=torch.float64) / n
+    w1, w2 = torch.meshgrid(a, a, indexing="ij")
+    keep = (w1 + w2) <= 1 + 1e-12
+    w = torch.stack([w1[keep], w2[keep], (1 - w1 - w2)[keep].clamp_min(0)], dim=1)
+    return float(torch.einsum("ni,ij,nj->n", w, G, w).min())
+
+
+def three_jacobians(seed: int = 3) -> list[tuple[str, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(60):
+        J = torch.randn(3, 6, generator=g, dtype=torch.float64)
+        J = J * (10.0 ** (torch.rand(3, 1, generator=g, dtype=torch.float64) * 6 - 3))  # norms 1e-3 … 1e3 apart
+        out.append(("random", J))
+    for i in range(20):  # three gradients in a plane: the origin is often in their hull (g* = 0)
+        out.append(("planar", torch.randn(3, 2, generator=g, dtype=torch.float64)))
+    a, b = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    out += [("duplicate", torch.stack([a, b, a])), ("zero_row", torch.stack([a, torch.zeros(6, dtype=torch.float64), b])),
+            ("collinear", torch.stack([a, 2 * a, 3 * a])), ("antiparallel", torch.stack([a, -a, b])),
+            ("one_dominates", torch.stack([a, a + 1e-3 * b, 10 * b]))]
+    return out
+
+
+def test_three_objective_min_norm_matches_brute_force() -> None:
+    checked_weights = 0
+    for kind, J in three_jacobians():
+        G = J @ J.T
+        scale = float(G.diagonal().max())
+        w = DTOExact.weights(G)  # the balancer's own rule on a Gram matrix
+        assert w.shape == (3,) and w.dtype == torch.float64
+        assert (w >= 0).all() and abs(float(w.sum()) - 1) < 1e-12, kind
+        ref_w, ref_f = brute_force_min_norm(G)
+        f = float(w @ G @ w)
+        assert f <= ref_f + 1e-10 * scale, (kind, f, ref_f)  # the exact minimum, never worse
+        assert ref_f <= simplex_grid_min(G) + 1e-12 * scale  # the reference is a minimum (grid can't beat it)
+        # weights, where the minimiser is unique (G restricted to {Σv = 0} is positive definite)
+        z = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64).T
+        if float(torch.linalg.eigvalsh(z.T @ G @ z).min()) > 1e-6 * scale:
+            assert torch.allclose(w, ref_w, atol=1e-7), (kind, w, ref_w)
+            checked_weights += 1
+        # Cor. 3.2/3.3 generalised (the KKT conditions): ⟨g*, gᵢ⟩ = ‖g*‖² on the support, ≥ off it
+        gs = w @ J
+        contrib, sq = J @ gs, float(gs @ gs)
+        on = w > 1e-9
+        assert ((contrib[on] - sq).abs() <= 1e-7 * scale).all(), kind
+        assert (contrib[~on] >= sq - 1e-7 * scale).all(), kind
+    assert checked_weights >= 60
+
+
+def test_three_objective_degenerate_cases() -> None:
+    a, b = torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64), torch.tensor([0.0, -1.0, 3.0], dtype=torch.float64)
+    # duplicate gradients share their weight equally (the minimum-norm solution of the optimal face)
+    w = DTOExact.weights(torch.stack([a, b, a]) @ torch.stack([a, b, a]).T)
+    assert abs(float(w[0] - w[2])) < 1e-12
+    # a zero gradient takes all the weight: the min-norm point is 0
+    J = torch.stack([a, torch.zeros(3, dtype=torch.float64), b])
+    assert torch.equal(DTOExact.weights(J @ J.T), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    # all-zero and non-finite G: uniform (every π gives the same update; a non-finite step is skipped)
+    third = torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert torch.equal(DTOExact.weights(torch.zeros(3, 3, dtype=torch.float64)), third)
+    assert torch.equal(DTOExact.weights(torch.full((3, 3), float("nan"), dtype=torch.float64)), third)
+
+
+def test_exact_with_three_objectives_writes_the_log_gradient_min_norm_point() -> None:
+    from kdrun.balancers.gradients import compute_jacobian
+
+    torch.manual_seed(1)
+    theta = nn.Parameter(torch.randn(5))
+    a, b, c = torch.randn(5), torch.randn(5), torch.randn(5)
+    objectives = {"kl": ((theta - a) ** 2).sum() + 0.3, "kd": ((theta + b) ** 4).sum() + 2.0,
+                  "task": (theta * c).sum().exp()}
+    jac = compute_jacobian(objectives, [theta], retain_graph=True)
+    bal = DTOExact()
+    bal.bind(("kl", "kd", "task"))
+    res = bal.step(StepContext(step=0, objectives=objectives, backward=lambda l: l.backward(),
+                               jacobian=lambda: jac, gradients=lambda d: compute_jacobian(d, [theta])))
+    L = torch.stack([objectives[n] for n in ("kl", "kd", "task")]).detach().double()
+    gl = jac.matrix.double() / L[:, None]  # ∇log L
+    ref, _ = brute_force_min_norm(gl @ gl.T)
+    assert torch.allclose(res.weights.double(), ref, atol=1e-6)
+    assert torch.allclose(res.raw_weights.double(), res.weights.double() / L, rtol=1e-6)
+    assert torch.allclose(theta.grad.double(), res.weights.double() @ gl, rtol=1e-5, atol=1e-7)
+    assert set(res.extras) == {"clipped", "degenerate"} and float(res.extras["degenerate"]) == 0.0
+
+
+def test_exact_two_objective_balancer_is_the_closed_form_on_the_log_gram(cases: dict) -> None:
+    """k = 2 goes through the same call as k ≥ 3 and is Theorem 3.1 clipped, to 1e-12."""
+    for i in range(0, len(cases["G"]), 5):
+        G = cases["G"][i]
+        assert torch.allclose(DTOExact.weights(G), theorem_3_1(G), rtol=0, atol=1e-12), cases["kinds"][i]
+
+
+def test_constructor_defaults_are_the_configs() -> None:
+    """DTOAmortised() is conf/balancer/dto.yaml (AdamW, the papers' π optimiser); FAMO() is famo.yaml
+    (FAMO's Adam-L2), so code that builds the classes directly runs the same method as the configs."""
+    import inspect
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "balancer"
+    for cls, name in ((DTOAmortised, "dto"), (FAMO, "famo"), (DTOExact, "dto_exact")):
+        node = OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml"))
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+        assert {k: node[k] for k in defaults} == defaults, name
+    assert DTOAmortised().optimizer == "adamw" and FAMO().optimizer == "adam_l2"
+    assert FAMO().update == "famo" and isinstance(FAMO(), DTOAmortised)

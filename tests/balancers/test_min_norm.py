@@ -172,19 +172,3 @@ def test_better_than_frank_wolfe_on_conflicting_problems() -> None:
         assert float(ours @ G @ ours) <= float(fw @ G @ fw) + 1e-12
         worse += float(fw @ G @ fw) > 1.001 * float(ours @ G @ ours)
     assert worse > 0  # Frank–Wolfe is measurably off somewhere (else this test shows nothing)
-
-
-def test_two_objectives_equal_dtos_theorem_3_1() -> None:
-    """k = 2 is DTO-KD's clipped Theorem 3.1 (dto.closed_form_weights), degenerate rule included."""
-    try:
-        from kdrun.balancers.dto import closed_form_weights
-    except ImportError as e:  # dto.py is being split; the formula is also checked by hand above
-        pytest.skip(f"kdrun.balancers.dto.closed_form_weights not importable: {e}")
-    g = torch.Generator().manual_seed(9)
-    cases = [torch.randn(2, 5, generator=g, dtype=torch.float64) * torch.tensor([[1e-3], [1e3]], dtype=torch.float64)
-             for _ in range(20)]
-    a = torch.randn(1, 5, generator=g, dtype=torch.float64)
-    cases += [torch.cat([a, a]), torch.cat([a, -a]), torch.cat([a, 0 * a]), torch.cat([a, 2 * a])]
-    for J in cases:
-        G = J @ J.T
-        assert torch.allclose(min_norm_weights(G), closed_form_weights(G), atol=1e-12), J

@@ -190,3 +190,22 @@ def test_config_composes_validates_and_refuses_bad_values() -> None:
     bad.inner.alpha_task = -1.0
     with pytest.raises(ConfigError, match="inner.alpha_task"):
         validate_target_node("balancer", bad)
+
+
+def test_set_total_steps_reaches_the_inner_schedule() -> None:
+    """The engine calls set_total_steps on the outer balancer only; a wrapped distill_decay must still
+    decay (without the planned step count its weights stay at the start values (0.9, 0.1) forever)."""
+    from hydra.utils import instantiate
+
+    from kdrun.balancers.distill_decay import DistillDecay
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["balancer=objective_clip", "balancer@balancer.inner=distill_decay"])
+    bal = instantiate(cfg.balancer, _convert_="all")
+    assert isinstance(bal.inner, DistillDecay)
+    bal.bind(("distill", "task"))
+    bal.set_total_steps(10)
+    assert bal.total_steps == 10 and bal.inner.total_steps == 10
+    model = TinyStudent(seed=3)
+    res = bal.step(make_ctx(model, 9, make_batch(2)))  # the last step: fully decayed
+    torch.testing.assert_close(res.weights, torch.tensor([0.0, 1.0]))  # (distill, task): kl_end, ce_end

@@ -13,7 +13,7 @@ from timm.data import Mixup
 
 from kdrun.balancers.base import Balancer, StepContext, StepResult
 from kdrun.balancers.cross_batch import CrossBatch
-from kdrun.balancers.dto import DTO
+from kdrun.balancers.dto import DTOAmortised, DTOExact
 from kdrun.balancers.fixed import Fixed
 from kdrun.balancers.gramian import MGDA
 from kdrun.engine.run import json_safe
@@ -23,9 +23,9 @@ from ._parts import NaNAtStep, assert_same, batches, make_step, trained_state
 
 BALANCERS = {
     "fixed": lambda: Fixed(),
-    "dto_amortised": lambda: DTO(),
-    "dto_lagged": lambda: DTO(next_loss="lagged"),
-    "dto_exact": lambda: DTO(mode="exact"),
+    "dto_amortised": lambda: DTOAmortised(),
+    "dto_lagged": lambda: DTOAmortised(next_loss="lagged"),
+    "dto_exact": lambda: DTOExact(),
     "mgda": lambda: MGDA(),
 }
 
@@ -121,9 +121,9 @@ def brute_force_update(step, batch, raw_weights: torch.Tensor) -> dict[str, torc
 
 
 GRADIENT_CASES = {
-    "dto_exact": (lambda: DTO(mode="exact"), None),
+    "dto_exact": (lambda: DTOExact(), None),
     "mgda": (lambda: MGDA(), None),
-    "dto_exact_features": (lambda: DTO(mode="exact"), "pre_logits"),
+    "dto_exact_features": (lambda: DTOExact(), "pre_logits"),
     "fixed": (lambda: Fixed(), None),  # loss-level, for contrast: one ordinary backward
 }
 
@@ -158,11 +158,11 @@ class FakeDDP:
 
 @pytest.mark.parametrize("balancer, feature_space, distributed, no_sync", [
     (Fixed(), False, True, False),              # loss-level: DDP's ordinary backward averages
-    (DTO(), False, True, False),                # amortised DTO is loss-level
-    (DTO(mode="exact"), False, True, True),     # gradient-level: own rank-averaged Jacobian
+    (DTOAmortised(), False, True, False),       # amortised DTO is loss-level
+    (DTOExact(), False, True, True),            # gradient-level: own rank-averaged Jacobian
     (MGDA(), False, True, True),
     (CrossBatch(), False, True, True),
-    (DTO(mode="exact"), True, True, False),     # feature space: the update is an ordinary backward
+    (DTOExact(), True, True, False),            # feature space: the update is an ordinary backward
     (MGDA(), False, False, False),              # one process: nothing to sync
 ], ids=["fixed", "dto", "dto_exact", "mgda", "cross_batch", "dto_exact_features", "single_process"])
 def test_ddp_no_sync_choice_per_balancer_kind(balancer: Balancer, feature_space: bool, distributed: bool,
