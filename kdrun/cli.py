@@ -342,6 +342,12 @@ class Command:
     help: str
 
 
+def run_cache_teacher(argv: list[str]) -> int:
+    from kdrun.cache_teacher import main as cache_main
+
+    return cache_main(argv)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(run_train, "train/distil a model: kdrun train [group=option ...] [key=value ...] [+recipe=NAME]\n"
                                 "(kdrun train --help lists the config groups and options)"),
@@ -351,6 +357,8 @@ COMMANDS: dict[str, Command] = {
     "tables": Command(run_tables, "the papers' tables from run dirs: kdrun tables --table cifar100 RUNS_DIR..."),
     "plot": Command(run_plot, "conflict/dominance/pi/accuracy figures: kdrun plot RUN_DIR..."),
     "tide": Command(run_tide, "TIDE error analysis of a detection run: kdrun tide RUN_DIR"),
+    "cache-teacher": Command(run_cache_teacher, "fill or check the teacher-output cache of a training config:\n"
+                                                "kdrun cache-teacher [the run's overrides, e.g. +recipe=NAME]"),
 }
 
 
@@ -358,7 +366,7 @@ def usage() -> str:
     lines = [f"usage: kdrun {{{','.join(COMMANDS)}}} ...", ""]
     for name, command in COMMANDS.items():
         first, *more = command.help.split("\n")
-        lines += [f"  {name:<7} {first}", *(f"  {'':<7} {line}" for line in more)]
+        lines += [f"  {name:<13} {first}", *(f"  {'':<13} {line}" for line in more)]
     return "\n".join(lines)
 
 

@@ -324,6 +324,33 @@ def validate_schema_node(key: str, node: DictConfig, schema: type) -> Any:
     return schema(**{k: node[k] for k in node.keys()})
 
 
+@dataclass
+class TeacherCacheConfig:
+    """``teacher.cache`` (:mod:`kdrun.teacher_cache`): the teacher's outputs for every (image, view) of a
+    finite-view training transform, computed once and read back instead of the teacher forward.
+    ``teacher.cache={}`` turns it on with these defaults; ``null`` runs the live teacher every step."""
+
+    dir: Optional[str] = None  # null: $KDRUN_CACHE/teacher_outputs (~/.cache/kdrun/teacher_outputs)
+    dtype: Literal["fp32", "fp16"] = "fp32"  # fp32: exact; fp16: half the disk, rounded (teacher_cache doc)
+    fill: bool = True  # a missing cache is filled by the run (false: it is an error; `kdrun cache-teacher`)
+    verify: Literal["full", "size"] = "full"  # full: sha256 of every array at open; size: file sizes only
+    max_tap_gib: Annotated[float, Gt(0.0)] = 16.0  # a feature tap larger than this is refused
+    fill_batch_size: Optional[Annotated[int, Ge(1)]] = None  # null: trainer.val_batch_size (or 2 × batch_size)
+
+
+def teacher_cache_config(cfg: DictConfig) -> Optional[TeacherCacheConfig]:
+    """The validated ``teacher.cache`` node (``None``: off, or no teacher)."""
+    teacher = cfg.get("teacher")
+    node = teacher.get("cache") if isinstance(teacher, DictConfig) else None
+    if node is None:
+        return None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"teacher.cache={node!r} must be null or a node with keys "
+                          f"{', '.join(f.name for f in dataclasses.fields(TeacherCacheConfig))} "
+                          "(teacher.cache={} for the defaults).")
+    return validate_schema_node("teacher.cache", node, TeacherCacheConfig)  # type: ignore[no-any-return]
+
+
 def validate(cfg: DictConfig) -> None:
     """Validate the whole composed config; raises :class:`ConfigError` with a one-paragraph message.
 
@@ -358,6 +385,7 @@ def validate(cfg: DictConfig) -> None:
             if k not in ROLE_KEYS[role]:
                 raise ConfigError(unknown_key_message(role, str(k), ROLE_KEYS[role]))
         validate_target_node(f"{role}.model", node.model)
+    teacher_cache_config(cfg)
     if cfg.get("projector") is not None:
         validate_target_node("projector", cfg.projector)
     for name, term in (cfg.get("distill") or {}).items():

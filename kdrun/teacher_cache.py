@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from kdrun.config import ConfigError
 from kdrun.data.views import ContinuousAugmentationError, ViewDataset
 from kdrun.models.taps import ModelOutput
 
@@ -59,8 +60,9 @@ FP16_REL_TOL = 2.0 ** -11
 FP16_ABS_TOL = 2.0 ** -25
 
 
-class CacheError(ValueError):
-    """A cache that cannot be used: missing, incomplete, stale (key mismatch), truncated or corrupted."""
+class CacheError(ConfigError):
+    """A cache that cannot be used: missing, incomplete, stale (key mismatch), truncated or corrupted.
+    A :class:`~kdrun.config.ConfigError` (a ``ValueError``): the CLI shows the message, exit status 2."""
 
 
 # -- fingerprints -------------------------------------------------------------------------------------
@@ -347,7 +349,10 @@ class CacheBuilder:
             raise CacheError(f"the data set has {len(dataset)} images × {dataset.num_views} views, the cache "
                              f"was planned for {n} × {v}")
         self.info["batch_invariant"] = batch_invariant(teacher, dataset, prepare, self.key.taps, batch_size)
-        loader = DataLoader(_Pairs(dataset, rows), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        # Its own generator: creating the iterator would otherwise draw the worker base seed from the global
+        # RNG, and a run that fills the cache would then train on other random numbers than one that finds it.
+        loader = DataLoader(_Pairs(dataset, rows), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(0))
         bar = _progress(len(rows) * v, progress, f"teacher cache {self.path.name}")
         t0 = time.perf_counter()
         store = np.dtype(self.specs["logits"].dtype)
@@ -448,7 +453,8 @@ class TeacherCache:
         meta_file = path / "meta.json"
         if not meta_file.is_file():
             partial = path.with_name(path.name + ".partial")
-            why = (f"a fill was started under {partial} but never finished (killed?); delete it and refill"
+            why = (f"a fill was started under {partial} but never finished (killed, or another run is filling "
+                   "it right now: wait for it); if no run is filling it, delete it and refill"
                    if partial.exists() else "build it with `kdrun cache-teacher` (or teacher.cache.fill=true)")
             raise CacheError(f"no teacher cache at {path}: {why}.")
         try:

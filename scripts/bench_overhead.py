@@ -33,7 +33,13 @@ Every variant's step time is the interval between consecutive step ends (data lo
 first ``--warmup`` steps of each run are dropped; the table shows the median over all rounds' steps and
 the ratio to ``bare`` (img/s = batch / median step time).
 
+``--channels-last true`` runs ``bare`` and ``kdrun`` with both models and the inputs in channels_last
+(``trainer.channels_last=true``); ``--channels-last compare`` adds ``bare-cl`` and ``kdrun-cl`` beside the
+contiguous ``bare``/``kdrun`` and prints their ratios (issue #16 item 3: a channels_last default only
+where it is measured faster for the model family and device; measure on a quiet machine).
+
     python scripts/bench_overhead.py --rounds 3 --steps 12 --warmup 2 --cached
+    python scripts/bench_overhead.py --rounds 5 --steps 20 --only kdrun --channels-last compare
 """
 from __future__ import annotations
 
@@ -67,11 +73,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def models(device: torch.device, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+def models(device: torch.device, seed: int,
+           channels_last: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(seed)
     teacher, student = resnet56(CLASSES).to(device).eval(), resnet20(CLASSES).to(device).train()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if channels_last:  # as kdrun.engine.build does for trainer.channels_last=true
+        teacher.to(memory_format=torch.channels_last)
+        student.to(memory_format=torch.channels_last)
     return teacher, student
 
 
@@ -88,10 +98,11 @@ def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor) -> 
 
 def run_bare(steps: int, batch: int, device: torch.device, loader: DataLoader | None = None,
              teacher_out: Callable[[Any], torch.Tensor] | None = None,
-             fwd_times: list[float] | None = None) -> list[float]:
+             fwd_times: list[float] | None = None, channels_last: bool = False) -> list[float]:
     """The hand-written loop. ``loader``/``teacher_out`` replace the data and the teacher call (the
-    finite-view and cached variants); ``fwd_times`` collects the live teacher's forward times."""
-    teacher, student = models(device, 0)
+    finite-view and cached variants); ``fwd_times`` collects the live teacher's forward times;
+    ``channels_last``: models and inputs in that memory format."""
+    teacher, student = models(device, 0, channels_last)
     opt = torch.optim.SGD(student.parameters(), **SGD)
     loader = loader or DataLoader(data(steps, batch), batch_size=batch, shuffle=True, drop_last=True)
     ends = []
@@ -99,6 +110,8 @@ def run_bare(steps: int, batch: int, device: torch.device, loader: DataLoader | 
         if k == steps:
             break
         x, y = b[0].to(device, non_blocking=True), b[1].to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if teacher_out is not None:
             t_logits = teacher_out(b)
         else:
@@ -118,7 +131,7 @@ def run_bare(steps: int, batch: int, device: torch.device, loader: DataLoader | 
     return ends
 
 
-def run_kdrun(steps: int, batch: int, device: torch.device) -> list[float]:
+def run_kdrun(steps: int, batch: int, device: torch.device, channels_last: bool = False) -> list[float]:
     """kdrun's engine on the same job; step end times from a wrapper around the engine's step object."""
     from hydra import compose, initialize_config_dir
 
@@ -142,11 +155,12 @@ def run_kdrun(steps: int, batch: int, device: torch.device) -> list[float]:
     overrides = [
         "dataset=synthetic", f"dataset.num_classes={CLASSES}", f"dataset.image_size={SIZE}",
         f"dataset.train_size={batch * steps}", f"dataset.val_size={batch}", "teacher=resnet56",
-        "teacher.checkpoint=null", "student=resnet20", "distill=kl", "distill.kl.temperature=4.0",
+        "teacher.checkpoint=null", "teacher.allow_random=true", "student=resnet20", "distill=kl", "distill.kl.temperature=4.0",
         "balancer=fixed_kd", "optimizer=sgd", f"optimizer.lr={SGD['lr']}", f"optimizer.momentum={SGD['momentum']}",
         f"optimizer.weight_decay={SGD['weight_decay']}", "scheduler=constant", f"trainer.batch_size={batch}",
         f"trainer.max_steps={steps}", "trainer.epochs=1000", "trainer.save_last=false", "trainer.save_best=false",
-        f"trainer.accelerator={device.type}", "logger.progress=false",
+        f"trainer.accelerator={device.type}", f"trainer.channels_last={str(channels_last).lower()}",
+        "logger.progress=false",
     ]
     with tempfile.TemporaryDirectory() as d:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -290,13 +304,19 @@ def main() -> None:
     p.add_argument("--cached", action="store_true", help="add the finite-view live and cached bare loops")
     p.add_argument("--cache-images", type=int, default=64, help="images in the cached data set (× 162 views)")
     p.add_argument("--fill-batch", type=int, default=256)
+    p.add_argument("--channels-last", choices=("false", "true", "compare"), default="false",
+                   help="models and inputs in channels_last (true), or both formats side by side (compare)")
     a = p.parse_args()
     device, batch = torch.device(a.device), a.batch_size
     notes = []
+    cl = a.channels_last == "true"
     variants: dict[str, Callable[[int], list[float]]] = {
-        "bare": lambda n: run_bare(n, batch, device),
-        "kdrun": lambda n: run_kdrun(n, batch, device),
+        "bare": lambda n: run_bare(n, batch, device, channels_last=cl),
+        "kdrun": lambda n: run_kdrun(n, batch, device, channels_last=cl),
     }
+    if a.channels_last == "compare":
+        variants["bare-cl"] = lambda n: run_bare(n, batch, device, channels_last=True)
+        variants["kdrun-cl"] = lambda n: run_kdrun(n, batch, device, channels_last=True)
     why = torchdistill_available()
     if why is None:
         variants["torchdistill"] = lambda n: run_torchdistill(n, batch, device)
@@ -309,7 +329,8 @@ def main() -> None:
             variants["bare-views"] = views.live
             variants["bare-cached"] = views.cached
         if a.only:
-            variants = {k: v for k, v in variants.items() if k == "bare" or k in a.only}
+            variants = {k: v for k, v in variants.items()
+                        if k == "bare" or k in a.only or k.removesuffix("-cl") in a.only}
         times: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(a.rounds):
             for name, fn in variants.items():
@@ -322,7 +343,7 @@ def main() -> None:
         f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     print(f"\n### KD overhead — {time.strftime('%Y-%m-%d')}, {dev}, torch {torch.__version__}")
     print(f"`python scripts/bench_overhead.py {shlex.join(sys.argv[1:])}` — resnet56 → resnet20, batch {batch}, "
-          f"fp32, median of {a.steps - 1} step intervals after {a.warmup} warm-up × {a.rounds} interleaved round(s)\n")
+          f"fp32{', channels_last' if cl else ''}, median of {a.steps - 1} step intervals after {a.warmup} warm-up × {a.rounds} interleaved round(s)\n")
     print("| variant | ms/step | img/s | × bare step time |\n| --- | ---: | ---: | ---: |")
     for name, ts in times.items():
         m = statistics.median(ts)
@@ -330,6 +351,10 @@ def main() -> None:
     if "torchdistill" in times:
         m = statistics.median(times["torchdistill"])
         print(f"\nkdrun step / torchdistill step: {statistics.median(times['kdrun']) / m:.3f}")
+    for name in ("bare", "kdrun"):
+        if f"{name}-cl" in times:  # < 1: channels_last is faster for this pair on this device
+            print(f"\n{name}: channels_last step / contiguous step: "
+                  f"{statistics.median(times[name + '-cl']) / statistics.median(times[name]):.3f}")
     if a.cached:
         live, cached = statistics.median(times["bare-views"]), statistics.median(times["bare-cached"])
         fwd = statistics.median(views.fwd_times) / batch  # live teacher forward, s per image

@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from kdrun.config import ConfigError, LoggerConfig, TrainerConfig, config_warnings, validate
+from kdrun.config import ROLE_KEYS, ConfigError, LoggerConfig, TrainerConfig, config_warnings, validate
 from tests.conftest import CONF, QUICK, compose_cfg
 
 # Groups selected as group=option. Not among them: recipe (+recipe=NAME), debug (+debug=quick) and model
@@ -65,7 +65,7 @@ def test_every_architecture_is_defined_once_in_conf_model(role: str, option: str
     node = OmegaConf.load(CONF / role / f"{option}.yaml")
     assert OmegaConf.to_container(node.defaults) == [{"/model@model": option}, "_self_"]
     assert "_target_" not in OmegaConf.to_yaml(node)
-    assert set(node.keys()) - {"defaults", "model"} <= {"checkpoint", "fit_if_missing_epochs"}
+    assert set(node.keys()) - {"defaults", "model"} <= set(ROLE_KEYS["teacher"]) - {"model"}
 
 
 def test_student_and_teacher_of_one_architecture_build_the_same_model() -> None:

@@ -102,9 +102,15 @@ def loader_seed(seed: int, epoch: int) -> int:
 
 
 def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.device,
-                 aux: bool, with_index: bool = False, task: Any = None) -> Loaders:
+                 aux: bool, with_index: bool = False, task: Any = None, views: bool = False) -> Loaders:
     """Train (resumable, ``drop_last``), val (every sample once) and, with ``aux``, the auxiliary
-    loaders. The data set's collate function wins over the task's (``Task.collate_fn``)."""
+    loaders. The data set's collate function wins over the task's (``Task.collate_fn``).
+
+    ``views`` (the teacher-output cache is on): the train set yields ``(x, y, index, view)``
+    (:class:`kdrun.data.views.ViewDataset`: the same random calls and images as ``data.train``'s own
+    transform, plus the view drawn), so the step can look the teacher's output up; it carries the index
+    too, so ``with_index`` needs nothing more. The val and aux loaders never need the teacher's
+    training-view outputs and are unchanged."""
     common = dict(num_workers=t.num_workers, pin_memory=t.pin_memory and device.type == "cuda",
                   collate_fn=collate_fn(data, task))
     if t.num_workers > 0:
@@ -121,12 +127,20 @@ def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.de
     if len(sampler) < t.batch_size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is larger than the {len(sampler)} training "
                           "samples per process; lower it.")
-    train_set = IndexedDataset(data.train) if with_index else data.train
+    if views:
+        from kdrun.data.views import ViewDataset
+
+        train_set: torch.utils.data.Dataset = ViewDataset(data.train)
+    else:
+        train_set = IndexedDataset(data.train) if with_index else data.train
     gen = torch.Generator()
     train = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=True, generator=gen,
                        **common)
+    # Its own generator too: iterating a loader without one draws the worker base seed from the global
+    # RNG, so a validation (a max_steps stop mid-epoch validates before saving last.pt) would move the
+    # augmentation stream of a resumed run away from the uninterrupted one's.
     val = DataLoader(data.val, batch_size=t.val_batch_size or 2 * t.batch_size,
-                     sampler=D.EvalSampler(len(data.val)), **common)
+                     sampler=D.EvalSampler(len(data.val)), generator=torch.Generator(), **common)
     out = Loaders(train, val, sampler, gen)
     if aux:  # cross-batch: an independently shuffled view of the same training set
         out.aux_sampler = D.TrainSampler(len(data.train), seed + 104_729)

@@ -40,14 +40,17 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
+from kdrun.config import ConfigError
+
 # Transforms that draw no random numbers and whose output depends only on their input, so they may
 # run before or after the crop + flip (the CIFAR protocol uses Resize before and ToTensor/Normalize after).
 DETERMINISTIC = (T.ToTensor, T.PILToTensor, T.ConvertImageDtype, T.Normalize, T.Resize, T.CenterCrop,
                  T.Pad, T.Grayscale)
 
 
-class ContinuousAugmentationError(ValueError):
-    """A transform pipeline whose outcomes are not a finite set of views (teacher caching is impossible)."""
+class ContinuousAugmentationError(ConfigError):
+    """A transform pipeline whose outcomes are not a finite set of views (teacher caching is impossible).
+    A :class:`~kdrun.config.ConfigError`: the CLI shows the message, exit status 2."""
 
 
 def _padding_ltrb(padding: int | Sequence[int] | None) -> tuple[int, int, int, int]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from kdrun import distributed as D
 from kdrun.balancers.base import Balancer
-from kdrun.config import TrainerConfig
+from kdrun.config import TeacherCacheConfig, TrainerConfig, teacher_cache_config, warn_once
 from kdrun.data.base import DataModule
 from kdrun.data.loaders import Loaders, collate_fn, make_loaders
 from kdrun.engine.runtime import seed_everything, sync_batchnorm
@@ -29,6 +31,7 @@ from kdrun.engine.trainable import Trainable, freeze_bn_stats
 from kdrun.losses.base import DataInfo, DistillLoss
 from kdrun.models.build import build_model
 from kdrun.models.taps import ModelOutput, Tapped
+from kdrun.teacher_cache import CacheBuilder, CacheError, TeacherCache, default_dir, make_key, refuse_mixup
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Parts:
     scaler: torch.amp.GradScaler
     steps_per_epoch: int
     total_steps: int
+    teacher_cache: TeacherCache | None = None  # teacher.cache: the step reads outputs instead of the teacher
 
 
 def build_distill(cfg: DictConfig) -> tuple[dict[str, DistillLoss], dict[str, float]]:
@@ -111,9 +115,86 @@ def setup_terms(distill: dict[str, DistillLoss], data: DataModule, task: Any, st
     t0 = teacher(x0)
     for d in distill.values():
         d.bind(info)
-        if d.needs_index and getattr(d, "num_data", None) is None:
-            d.num_data = len(data.train)  # type: ignore[attr-defined]  # terms that predate bind (CRD)
+        d.bind_teacher(teacher.model.model)  # the frozen network itself (OFD's margin reads its BatchNorms)
         d.setup(shapes(s0), shapes(t0))
+
+
+def cache_root(conf: TeacherCacheConfig) -> str:
+    """``teacher.cache.dir``, by default ``$KDRUN_CACHE/teacher_outputs`` (``~/.cache/kdrun`` without it)."""
+    return conf.dir or os.path.join(os.environ.get("KDRUN_CACHE", "~/.cache/kdrun"), "teacher_outputs")
+
+
+def cache_compute(t: TrainerConfig, teacher: Teacher, device: torch.device) -> dict[str, Any]:
+    """The conditions of the live teacher call, part of the cache key (kdrun.teacher_cache module doc)."""
+    return {"device": device.type, "precision": teacher.precision, "channels_last": bool(t.channels_last)}
+
+
+def teacher_input(t: TrainerConfig, device: torch.device) -> Any:
+    """What KDStep.to_device does to a batch before the teacher sees it (device, memory format)."""
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
+    return prepare
+
+
+def cache_key_and_path(cfg: DictConfig, t: TrainerConfig, conf: TeacherCacheConfig, teacher: Teacher,
+                       train_set: Any, device: torch.device) -> tuple[Any, Path]:
+    """The cache key of this run's teacher outputs (teacher weights and config, training data, transform,
+    taps, storage dtype, call conditions) and the directory it names."""
+    key = make_key(teacher.model.model, train_set, teacher.model.taps, conf.dtype,
+                   cache_compute(t, teacher, device), OmegaConf.to_yaml(cfg.teacher.model, resolve=True))
+    return key, default_dir(cache_root(conf), key)
+
+
+def fill_cache(path: Path, key: Any, conf: TeacherCacheConfig, t: TrainerConfig, teacher: Teacher,
+               train_set: Any, device: torch.device, progress: bool) -> None:
+    """Fill the cache at ``path``: rank 0 creates it, every rank fills a contiguous slice of the images,
+    rank 0 checksums and moves it into place (ranks must share the file system: one node, or a shared
+    ``teacher.cache.dir``)."""
+    prepare = teacher_input(t, device)
+    # Every rank plans (one probe forward): a tap too large to cache fails on every rank, not only rank 0.
+    specs = CacheBuilder.plan(key, train_set, teacher, prepare, int(conf.max_tap_gib * 2**30))
+    builder = CacheBuilder.create(path, key, specs) if D.is_main() else None
+    D.barrier()
+    builder = builder or CacheBuilder.attach(path, key)
+    n, r, w = len(train_set), D.rank(), D.world_size()
+    per = -(-n // w)
+    bs = conf.fill_batch_size or t.val_batch_size or 2 * t.batch_size
+    builder.fill(teacher, train_set, bs, prepare, rows=range(min(n, r * per), min(n, (r + 1) * per)),
+                 progress=progress)
+    D.barrier()
+    if D.is_main():
+        builder.finalize({"world_size": w})
+    else:
+        builder.arrays.clear()
+    D.barrier()
+
+
+def build_teacher_cache(cfg: DictConfig, t: TrainerConfig, data: DataModule, teacher: Teacher | None,
+                        train_set: Any, device: torch.device, progress: bool = False) -> TeacherCache | None:
+    """The teacher-output cache of this run (``teacher.cache``), opened and checked against this run's key;
+    filled first when it does not exist and ``teacher.cache.fill`` (every rank takes part). A stale,
+    mismatched, damaged or half-filled cache is an error, never refilled or used. ``None``: cache off."""
+    conf = teacher_cache_config(cfg)
+    if conf is None or teacher is None:
+        return None
+    refuse_mixup(data.mixup)
+    key, path = cache_key_and_path(cfg, t, conf, teacher, train_set, device)
+    partial = path.with_name(path.name + ".partial")
+    if not (path / "meta.json").is_file() and not partial.exists():
+        if not conf.fill:
+            raise CacheError(f"no teacher cache at {path} and teacher.cache.fill=false; build it with "
+                             "`kdrun cache-teacher` (same overrides as this run) or set teacher.cache.fill=true.")
+        fill_cache(path, key, conf, t, teacher, train_set, device, progress and D.is_main())
+    # A leftover .partial (a killed fill, or another run filling right now) is never overwritten:
+    # open() names it; a sweep should fill once first with `kdrun cache-teacher`.
+    cache = TeacherCache.open(path, key, verify=conf.verify)
+    if not cache.exact:
+        warn_once(f"the teacher cache at {path} is not bit-exact ("
+                  + ("fp16 storage" if conf.dtype == "fp16" else
+                     "the teacher's kernels are not batch-invariant on this device")
+                  + "): cached outputs differ from the live teacher's by float rounding.")
+    return cache
 
 
 def wrap(trainable: Trainable, t: TrainerConfig, device: torch.device) -> nn.Module:
@@ -147,8 +228,14 @@ def build(cfg: DictConfig, t: TrainerConfig, device: torch.device, seed: int) ->
     balancer: Balancer = instantiate(cfg.balancer, _convert_="all")
     balancer.bind(tuple(groups))
     balancer.to(device)
+    caching = teacher is not None and teacher_cache_config(cfg) is not None
     loaders = make_loaders(data, t, seed, device, aux=balancer.needs_aux_batch,
-                           with_index=any(d.needs_index for d in distill.values()), task=task)
+                           with_index=any(d.needs_index for d in distill.values()), task=task, views=caching)
+    # Off the global RNG stream: a run that fills the cache trains on the same random numbers as one
+    # that finds it filled (and as the live-teacher run).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        cache = build_teacher_cache(cfg, t, data, teacher, loaders.train.dataset, device,
+                                    progress=bool(cfg.logger.get("progress", False))) if caching else None
     steps_per_epoch = len(loaders.train)
     planned = steps_per_epoch * t.epochs
     total_steps = planned if t.max_steps < 0 else min(t.max_steps, planned)
@@ -163,4 +250,4 @@ def build(cfg: DictConfig, t: TrainerConfig, device: torch.device, seed: int) ->
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     seed_everything(seed + D.rank())
     return Parts(t, device, seed, data, task, teacher, student, trainable, model, groups, balancer, loaders,
-                 optimizer, scheduler, scaler, steps_per_epoch, total_steps)
+                 optimizer, scheduler, scaler, steps_per_epoch, total_steps, cache)

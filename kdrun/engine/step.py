@@ -10,6 +10,11 @@ This is DeiT's order: ``engine.py`` applies ``mixup_fn`` before the model and th
 ``outputs = model(samples)``, L49 ``criterion(samples, outputs, targets)``), and ``DistillationLoss``
 calls the teacher on those same ``inputs`` (``losses.py`` L48 ``teacher_outputs = self.teacher_model(inputs)``).
 
+**The teacher-output cache** (``teacher.cache``, :mod:`kdrun.teacher_cache`): the train loader then yields
+``(x, y, index, view)`` (:class:`kdrun.data.views.ViewDataset`) and the teacher's output is read from the
+cache at (index, view) — the CPU tensors of the raw batch, so no host sync — instead of the forward.
+Mixup is refused with the cache (the mixed batch is not a cached view), so the order above is unchanged.
+
 **Non-finite steps change nothing.** The balancer's ``step`` must not mutate its state; the one host sync
 per step decides whether the gradient norm and the objectives are finite, and only then do the
 optimiser, the scheduler and ``balancer.after_step`` run. (The forward still moves BatchNorm running
@@ -31,8 +36,10 @@ from kdrun.engine.context import step_context
 from kdrun.engine.runtime import autocast
 from kdrun.engine.teacher import Teacher
 from kdrun.engine.trainable import Trainable, freeze_bn_stats
+from kdrun.errors import NonFiniteError
 from kdrun.models.taps import ModelOutput
 from kdrun.tasks.base import group
+from kdrun.teacher_cache import TeacherCache
 
 
 @dataclass
@@ -64,6 +71,7 @@ class StepSettings:
     precision: str = "fp32"
     grad_clip: float = 0.0
     nonfinite: str = "skip"
+    max_nonfinite_streak: int = 0  # > 0: that many skipped steps in a row stop the run (NonFiniteError)
     grad_feature: str | None = None  # set: trainer.grad_space=features on this tap
     jacobian: str = "loop"
     channels_last: bool = False
@@ -76,17 +84,23 @@ class KDStep:
 
     ``model`` is what the forward calls (the :class:`Trainable` itself, or its DDP/compiled wrapper);
     ``trainable`` the bare module whose parameters are updated. ``aux`` draws a raw batch of the
-    auxiliary stream (extra-batch balancers); ``skipped`` counts skipped steps."""
+    auxiliary stream (extra-batch balancers); ``skipped`` counts skipped steps. ``cache`` (the teacher-output
+    cache) replaces the teacher forward: batches are then ``(x, y, index, view)``."""
 
     def __init__(self, *, model: nn.Module, trainable: Trainable, teacher: Teacher | None, task: Any,
                  groups: dict[str, list[str]], balancer: Balancer, optimizer: torch.optim.Optimizer,
                  scheduler: Any, scaler: torch.amp.GradScaler, device: torch.device,
                  settings: StepSettings, mixup: Callable[[Any, Any], tuple[Any, Any]] | None = None,
-                 aux: Callable[[], Any] | None = None, skipped: int = 0) -> None:
+                 aux: Callable[[], Any] | None = None, skipped: int = 0,
+                 cache: TeacherCache | None = None) -> None:
+        if cache is not None and (teacher is None or mixup is not None):
+            raise ValueError("the teacher cache needs a teacher and no mixup (kdrun.teacher_cache.refuse_mixup)")
         self.model, self.trainable, self.teacher, self.task, self.groups = model, trainable, teacher, task, groups
         self.balancer, self.optimizer, self.scheduler, self.scaler = balancer, optimizer, scheduler, scaler
         self.device, self.s, self.mixup, self.aux, self.skipped = device, settings, mixup, aux, skipped
+        self.cache = cache
         self.params = [p for p in trainable.parameters() if p.requires_grad]
+        self.streak = 0  # consecutive skipped steps (from the finiteness flag already on the host)
         self.jac_mode = JacobianMode(settings.jacobian)  # keeps its auto decision across steps
         self.sync = forward_sync(model, balancer, settings.grad_feature is not None, D.is_dist())
 
@@ -101,7 +115,7 @@ class KDStep:
         if self.mixup is not None:  # before the teacher: both models see the mixed batch (module doc)
             x, y = self.mixup(x, y)
         self.trainable.set_progress(step)
-        t_out = self.teacher(x) if self.teacher is not None else None                 # 1. teacher
+        t_out = self.teacher_outputs(batch, x)                                         # 1. teacher
         with self.sync(), autocast(self.device, self.s.precision):
             s_out, terms = self.model(x, y, t_out, index=idx)                          # 2. student
         objectives = group(terms, self.groups)                                         # 3. objectives
@@ -116,6 +130,15 @@ class KDStep:
         values = self.log_values(ctx, terms, result, grad_norm) if (
             ctx.diagnostics or (step + 1) % self.s.log_every == 0) else {}
         return StepOutcome(finite, self.task.batch_size(x), result, values)
+
+    def teacher_outputs(self, batch: Any, x: Any) -> ModelOutput | None:
+        """The live teacher on ``x``, or its cached output for the raw batch's (index, view)."""
+        if self.cache is not None:
+            if len(batch) != 4:
+                raise ValueError("with the teacher cache, training batches must be (x, y, index, view) "
+                                 "(make_loaders(..., views=True))")
+            return self.cache.get(batch[2], batch[3], self.device)
+        return self.teacher(x) if self.teacher is not None else None
 
     # -- the balancer's view of the step -----------------------------------------------------------
 
@@ -170,14 +193,25 @@ class KDStep:
             self.scaler.update()
             self.scheduler.step()
             self.balancer.after_step(ctx)
+            self.streak = 0
         else:
             if self.scaler.is_enabled():
                 self.scaler.update()  # fp16 overflow: lower the scale, as GradScaler does
             elif self.s.nonfinite == "raise":
                 bad = [k for k, v in ctx.objectives.items() if not torch.isfinite(v).all()]
-                raise FloatingPointError(f"non-finite gradient at step {ctx.step} (objectives with non-finite "
-                                         f"values: {', '.join(bad) or 'none; the gradient overflowed'}).")
+                raise NonFiniteError(f"non-finite gradient at step {ctx.step} (objectives with non-finite "
+                                     f"values: {', '.join(bad) or 'none; the gradient overflowed'}); "
+                                     "trainer.nonfinite=raise stops the run here (trainer.nonfinite=skip "
+                                     "skips such steps).")
             self.skipped += 1
+            self.streak += 1
+            if 0 < self.s.max_nonfinite_streak <= self.streak:
+                raise NonFiniteError(
+                    f"the last {self.streak} steps (up to step {ctx.step}) were all non-finite and skipped "
+                    f"({self.skipped} skipped in all), so the model stopped learning; the run is stopped "
+                    "instead of ending as if it had trained. Lower the learning rate, set trainer.grad_clip, "
+                    "or use trainer.precision=bf16/fp32; trainer.max_nonfinite_streak (0: never stop) sets "
+                    "how many in a row are tolerated.")
         self.optimizer.zero_grad(set_to_none=True)
         return finite, grad_norm
 

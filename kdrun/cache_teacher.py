@@ -1,0 +1,113 @@
+"""``kdrun cache-teacher [overrides]``: fill (or check) the teacher-output cache of a training config once,
+before a sweep of runs that share it (:mod:`kdrun.teacher_cache`).
+
+Takes exactly the overrides ``kdrun train`` would get (``+recipe=...``, ``teacher=...``, ``dataset.root=...``,
+``trainer.channels_last=...``; ``teacher.cache={...}`` for non-default cache settings, which is turned on
+with its defaults when the config leaves it ``null``) and builds what the run's cache key is made of the
+way the run builds it (:func:`kdrun.engine.build.build`'s order from the seed: data, task, loss terms with
+their teacher taps, the teacher), so a run with the same overrides finds the cache — and a run that would
+not (another teacher, data, transform, taps or call conditions) is refused by the key check, never misled.
+
+Exit status: 0 when the cache is filled now or was already up to date; 2 when it cannot be used (a cache
+at the key's directory that does not match or is damaged, a fill left unfinished, a continuous
+augmentation, a bad config), with the message.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kdrun.config import ConfigError, TrainerConfig, teacher_cache_config, validate
+
+
+def compose_train_config(argv: list[str]) -> DictConfig:
+    """The composed ``kdrun train`` config for these overrides (Hydra's compose API, same ``conf/``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from kdrun.cli import config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=list(argv))
+    except HydraException as e:  # unknown option/key: Hydra's own message, first paragraph
+        raise ConfigError(f"cannot compose the config from {' '.join(argv) or 'no overrides'}: "
+                          f"{str(e).strip().splitlines()[0]}") from None
+
+
+def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
+    """Fill or check the cache for the training config of ``argv``; returns what :func:`main` prints."""
+    from hydra.utils import instantiate
+
+    from kdrun.data.views import ViewDataset
+    from kdrun.engine.build import build_distill, build_teacher, cache_key_and_path, fill_cache
+    from kdrun.engine.runtime import pick_device, seed_everything, set_backend_flags
+    from kdrun.engine.teacher import check_teacher_weights, needs_fit
+    from kdrun.teacher_cache import TeacherCache, refuse_mixup
+
+    cfg = compose_train_config(argv)
+    if cfg.get("teacher") is None:
+        raise ConfigError("kdrun cache-teacher needs a teacher (teacher=... or a recipe); this config has none.")
+    if cfg.teacher.get("cache") is None:
+        with open_dict(cfg):
+            cfg.teacher.cache = {}  # the defaults (kdrun.config.TeacherCacheConfig)
+    validate(cfg)
+    conf = teacher_cache_config(cfg)
+    assert conf is not None
+    t = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))  # type: ignore[arg-type]
+    if needs_fit(cfg) is not None:
+        raise ConfigError(f"teacher.checkpoint={cfg.teacher.checkpoint} does not exist yet (the run would fit it "
+                          "first); run `kdrun train` with these overrides, or fit the teacher, then cache it.")
+    check_teacher_weights(cfg)
+    device = pick_device(t.accelerator)
+    set_backend_flags(t, device)
+    seed = int(t.seed if t.seed is not None else cfg.get("seed", 0))
+    # build()'s order from the seed, up to the teacher (a teacher without a checkpoint is drawn here).
+    seed_everything(seed)
+    data = instantiate(cfg.dataset, _convert_="all")
+    instantiate(cfg.task, _convert_="all")
+    distill, _ = build_distill(cfg)
+    teacher = build_teacher(cfg, t, distill, device)
+    assert teacher is not None
+    refuse_mixup(data.mixup)
+    train_set = ViewDataset(data.train)
+    key, path = cache_key_and_path(cfg, t, conf, teacher, train_set, device)
+    filled = False
+    if not (path / "meta.json").is_file() and not path.with_name(path.name + ".partial").exists():
+        fill_cache(path, key, conf, t, teacher, train_set, device, progress)
+        filled = True
+    cache = TeacherCache.open(path, key, verify=conf.verify)  # CacheError: stale, damaged or unfinished
+    size = sum(s.nbytes for s in cache.specs.values())
+    return {"path": str(path), "filled": filled, "bytes": size, "images": cache.num_images,
+            "views": cache.num_views, "arrays": {n: s.shape for n, s in cache.specs.items()},
+            "dtype": conf.dtype, "exact": cache.exact}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kdrun cache-teacher``: exit 0 when the cache is up to date (filled now or before), 2 when not usable."""
+    from kdrun.errors import find_user_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        info = cache_teacher(argv)
+    except Exception as e:  # user errors (config, cache, augmentation): one paragraph, exit 2
+        user = find_user_error(e)
+        if user is None:
+            raise
+        print(f"kdrun cache-teacher: {user}", file=sys.stderr, flush=True)
+        return 2
+    arrays = ", ".join(f"{n} {s}" for n, s in info["arrays"].items())
+    print(f"teacher cache {'filled' if info['filled'] else 'up to date'}: {info['path']}\n"
+          f"  {info['images']} images × {info['views']} views, {info['dtype']}, {info['bytes'] / 2**30:.3f} GiB "
+          f"({arrays})\n  exact (bit-identical to the live teacher): {'yes' if info['exact'] else 'no'}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
