@@ -22,11 +22,13 @@ leaves the previous good one beside it; :func:`load_resume` names it when a chec
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from kdrun import distributed as D
-from kdrun.models.build import CheckpointError, check_fits, load_file
+from kdrun.models.build import CheckpointError, CheckpointPermissionError, check_fits, load_file
 
 FORMAT = "kdrun/1"
 
@@ -142,6 +144,8 @@ def load_resume(path: Path, trainable: nn.Module) -> dict[str, Any]:
     path = Path(path)
     try:
         s = load(path)
+    except CheckpointPermissionError:
+        raise  # the file may be fine: no older checkpoint to suggest
     except CheckpointError as e:
         good = [p for p in (previous_path(path), path.with_name("best.pt")) if p.is_file() and p != path]
         hint = (" The previous good checkpoint is untouched: resume from it with "
@@ -152,6 +156,22 @@ def load_resume(path: Path, trainable: nn.Module) -> dict[str, Any]:
                               "or best.pt written by `kdrun train`.")
     check_fits(trainable, s["trainable"], path)
     return s
+
+
+def disk_full_error(path: Path, state: TrainState, e: OSError) -> CheckpointError:
+    """The one-paragraph error of a save that ran out of space. The write went to a temporary file that
+    :func:`save_atomic` removed, so the checkpoint at ``path`` (if any) is the previous good one."""
+    run_dir = path.parent
+    last = run_dir / "last.pt"
+    if last.is_file():
+        resume = (f"The previous good checkpoint {last} is intact (the failed write never replaced it); free "
+                  f"space, then continue from it with trainer.resume=auto and the same "
+                  f"hydra.run.dir={run_dir} (the steps after it are run again).")
+    else:
+        resume = (f"No checkpoint of this run was written before, so there is nothing to resume: free space "
+                  f"and start the run again (trainer.overwrite=true in hydra.run.dir={run_dir}).")
+    return CheckpointError(f"The disk is full ({e.strerror or e}): saving {path.name} after step {state.step} "
+                           f"(epoch {state.epoch}) failed and that state is lost. {resume}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,6 +188,7 @@ class TrainState:
     best_metric: float = -math.inf  # the task's primary metric (top-1, AP)
     skipped: int = 0  # non-finite steps skipped
     aux_batches: int = 0  # auxiliary batches drawn (cross-batch), so a resumed run draws the next ones
+    wall_time_s: float = 0.0  # wall time of the run so far, summed over its sessions (resumes)
     teacher_metrics: dict[str, float] = field(default_factory=dict)  # teacher's val metrics, measured once
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -188,13 +209,32 @@ class Checkpointer:
         if set(parts) != set(STATEFUL):
             raise ValueError(f"Checkpointer needs exactly the parts {STATEFUL}, got {tuple(parts)}")
         self.run_dir, self.parts, self.student, self.config_yaml = Path(run_dir), parts, student, config_yaml
+        self._wall_before, self._session_start = 0.0, time.perf_counter()
+
+    def wall_time(self) -> float:
+        """Seconds of the whole run: the earlier sessions' (from the restored checkpoint) plus this one's
+        since the parts were built. Saved into every checkpoint, so a resumed run's results.json covers
+        the run, not only its last session."""
+        return self._wall_before + time.perf_counter() - self._session_start
 
     def save(self, name: str, state: TrainState, metrics: dict[str, float] | None = None) -> None:
+        """Write ``name`` (collective: every rank calls it); a full disk is a :class:`CheckpointError`
+        naming the checkpoint that is still good and how to continue (:func:`disk_full_error`)."""
         rngs = D.all_gather_object(rng_state())
+        state.wall_time_s = self.wall_time()
         if not D.is_main():
             return
+        path = self.run_dir / name
         if name == "last.pt":
-            keep_previous(self.run_dir / name)  # last.pt.prev: the previous good checkpoint
+            keep_previous(path)  # last.pt.prev: the previous good checkpoint
+        try:
+            self._write(path, state, metrics, rngs)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise disk_full_error(path, state, e) from None
+
+    def _write(self, path: Path, state: TrainState, metrics: dict[str, float] | None, rngs: list[Any]) -> None:
         save_atomic({
             "format": FORMAT,
             "student": self.student.state_dict(),
@@ -203,7 +243,7 @@ class Checkpointer:
             "world_size": D.world_size(), "rng": rngs[0], "rng_ranks": rngs,
             "config": self.config_yaml,
             "metrics": dict(metrics or {}),
-        }, self.run_dir / name)
+        }, path)
 
     def restore(self, resume: str | None, reseed: Callable[[int], None]) -> TrainState | None:
         """Load ``trainer.resume`` into the parts and return its :class:`TrainState` (``None``: fresh).
@@ -220,7 +260,8 @@ class Checkpointer:
         for k, part in self.parts.items():
             part.load_state_dict(s[k])
         keys = TrainState.__dataclass_fields__
-        state = TrainState(**{k: s[k] for k in keys if k in s})  # older files lack skipped/aux_batches
+        state = TrainState(**{k: s[k] for k in keys if k in s})  # older files lack skipped/aux_batches/wall
+        self._wall_before, self._session_start = float(state.wall_time_s), time.perf_counter()
         state.history, state.teacher_metrics = list(state.history), dict(state.teacher_metrics or {})
         rngs = s.get("rng_ranks") or [s["rng"]]
         if len(rngs) == D.world_size():

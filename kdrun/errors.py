@@ -15,6 +15,12 @@ import sys
 from typing import NoReturn, Optional
 
 
+class NonFiniteError(FloatingPointError):
+    """Training stopped on non-finite values: ``trainer.nonfinite=raise``, or every one of the last
+    ``trainer.max_nonfinite_streak`` steps was skipped (a run that learns nothing must not end "done").
+    Defined here, not with the step, so that this list names it without importing torch."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types whose message is meant for the user verbatim.
 
@@ -27,7 +33,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from kdrun.models.taps import TapError
     from kdrun.projectors.identity import ProjectorDimError
 
-    return (ConfigError, DatasetError, CheckpointError, TapError, BalancerConfigError, ProjectorDimError)
+    return (ConfigError, DatasetError, CheckpointError, TapError, BalancerConfigError, ProjectorDimError,
+            NonFiniteError)
 
 
 def find_user_error(e: BaseException) -> Optional[BaseException]:

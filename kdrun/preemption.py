@@ -83,12 +83,13 @@ class Preemption:
         # Under an elastic agent (kdrun's launcher, torchrun) one Ctrl-C arrives twice (the terminal's
         # and the agent's forwarded copy), so there it is only recorded.
         self._escalate_sigint = "TORCHELASTIC_RUN_ID" not in os.environ
+        self._insisting = False  # insist() is SIGINT's handler between restore() and chain()
 
     # -- handlers ----------------------------------------------------------------------------------
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT and self._escalate_sigint:
-            raise KeyboardInterrupt
+            insist(signum, frame)
         if self.signum is None:
             self.signum = signum
             if D.is_main():
@@ -107,12 +108,17 @@ class Preemption:
         self.restore()
 
     def restore(self) -> None:
+        """Put the previous handlers back. After a SIGINT the stop is still being completed (the
+        checkpoint is written after the loop's ``with`` block): until :meth:`chain`, a second Ctrl-C
+        exits at once with one line (:func:`insist`) instead of Python's KeyboardInterrupt traceback."""
         if self in _ACTIVE:
             _ACTIVE.remove(self)
         if self.installed:
             for sig, old in self.previous.items():
-                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+                keep = sig == signal.SIGINT and self.signum == signal.SIGINT and self._escalate_sigint
+                signal.signal(sig, insist if keep else (old if old is not None else signal.SIG_DFL))
             self.installed = False
+            self._insisting = self.signum == signal.SIGINT and self._escalate_sigint
 
     # -- decisions ---------------------------------------------------------------------------------
 
@@ -145,11 +151,24 @@ class Preemption:
         the process on rank 0). Python's KeyboardInterrupt handler and the default/ignore actions are
         not called (the CLI sets the exit status instead)."""
         self.restore()
+        if self._insisting:  # the stop is complete: the previous SIGINT handler again
+            old_int = self.previous.get(int(signal.SIGINT))
+            signal.signal(signal.SIGINT, old_int if old_int is not None else signal.SIG_DFL)
+            self._insisting = False
         if self.signum is None:
             return
         old = self.previous.get(int(self.signum))
         if callable(old) and old is not signal.default_int_handler:
             old(self.signum, None)
+
+
+def insist(signum: int, frame: FrameType | None) -> None:
+    """A second Ctrl-C while a stop is being completed: the user wants out now. One line and exit 130
+    (``SystemExit`` unwinds ``finally`` blocks, so the run directory's lock is released); the checkpoint
+    being written is a temporary file until its rename, so the previous ``last.pt`` stays good."""
+    print("\n[kdrun] second interrupt: exiting now without saving (the last saved last.pt, if any, is "
+          "intact; continue with trainer.resume=auto)", file=sys.stderr, flush=True)
+    raise SystemExit(130)
 
 
 def chain_previous(signum: int, previous: dict[int, Any]) -> None:

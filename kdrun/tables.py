@@ -237,8 +237,45 @@ def paper_cells(config: dict[str, Any]) -> list[tuple[str, str, str]]:
     return cells
 
 
+def _json_type(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(v), "null")
+
+
+def results_problem(results: Any) -> str | None:
+    """Why a parsed results.json cannot be a run's results (wrongly typed), or None."""
+    if not isinstance(results, dict):
+        return f"holds a JSON {_json_type(results)} at its top level, not an object"
+    for key in ("config", "final", "best", "teacher"):
+        v = results.get(key)
+        if v is not None and not isinstance(v, dict):
+            return f"holds {key!r} as a JSON {_json_type(v)}, not an object"
+    paper = (results.get("config") or {}).get("paper")
+    if paper is not None and not isinstance(paper, dict):
+        return f"holds config.paper as a JSON {_json_type(paper)}, not an object"
+    return None
+
+
+def read_results(f: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(results, None) or (None, why the file is skipped): unreadable, not UTF-8 text (a binary file),
+    not JSON, or JSON of the wrong shape."""
+    try:
+        text = f.read_bytes().decode("utf-8")
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    except UnicodeDecodeError:
+        return None, "is not text (a binary file?)"
+    try:
+        results = json.loads(text)
+    except ValueError as e:
+        return None, f"is not valid JSON ({e})"
+    why = results_problem(results)
+    return (None, why) if why else (results, None)
+
+
 def find_runs(dirs: Iterable[str | Path]) -> list[Run]:
-    """Every readable ``results.json`` under ``dirs`` (recursively), each run once."""
+    """Every usable ``results.json`` under ``dirs`` (recursively), each run once; every file that is not
+    usable is skipped with one line on stderr saying why."""
     seen: set[Path] = set()
     runs = []
     for d in dirs:
@@ -249,10 +286,11 @@ def find_runs(dirs: Iterable[str | Path]) -> list[Run]:
             if real in seen:
                 continue
             seen.add(real)
-            try:
-                runs.append(Run(f.parent, json.loads(f.read_text())))
-            except (OSError, json.JSONDecodeError) as e:
-                print(f"kdrun tables: skipping unreadable {f} ({e})", file=sys.stderr)
+            results, why = read_results(f)
+            if results is None:
+                print(f"kdrun tables: skipping {f}: it {why}", file=sys.stderr)
+                continue
+            runs.append(Run(f.parent, results))
     return runs
 
 
@@ -262,6 +300,38 @@ def value(node: Any, m: Metric = TOP1) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         return None
     return float(v) * m.scale
+
+
+def why_missing(results: dict[str, Any], metric: str, m: Metric = TOP1) -> str:
+    """Why ``value(results[metric], m)`` is None, for the line that explains a blank cell."""
+    node = results.get(metric)
+    if not isinstance(node, dict):
+        return f"has no {metric!r} results (a run that did not finish?)"
+    if m.key not in node:
+        return f"has no {metric}.{m.key}"
+    v = node[m.key]
+    if v is None:
+        return f"has {metric}.{m.key} = null (the run's value was NaN or infinite)"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"has {metric}.{m.key} = {json.dumps(v)[:40]}, a JSON {_json_type(v)}, not a number"
+    if v < 0:
+        return f"has {metric}.{m.key} = {v:g}, negative: missing (COCO writes -1 for an area range without objects)"
+    return f"has {metric}.{m.key} = {v!r}, not a finite number"
+
+
+def blank_reasons(table: TableDef, runs: list[Run], metric: str) -> list[str]:
+    """One line per (run, metric) whose value is missing from a cell the run claims in ``table``: the
+    cell may show a blank (or a mean over fewer runs), and the user must see why."""
+    out = []
+    for run in runs:
+        for t, row, col in run.cells:
+            if t != table.name:
+                continue
+            for m in table.metrics:
+                if value(run.results.get(metric), m) is None:
+                    out.append(f"cell ({row}, {col}) has no {m.label} from {run.path / 'results.json'}: it "
+                               f"{why_missing(run.results, metric, m)}")
+    return out
 
 
 def top1(results: dict[str, Any], metric: str) -> float | None:
@@ -562,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     except TableError as e:
         print(f"kdrun tables: error: {e}", file=sys.stderr)
         return 2
+    kept = select_seeds(table, runs, parse_seeds(a.seeds))[0]
+    for line in blank_reasons(table, kept, table.convention if a.metric is None else a.metric):
+        print(f"kdrun tables: {line}", file=sys.stderr)
     bad = unplaced(table, runs)
     if bad:
         print(f"kdrun tables: {len(bad)} run(s) name cells that table {a.table} does not have, e.g. "

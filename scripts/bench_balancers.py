@@ -34,10 +34,10 @@ from kdrun.engine import train
 
 PAIRS = {
     # CIFAR-zoo pair: resnet56 → resnet20, KD logits (CIFAR protocol batch 64).
-    "cifar": ["teacher=resnet56", "student=resnet20", "distill=kl", "dataset.num_classes=100",
+    "cifar": ["teacher=resnet56", "teacher.allow_random=true", "student=resnet20", "distill=kl", "dataset.num_classes=100",
               "dataset.in_chans=3"],
     # DeiT-Ti ← RegNetY-160 (the papers' ImageNet pair): distillation-token KD + VkD feature matching.
-    "deit": ["teacher=timm", "teacher.model.model_name=regnety_160", "student=timm",
+    "deit": ["teacher=timm", "teacher.allow_random=true", "teacher.model.model_name=regnety_160", "student=timm",
              "student.model.model_name=deit_tiny_distilled_patch16_224", "distill=[kl,smooth_l1]",
              "distill.kl.student_logits=dist_logits", "distill.smooth_l1.student_tap=patch_mean",
              "projector=orthogonal", "projector.orthogonal_map=qr", "dataset.num_classes=1000", "dataset.in_chans=3"],

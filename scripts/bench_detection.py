@@ -127,7 +127,8 @@ def overrides(spec: dict[str, Any]) -> list[str]:
         "logger.log_every=1", "logger.grad_stats_every=0", "logger.progress=false", "logger.tensorboard=false",
     ]
     if spec["mode"] in MODE_OVERRIDES:
-        over += [f"teacher=vidt_{spec['teacher']}", f"teacher.model.num_classes={spec['num_classes']}",
+        over += [f"teacher=vidt_{spec['teacher']}", "teacher.allow_random=true",
+                 f"teacher.model.num_classes={spec['num_classes']}",
                  f"teacher.model.det_tokens={spec['det_tokens']}", f"teacher.model.dec_layers={spec['dec_layers']}",
                  *MODE_OVERRIDES[spec["mode"]]]
     elif spec["mode"] != "plain":

@@ -37,11 +37,21 @@ def run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A digits ConvNet teacher trained once per session (the quickstart's fit-if-missing path)."""
-    path = tmp_path_factory.mktemp("teacher") / "convnet_l.pt"
-    run(["teacher=convnet_l", f"teacher.checkpoint={path}", "teacher.fit_if_missing_epochs=4",
-         "distill=kl", "trainer.epochs=1", "trainer.max_steps=1", *QUICK],
-        tmp_path_factory.mktemp("fit_probe"))
+    """A digits ConvNet teacher trained once per session (the quickstart's fit-if-missing path, which fits
+    only into the teacher cache: $KDRUN_CACHE points at a fresh one while it runs)."""
+    cache = tmp_path_factory.mktemp("kdrun_cache")
+    path = cache / "teachers" / "convnet_l.pt"
+    old = os.environ.get("KDRUN_CACHE")
+    os.environ["KDRUN_CACHE"] = str(cache)
+    try:
+        run(["teacher=convnet_l", f"teacher.checkpoint={path}", "teacher.fit_if_missing_epochs=4",
+             "distill=kl", "trainer.epochs=1", "trainer.max_steps=1", *QUICK],
+            tmp_path_factory.mktemp("fit_probe"))
+    finally:
+        if old is None:
+            os.environ.pop("KDRUN_CACHE", None)
+        else:
+            os.environ["KDRUN_CACHE"] = old
     assert path.is_file()
     return str(path)
 

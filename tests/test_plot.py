@@ -21,7 +21,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         for balancer in ("dto", "fixed"):
             d = root / balancer
             # Two epochs (val curve of 2 points), diagnostics every 2nd step (conflict/dominance curves).
-            run(["teacher=convnet_l", "teacher.checkpoint=null", "distill=kl", f"balancer={balancer}",
+            run(["teacher=convnet_l", "teacher.checkpoint=null", "teacher.allow_random=true", "distill=kl",
+                 f"balancer={balancer}",
                  "trainer.epochs=2", "trainer.batch_size=128", "logger.log_every=2", "trainer.save_best=false",
                  *QUICK, "logger.grad_stats_every=2"], d)
             dirs.append(d)

@@ -18,19 +18,59 @@ from kdrun.engine.build import Parts, build
 from kdrun.engine.loop import Loop
 from kdrun.engine.runtime import git_commit, pick_device, seed_everything, set_backend_flags
 from kdrun.engine.step import KDStep, StepSettings
-from kdrun.engine.teacher import fit_teacher, needs_fit
+from kdrun.engine.teacher import check_teacher_weights, fit_teacher, needs_fit
 from kdrun.logger import RunLogger
+from kdrun.rundir import RunDirError, RunLock, check_fresh, check_usable
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Validate ``cfg``, build everything, train, and return the results (also in results.json)."""
+    """Validate ``cfg``, build everything, train, and return the results (also in results.json).
+
+    Before anything is written into ``run_dir`` (teacher fit, logger, config.yaml), the main rank applies
+    the run-directory rules of :mod:`kdrun.rundir` (a fresh run needs an empty directory; one writer per
+    directory: the lock is held until this function returns or raises); a refusal there fails every rank."""
     cfg = copy.deepcopy(cfg)
     validate(cfg)
     t = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))  # validated above
     P.parse_signals(t.preempt_signals)  # a bad signal name fails now, not at the first step
-    run_dir, main = Path(run_dir), D.is_main()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
+    lock = protect(run_dir, t.resume, t.overwrite)
+    try:
+        return _train(cfg, t, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def protect(run_dir: Path, resume: str | None, overwrite: bool) -> RunLock | None:
+    """Rank 0: check the directory is usable, take its writer lock, then apply the fresh-run rule (under
+    the lock, so that two runs starting at once cannot both find the directory empty). The verdict is
+    broadcast, so that a refusal on rank 0 fails every rank with the same message before any of them
+    builds or writes anything. Returns the held lock (rank 0) or None."""
+    lock, error, notes = None, None, []
+    if D.is_main():
+        try:
+            check_usable(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir).acquire()
+            notes = [n for n in (lock.note, check_fresh(run_dir, resume, overwrite)) if n]
+        except (RunDirError, OSError) as e:  # OSError too: the other ranks wait for the verdict below
+            error = str(e) if isinstance(e, RunDirError) else (
+                f"The run directory {run_dir} cannot be prepared ({e}); choose another hydra.run.dir.")
+            if lock is not None:
+                lock.release()
+                lock = None
+        for n in notes:
+            print(f"[kdrun] {n}", flush=True)
+    error = D.broadcast_object(error)
+    if error is not None:
+        raise RunDirError(error)
+    return lock
+
+
+def _train(cfg: DictConfig, t: TrainerConfig, run_dir: Path) -> dict[str, Any]:
+    """:func:`train` once the run directory is this process's: fit → build → restore → loop → results."""
+    main = D.is_main()
     device = pick_device(t.accelerator)
     seed = int(t.seed if t.seed is not None else cfg.get("seed", 0))
     set_backend_flags(t, device)
@@ -38,7 +78,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if fit_path is not None:  # a run of its own, finished before this run builds anything
         fitted = fit_teacher(cfg, fit_path, train)
         if fitted.get("preempted"):
-            return fitted
+            return stopped_in_fit(fitted, run_dir)
+    check_teacher_weights(cfg)
     p = build(cfg, t, device, seed)
     checkpointer = Checkpointer(run_dir, {"trainable": p.trainable, "optimizer": p.optimizer,
                                           "scheduler": p.scheduler, "balancer": p.balancer, "scaler": p.scaler},
@@ -67,16 +108,31 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def stopped_in_fit(fitted: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A stop signal ended the teacher fit: the advice the CLI prints names *this* run's directory, where
+    re-running the same command (or ``trainer.resume=auto``, which finds no checkpoint there yet and
+    starts fresh) resumes the fit from its own ``last.pt`` (:func:`kdrun.engine.teacher.fit_config`). The
+    launcher of local workers looks for the marker here too."""
+    if D.is_main():
+        marker = P.read_marker(Path(fitted["run_dir"]))
+        if marker is not None:
+            P.write_marker(run_dir, {**marker, "teacher_fit": fitted["run_dir"]})
+    D.barrier()
+    return {**fitted, "run_dir": str(run_dir), "teacher_fit_dir": fitted["run_dir"]}
+
+
 def make_step(p: Parts, cfg: DictConfig, st: TrainState) -> KDStep:
     t = p.t
     settings = StepSettings(precision=t.precision, grad_clip=t.grad_clip, nonfinite=t.nonfinite,
+                            max_nonfinite_streak=t.max_nonfinite_streak,
                             grad_feature=t.grad_feature if t.grad_space == "features" else None,
                             jacobian=t.jacobian, channels_last=t.channels_last,
                             log_every=int(cfg.logger.log_every), grad_stats_every=int(cfg.logger.grad_stats_every))
     aux = AuxStream(p.loaders, t.batch_size, p.seed, st) if p.balancer.needs_aux_batch else None
     return KDStep(model=p.model, trainable=p.trainable, teacher=p.teacher, task=p.task, groups=p.groups,
                   balancer=p.balancer, optimizer=p.optimizer, scheduler=p.scheduler, scaler=p.scaler,
-                  device=p.device, settings=settings, mixup=p.data.mixup, aux=aux, skipped=st.skipped)
+                  device=p.device, settings=settings, mixup=p.data.mixup, aux=aux, skipped=st.skipped,
+                  cache=p.teacher_cache)
 
 
 def results(p: Parts, loop: Loop, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -87,11 +143,14 @@ def results(p: Parts, loop: Loop, cfg: DictConfig, run_dir: Path) -> dict[str, A
         "run_dir": str(run_dir),
         "primary_metric": task.primary_metric,
         "final": {k: last[k] for k in task.metric_keys},
-        "best": {**{k: best[k] for k in task.metric_keys}, "epoch": best.get("epoch")},
+        "best": {**{k: best[k] for k in task.metric_keys}, "epoch": best.get("epoch"), "step": best.get("step")},
         "teacher": {k: st.teacher_metrics[k] for k in task.metric_keys} if st.teacher_metrics else None,
         "val_samples": last.get("samples"),  # every val sample once, summed over ranks
         "epochs": st.epoch, "steps": st.step, "nonfinite_skipped": st.skipped,
-        "wall_time_s": loop.wall, "images_per_s": loop.images / max(loop.wall, 1e-9),
+        # wall time of the whole run, every session since the first (kept in the checkpoints' TrainState);
+        # images/s is this session's (the throughput of the hardware it ran on)
+        "wall_time_s": loop.ckpt.wall_time(), "session_wall_time_s": loop.wall,
+        "images_per_s": loop.images / max(loop.wall, 1e-9),
         "world_size": D.world_size(), "device": str(p.device),
         "git_commit": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),

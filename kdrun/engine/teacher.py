@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun import checkpoint as ckpt
 from kdrun import distributed as D
+from kdrun.config import ConfigError
 from kdrun.engine.runtime import autocast
+from kdrun.logger import console_phase
 from kdrun.models.taps import ModelOutput, Tapped, freeze
 
 
@@ -38,20 +40,75 @@ def teacher_checkpoint(cfg: DictConfig) -> Path | None:
     return Path(os.path.expanduser(str(p))) if p else None
 
 
+def cache_dir() -> Path:
+    """Where kdrun keeps what it makes for later runs: ``$KDRUN_CACHE``, default ``~/.cache/kdrun`` (the
+    default of the teacher configs' and recipes' ``checkpoint``: conf/teacher/convnet_l.yaml,
+    scripts/gen_recipes.py ``TEACHER_CKPT``)."""
+    return Path(os.path.expanduser(os.environ.get("KDRUN_CACHE") or "~/.cache/kdrun"))
+
+
+def teacher_cache() -> Path:
+    """The only place a missing teacher is fitted into (:func:`needs_fit`)."""
+    return cache_dir() / "teachers"
+
+
+def in_teacher_cache(path: Path) -> bool:
+    cache = teacher_cache()
+    return any(Path(f(path)).is_relative_to(Path(f(cache))) for f in (os.path.abspath, os.path.realpath))
+
+
 def needs_fit(cfg: DictConfig) -> Path | None:
     """The checkpoint path to fit when ``teacher.checkpoint`` is missing and ``fit_if_missing_epochs``
-    asks for a fit, else ``None``."""
+    asks for a fit, else ``None``.
+
+    A fit only ever writes into the teacher cache (``$KDRUN_CACHE/teachers/``), where the recipes put
+    their teachers: a missing checkpoint elsewhere is a typo or a file not copied yet, and fitting a
+    teacher there would silently train a new one at a made-up path (once: a directory at the file-system
+    root). That is an error naming the path and the cache."""
     if cfg.get("teacher") is None:
         return None
     path = teacher_checkpoint(cfg)
     if path is None or path.is_file() or int(cfg.teacher.get("fit_if_missing_epochs", 0)) <= 0:
         return None
+    if not in_teacher_cache(path):
+        raise ConfigError(
+            f"teacher.checkpoint={path} does not exist. teacher.fit_if_missing_epochs="
+            f"{cfg.teacher.fit_if_missing_epochs} fits a missing teacher only in the teacher cache "
+            f"{teacher_cache()}/ (where the recipes' teacher.checkpoint points by default, e.g. "
+            f"{teacher_cache() / path.name}; $KDRUN_CACHE moves it), never at another path. Fix the path, copy "
+            "the checkpoint there, or leave teacher.checkpoint at the recipe's default.")
     return path
 
 
-def fit_config(cfg: DictConfig) -> DictConfig:
+def has_weights(cfg: DictConfig) -> bool:
+    """Whether the teacher gets trained weights: ``teacher.checkpoint``, a timm model with ``pretrained:
+    true`` or a ``checkpoint_path``, or a ViDT with the original release's ``weights``. (ViDT's
+    ``backbone_weights`` alone is an ImageNet body under a random detector: not a teacher.) A fit writes
+    the checkpoint first, so this is asked after it."""
+    node = cfg.teacher
+    model = node.get("model") or {}
+    return any(bool(v) for v in (node.get("checkpoint"), model.get("pretrained"), model.get("checkpoint_path"),
+                                 model.get("weights")))
+
+
+def check_teacher_weights(cfg: DictConfig) -> None:
+    """Refuse a teacher with random weights unless ``teacher.allow_random=true``: distilling from a random
+    network runs to the end and produces numbers that look like a result."""
+    if cfg.get("teacher") is None or has_weights(cfg) or bool(cfg.teacher.get("allow_random", False)):
+        return
+    raise ConfigError(
+        "The teacher has random weights: teacher.checkpoint is null, no fit was asked for "
+        "(teacher.fit_if_missing_epochs=0) and the model is not pretrained, so distillation would learn from "
+        "noise. Set teacher.checkpoint=PATH (a trained teacher), teacher.fit_if_missing_epochs=N with a "
+        f"checkpoint path under {teacher_cache()}/ (fits it there first), or teacher.allow_random=true if a "
+        "random teacher is what you want (tests, speed measurements).")
+
+
+def fit_config(cfg: DictConfig, resume: bool = False) -> DictConfig:
     """The teacher fit as a run of its own: the teacher's model as the student, plain supervision (no
-    teacher, no distillation, ``fixed`` balancer), ``fit_if_missing_epochs`` epochs, never resumed."""
+    teacher, no distillation, ``fixed`` balancer), ``fit_if_missing_epochs`` epochs. ``resume``: continue
+    the fit's own ``last.pt`` (a fit stopped by a signal); otherwise the fit directory is started over
+    (it is kdrun's cache, holding nothing of the user's: a fit that died before its first checkpoint)."""
     sub = copy.deepcopy(cfg)
     OmegaConf.set_struct(sub, False)
     sub.student = {"model": cfg.teacher.model, "checkpoint": None}
@@ -60,27 +117,38 @@ def fit_config(cfg: DictConfig) -> DictConfig:
     sub.balancer = {"_target_": "kdrun.balancers.fixed.Fixed"}
     sub.task.objectives = None
     sub.trainer.epochs = int(cfg.teacher.fit_if_missing_epochs)
-    sub.trainer.resume = None
+    sub.trainer.resume = "auto" if resume else None
+    sub.trainer.overwrite = not resume
     sub.trainer.max_steps = -1
     return sub
+
+
+def fit_dir(path: Path) -> Path:
+    """The fit's run directory, beside the checkpoint it makes: ``<cache>/teachers/<name>_fit/``."""
+    return path.with_suffix("").with_name(path.stem + "_fit")
 
 
 def fit_teacher(cfg: DictConfig, path: Path, train: Callable[[DictConfig, Path], dict[str, Any]]) -> dict[str, Any]:
     """Run the fit (``train`` = :func:`kdrun.engine.run.train`, a complete run of its own that finishes
     before the distillation run builds anything) and save the weights to ``path``, so that this and
     every later run finds them. Returns the fit's results (a preempted fit saves no teacher; the next
-    run fits it again)."""
-    sub = fit_config(cfg)
-    run_dir = path.with_suffix("").with_name(path.stem + "_fit")
+    run with the same teacher continues the fit from its ``last.pt``)."""
+    run_dir = fit_dir(path)
+    # Rank 0 looks (a shared file system may show the file to other nodes later).
+    resume = bool(D.broadcast_object((run_dir / "last.pt").is_file() if D.is_main() else None))
+    sub = fit_config(cfg, resume)
     if D.is_main():
-        print(f"[kdrun] no teacher checkpoint at {path}: training the teacher for "
-              f"{sub.trainer.epochs} epochs (run dir {run_dir})", flush=True)
-    results = train(sub, run_dir)
+        print(f"[kdrun] no teacher checkpoint at {path}: " + ("continuing the stopped teacher fit" if resume else
+              "training the teacher") + f" for {sub.trainer.epochs} epochs (run dir {run_dir}); re-running the "
+              "same command after an interruption continues it", flush=True)
+    with console_phase("teacher fit"):  # every console line of the fit says it is the teacher's
+        results = train(sub, run_dir)
     if results.get("preempted"):
         return results
     if D.is_main():
         last = ckpt.load(run_dir / "last.pt")
         ckpt.save_atomic({"student": last["student"], "config": last["config"],
                           "val_metrics": results["final"]}, path)
+        print(f"[kdrun] teacher fit done: saved {path}; distillation starts", flush=True)
     D.barrier()
     return results

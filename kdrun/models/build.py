@@ -29,13 +29,29 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+class CheckpointPermissionError(CheckpointError):
+    """A checkpoint this user may not read: nothing is wrong with the file, so no other one is suggested."""
+
+
 def load_file(path: str | os.PathLike) -> Any:
-    """``torch.load(weights_only=True)`` with errors that name the file."""
+    """``torch.load(weights_only=True)`` with errors that name the file and say what is wrong with it:
+    missing, not readable by this user (permissions: the file is fine), or not a readable checkpoint."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        os.stat(path)  # not Path.is_file(), which reports a directory without search permission as missing
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} is not a file.")
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist.") from None
+    except PermissionError as e:
+        raise CheckpointPermissionError(
+            f"checkpoint {path} cannot be read: permission denied ({e.filename or path}). The file itself may be "
+            "fine: give this user read access (and search access to its directories), e.g. chmod u+r, or run "
+            "as its owner.") from None
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

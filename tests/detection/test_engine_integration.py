@@ -34,6 +34,7 @@ pytestmark = [
 
 SMALL = [
     "task=detection", "dataset=coco_synthetic", "student=vidt_nano", "teacher=vidt_base", "distill=token_matching",
+    "teacher.allow_random=true",  # a random ViDT teacher: these tests check the plumbing, not what it knows
     "dataset.train_size=4", "dataset.val_size=2", "dataset.image_size=64", "dataset.scales=[48,64]",
     "dataset.max_size=80", "dataset.crop_scales=[40,48]", "dataset.crop_size=[32,48]", "dataset.eval_size=64",
     "student.model.det_tokens=10", "student.model.dec_layers=2",

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # A random (checkpoint-free) small teacher: what it knows does not matter for exactness checks, and
 # every rank builds it from the same seed.
-TEACHER = ["teacher=convnet_l", "teacher.checkpoint=null", "teacher.model.widths=[8,16,32]",
-           "teacher.model.convs_per_stage=1", "distill=kl"]
+TEACHER = ["teacher=convnet_l", "teacher.checkpoint=null", "teacher.allow_random=true",
+           "teacher.model.widths=[8,16,32]", "teacher.model.convs_per_stage=1", "distill=kl"]
 COMMON = ["trainer.accelerator=cpu", "trainer.deterministic=true", "logger.progress=false",
           "logger.tensorboard=false", "scheduler=cosine", "scheduler.warmup_epochs=0", *TEACHER]
 

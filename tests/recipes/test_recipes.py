@@ -298,7 +298,7 @@ def engine_overrides(name: str, cfg: DictConfig) -> list[str]:
           "trainer.channels_last=false", "trainer.save_last=false", "trainer.save_best=false",
           "logger.progress=false", "logger.tensorboard=false", "logger.log_every=1", "logger.grad_stats_every=2"]
     if cfg.teacher is not None:
-        ov += ["teacher.checkpoint=null", "teacher.fit_if_missing_epochs=0"]
+        ov += ["teacher.checkpoint=null", "teacher.fit_if_missing_epochs=0", "teacher.allow_random=true"]
         if "pretrained" in cfg.teacher.model:
             ov.append("teacher.model.pretrained=false")  # offline; random weights do for a smoke run
     for role in ("student", "teacher"):
@@ -491,8 +491,8 @@ def detection_overrides(name: str, cfg: DictConfig) -> list[str]:
           "trainer.save_last=false", "trainer.save_best=false", "logger.progress=false", "logger.tensorboard=false",
           "logger.log_every=1", "logger.grad_stats_every=2"]
     if cfg.teacher is not None:
-        ov += ["teacher.model.weights=null", "teacher.checkpoint=null", "teacher.model.det_tokens=10",
-               "teacher.model.dec_layers=2"]
+        ov += ["teacher.model.weights=null", "teacher.checkpoint=null", "teacher.allow_random=true",
+               "teacher.model.det_tokens=10", "teacher.model.dec_layers=2"]
     return ov
 
 
