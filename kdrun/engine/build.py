@@ -181,7 +181,10 @@ def build_teacher_cache(cfg: DictConfig, t: TrainerConfig, data: DataModule, tea
     refuse_mixup(data.mixup)
     key, path = cache_key_and_path(cfg, t, conf, teacher, train_set, device)
     partial = path.with_name(path.name + ".partial")
-    if not (path / "meta.json").is_file() and not partial.exists():
+    # Rank 0 decides and tells the others: a rank that looked for itself could find rank 0's fresh
+    # .partial, skip the fill and then fail (or leave rank 0 waiting at the fill's barrier).
+    missing = bool(D.broadcast_object(not (path / "meta.json").is_file() and not partial.exists()))
+    if missing:
         if not conf.fill:
             raise CacheError(f"no teacher cache at {path} and teacher.cache.fill=false; build it with "
                              "`kdrun cache-teacher` (same overrides as this run) or set teacher.cache.fill=true.")
