@@ -198,13 +198,13 @@ def test_worker_process_reports_a_wrapped_user_error_in_one_line(
 # -- the command table and the module graph -------------------------------------------------------------
 
 def test_commands_come_from_one_table(kdrun: Callable, capsys: pytest.CaptureFixture) -> None:
-    assert list(cli.COMMANDS) == ["train", "eval", "export", "tables", "plot", "tide"]
+    assert list(cli.COMMANDS) == ["train", "eval", "export", "tables", "plot", "tide", "cache-teacher"]
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and out.startswith("usage: kdrun {train,eval,export,tables,plot,tide} ...")
+    assert e.value.code == 0 and out.startswith("usage: kdrun {train,eval,export,tables,plot,tide,cache-teacher} ...")
     for name, command in cli.COMMANDS.items():
-        assert f"  {name:<7} {command.help.splitlines()[0]}" in out and callable(command.run)
+        assert f"  {name:<13} {command.help.splitlines()[0]}" in out and callable(command.run)
     code, err = kdrun("trian")
     assert code == 2 and "valid commands are train, eval, export, tables, plot, tide" in err
 

@@ -307,6 +307,12 @@ def engine_overrides(name: str, cfg: DictConfig) -> list[str]:
             ov.append(f"++{role}.model.img_size={size}")  # DeiT at 32x32: 2x2 patches
     if "crd" in (cfg.get("distill") or {}):
         ov.append("distill.crd.num_negatives=64")  # 16384 negatives x 16 samples is pointless here
+    if (cfg.teacher is not None and model_id(cfg.teacher) == "regnety_160.deit_in1k"
+            and cfg.get("projector") is not None and "orthogonal_map" in cfg.projector):
+        # RegNetY-160's 3024-d feature: torch's Householder chart of the 3024x192 orthogonal map takes ~9 s
+        # per step on a CPU (benchmarks/RESULTS.md); the thin-QR chart is the same manifold at ~20 ms. The
+        # Householder path itself is run by the CIFAR recipes' orthogonal projectors.
+        ov.append("projector.orthogonal_map=qr")
     return ov
 
 
@@ -507,7 +513,8 @@ def test_sampled_coco_recipe_trains_two_steps(name: str, tmp_path: Path) -> None
     assert res["config"]["trainer"]["grad_clip"] == 0.1 and res["config"]["optimizer"]["no_decay"]
     for where in ("final", "best"):  # what `kdrun tables --table coco` reads: COCOeval's 0..1 (or -1)
         assert set(res[where]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-        assert all(v == -1.0 or 0.0 <= v <= 1.0 for k, v in res[where].items() if k != "epoch"), res[where]
+        assert all(v == -1.0 or 0.0 <= v <= 1.0 for k, v in res[where].items() if k not in ("epoch", "step")), \
+            res[where]
     assert (res["teacher"] is None) == (cfg.teacher is None)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
