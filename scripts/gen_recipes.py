@@ -166,7 +166,15 @@ CIFAR_PROTOCOL = ("Protocol (CRD/RepDistiller as packaged by mdistiller; DTO-KD 
                   "240 epochs, batch 64, SGD momentum 0.9, weight decay 5e-4, lr x0.1 at epochs 150/180/210.")
 
 
-def cifar_common(student: str, lr: float | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+# The CIFAR ResNets (basic blocks, no depthwise convs): channels_last measured 0.80x the contiguous step on
+# the resnet56 -> resnet20 KD job (benchmarks/RESULTS.md, "KD overhead", CPU). Other families are unmeasured
+# and keep the contiguous layout.
+CHANNELS_LAST = {"resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
+                 "resnet32x4"}
+
+
+def cifar_common(student: str, lr: float | None = None,
+                 teacher: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     lr = lr if lr is not None else (0.01 if student in LOW_LR_STUDENTS else 0.05)
     values = {
         "optimizer": {"lr": lr, "momentum": 0.9, "weight_decay": 5.0e-4},
@@ -176,6 +184,9 @@ def cifar_common(student: str, lr: float | None = None) -> tuple[dict[str, Any],
     comments = {"optimizer.lr": ("0.01 for MobileNetV2/ShuffleNet students (mdistiller configs)" if lr == 0.01
                                  else "0.05 (mdistiller/CRD)"),
                 "trainer.batch_size": "per process; the protocol is one GPU"}
+    if student in CHANNELS_LAST and (teacher is None or teacher in CHANNELS_LAST):
+        values["trainer"]["channels_last"] = True
+        comments["trainer.channels_last"] = "memory layout only; measured 0.8x the step for CIFAR ResNets on CPU (benchmarks/RESULTS.md)"
     return values, comments
 
 
@@ -304,7 +315,7 @@ def cifar_kd_recipe(teacher: str, student: str, method: str, balancer: str,
                     cells: list[tuple[str, str, str]], source: list[str], lr: float | None = None) -> Recipe:
     d_def, d_val, d_com = distill_for(method, teacher, student)
     b_def, b_val, b_com = balancer_for(method, balancer)
-    c_val, c_com = cifar_common(student, lr)
+    c_val, c_com = cifar_common(student, lr, teacher)
     t_val, t_com = teacher_values(teacher)
     name = f"cifar100_{teacher}_{student}_{method}"
     default_balancer = "dto" if method in ("dto_kd", "mokd") else "fixed"
