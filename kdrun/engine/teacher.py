@@ -2,7 +2,8 @@
 
 The teacher is called on the batch the student sees, *after* mixup/cutmix (see :mod:`kdrun.engine.step`),
 in eval mode under ``torch.inference_mode`` and its own precision (``trainer.teacher_precision``). Its
-outputs are cloned out of inference mode so that loss terms may save them for backward.
+outputs leave inference mode as ordinary tensors, so that loss terms may save them for backward: the
+logits are cloned out, and every feature tap is copied once, when it is taken (:class:`Tapped`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,13 @@ class Teacher:
     def __call__(self, x: Any) -> ModelOutput:
         with torch.inference_mode(), autocast(self.device, self.precision):
             out = self.model(x)
-        return ModelOutput(out.logits.clone(), {k: v.clone() for k, v in out.features.items()})
+        # Only inference tensors are cloned out: hooked taps are already ordinary copies (Tapped._keep).
+        return ModelOutput(_out_of_inference(out.logits),
+                           {k: _out_of_inference(v) for k, v in out.features.items()})
+
+
+def _out_of_inference(t: Any) -> Any:
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
 
 
 def teacher_checkpoint(cfg: DictConfig) -> Path | None:

@@ -24,7 +24,7 @@ checked when the forward returns; the first forward also keeps a copy, and a tap
 modified gets that copy and is copied at hook time from then on. Unmodified taps stay the very tensor
 the model computed with, so a gradient w.r.t. a tap (``trainer.grad_space=features``) reaches the
 model's own graph. Inference-mode tensors (the frozen teacher) carry no version counter and are always
-copied. Should a tap that was not modified in the first forward be modified later (a model whose
+copied, once, into ordinary tensors (the copy is made outside inference mode). Should a tap that was not modified in the first forward be modified later (a model whose
 control flow changes), that forward's value is already lost: a ``RuntimeWarning`` says so and the tap
 is copied from then on.
 """
@@ -156,7 +156,12 @@ class Tapped(nn.Module):
         """Store tap ``t`` so that a later in-place op cannot change it (module docstring)."""
         if not isinstance(t, Tensor):
             self._store[tap] = t
-        elif t.is_inference() or tap in self._copy_taps:
+        elif t.is_inference():
+            # No version counter to watch, so always a copy; made outside inference mode, it is an ordinary
+            # tensor that autograd may save, and the caller (the frozen teacher) need not copy it again.
+            with torch.inference_mode(False):
+                self._store[tap] = t.clone()
+        elif tap in self._copy_taps:
             self._store[tap] = t.clone()
         else:
             self._store[tap] = t

@@ -137,3 +137,41 @@ def test_a_late_in_place_op_warns() -> None:
         out = tapped(x)
     with torch.no_grad():
         torch.testing.assert_close(out.features["conv1"], net.reference(x)["conv1"])
+
+
+def test_the_frozen_teacher_copies_each_tap_once_into_an_ordinary_tensor() -> None:
+    """Under inference mode a tap is copied when it is taken, outside inference mode, so the teacher call
+    returns it as is (no second copy) and a loss may save it for backward; the logits are cloned out."""
+    from kdrun.engine.teacher import Teacher
+
+    torch.manual_seed(0)
+    net = InPlaceNet()
+    with torch.no_grad():
+        net.bn.bias.fill_(-0.2)
+    taps = ["bn", "act:input", "conv1"]
+    teacher = Teacher(Tapped(net, taps), torch.device("cpu"), "fp32")
+    copies: list[Tensor] = []
+    real_keep = Tapped._keep
+
+    def spy(self: Tapped, tap: str, t: Tensor) -> None:
+        real_keep(self, tap, t)
+        copies.append(self._store[tap])
+
+    x = torch.randn(4, 2, 6, 6)
+    Tapped._keep = spy  # type: ignore[method-assign]
+    try:
+        out = teacher(x)
+    finally:
+        Tapped._keep = real_keep  # type: ignore[method-assign]
+    with torch.no_grad():
+        ref = net.eval().reference(x)
+    assert not out.logits.is_inference()
+    for t, copy in zip(taps, copies):
+        v = out.features[t]
+        assert not v.is_inference(), t
+        assert v is copy, f"{t} was copied again after the hook"
+        torch.testing.assert_close(v, ref[t], msg=t)
+    # Usable in autograd: a product with a parameter saves them for backward (inference tensors cannot be).
+    w = torch.ones((), requires_grad=True)
+    ((w * out.logits).sum() + (w * out.features["bn"]).sum()).backward()
+    assert w.grad is not None
