@@ -59,13 +59,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
+from kdrun.data.base import DataModule
 from kdrun.data.synthetic import build as synthetic
 from kdrun.losses.kl import kl_divergence
-from kdrun.models.cifar.resnet import resnet20, resnet56
 from kdrun.models.taps import ModelOutput
 
 CLASSES, SIZE, T_KD, W_KD, W_CE = 100, 32, 4.0, 0.9, 0.1
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+PAIR = ["resnet56", "resnet20"]  # teacher, student: conf/model/<name>.yaml (--pair)
 
 
 def sync(device: torch.device) -> None:
@@ -76,13 +77,25 @@ def sync(device: torch.device) -> None:
 def models(device: torch.device, seed: int,
            channels_last: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(seed)
-    teacher, student = resnet56(CLASSES).to(device).eval(), resnet20(CLASSES).to(device).train()
+    teacher, student = zoo(PAIR[0]).to(device).eval(), zoo(PAIR[1]).to(device).train()
     for p in teacher.parameters():
         p.requires_grad_(False)
     if channels_last:  # as kdrun.engine.build does for trainer.channels_last=true
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
     return teacher, student
+
+
+def zoo(name: str) -> torch.nn.Module:
+    """The model ``conf/model/<name>.yaml`` defines (the one kdrun's ``teacher=``/``student=`` build)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from kdrun.cli import config_dir
+
+    node = OmegaConf.load(Path(config_dir()) / "model" / f"{name}.yaml")
+    node.num_classes, node.in_chans = CLASSES, 3
+    return instantiate(node)
 
 
 def data(steps: int, batch: int) -> Any:
@@ -131,8 +144,15 @@ def run_bare(steps: int, batch: int, device: torch.device, loader: DataLoader | 
     return ends
 
 
-def run_kdrun(steps: int, batch: int, device: torch.device, channels_last: bool = False) -> list[float]:
-    """kdrun's engine on the same job; step end times from a wrapper around the engine's step object."""
+FIRST_STEP: dict[str, float] = {}  # variant -> seconds of its latest run's first step (compile included)
+
+
+def run_kdrun(steps: int, batch: int, device: torch.device, channels_last: bool = False,
+              data: list[str] | None = None, extra: tuple[str, ...] = (), name: str = "kdrun") -> list[float]:
+    """kdrun's engine on the same job; step end times from a wrapper around the engine's step object.
+    ``data`` replaces the synthetic data set's overrides (the finite-view variants); ``extra`` adds
+    overrides (``teacher.cache={...}``, ``trainer.compile=true``). The first step's duration, from the
+    moment the loop asks for the step object, is kept in ``FIRST_STEP[name]``."""
     from hydra import compose, initialize_config_dir
 
     import kdrun.engine.run as run
@@ -140,6 +160,7 @@ def run_kdrun(steps: int, batch: int, device: torch.device, channels_last: bool 
 
     ends: list[float] = []
     real = run.make_step
+    made: list[float] = []
 
     def timed_make_step(*a: Any, **kw: Any) -> Callable[..., Any]:
         step = real(*a, **kw)
@@ -150,17 +171,20 @@ def run_kdrun(steps: int, batch: int, device: torch.device, channels_last: bool 
             ends.append(time.perf_counter())
             return out
 
+        made.append(time.perf_counter())
         return _Proxy(step, timed)
 
-    overrides = [
+    data = data if data is not None else [
         "dataset=synthetic", f"dataset.num_classes={CLASSES}", f"dataset.image_size={SIZE}",
-        f"dataset.train_size={batch * steps}", f"dataset.val_size={batch}", "teacher=resnet56",
-        "teacher.checkpoint=null", "teacher.allow_random=true", "student=resnet20", "distill=kl", "distill.kl.temperature=4.0",
+        f"dataset.train_size={batch * steps}", f"dataset.val_size={batch}"]
+    overrides = [
+        *data, f"teacher={PAIR[0]}", "teacher.checkpoint=null", "teacher.allow_random=true", f"student={PAIR[1]}",
+        "distill=kl", "distill.kl.temperature=4.0",
         "balancer=fixed_kd", "optimizer=sgd", f"optimizer.lr={SGD['lr']}", f"optimizer.momentum={SGD['momentum']}",
         f"optimizer.weight_decay={SGD['weight_decay']}", "scheduler=constant", f"trainer.batch_size={batch}",
-        f"trainer.max_steps={steps}", "trainer.epochs=1000", "trainer.save_last=false", "trainer.save_best=false",
-        f"trainer.accelerator={device.type}", f"trainer.channels_last={str(channels_last).lower()}",
-        "logger.progress=false",
+        f"trainer.max_steps={steps}", "trainer.epochs=1000", "trainer.val_every=1000", "trainer.save_last=false",
+        "trainer.save_best=false", f"trainer.accelerator={device.type}",
+        f"trainer.channels_last={str(channels_last).lower()}", "logger.progress=false", *extra,
     ]
     with tempfile.TemporaryDirectory() as d:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -171,6 +195,7 @@ def run_kdrun(steps: int, batch: int, device: torch.device, channels_last: bool 
         finally:
             run.make_step = real
     assert res["steps"] == steps == len(ends), (res["steps"], len(ends))
+    FIRST_STEP[name] = ends[0] - made[0]
     return ends
 
 
@@ -243,28 +268,39 @@ def run_torchdistill(steps: int, batch: int, device: torch.device) -> list[float
 # -- the finite-view / cached variants ---------------------------------------------------------------
 
 
-def fake_cifar(n: int) -> Any:
-    """A torchvision CIFAR100 over random uint8 images with kdrun's CIFAR training transform."""
+def fake_cifar(n: int, seed: int = 0, augment: bool = True) -> Any:
+    """A torchvision CIFAR100 over random uint8 images with kdrun's CIFAR training (or val) transform."""
     from torchvision.datasets import CIFAR100
 
     from kdrun.data.cifar100 import transforms
 
     ds = CIFAR100.__new__(CIFAR100)  # no files: __getitem__ reads data/targets/transform only
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     ds.data = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
     ds.targets = [int(v) for v in rng.integers(0, CLASSES, n)]
-    ds.transform, ds.target_transform = transforms(SIZE, augment=True)[0], None
+    ds.classes = [str(c) for c in range(CLASSES)]
+    ds.transform, ds.target_transform = transforms(SIZE, augment=True)[0 if augment else 1], None
     return ds
 
 
+def fake_cifar_data(train_size: int, val_size: int, **_: Any) -> DataModule:
+    """The finite-view data set as a kdrun data module: a Hydra ``_target_`` (``__main__.fake_cifar_data``,
+    with the synthetic data set's keys), for the engine's ``kdrun-views``/``kdrun-cached`` variants."""
+    return DataModule(train=fake_cifar(train_size), val=fake_cifar(val_size, seed=1, augment=False),
+                      num_classes=CLASSES, in_chans=3, image_size=SIZE)
+
+
 class ViewsBench:
-    """The live and cached bare loops over one finite-view data set, and the one-off fill."""
+    """The live and cached loops over one finite-view data set (bare and through kdrun's engine), and the
+    one-off fills: the bare loop's through :func:`kdrun.teacher_cache.build_cache`, the engine's through
+    its own ``teacher.cache`` fill (the first ``kdrun-cached`` run, untimed in the rounds)."""
 
     def __init__(self, n_images: int, batch: int, device: torch.device, fill_batch: int, root: Path) -> None:
         from kdrun.data.views import ViewDataset
         from kdrun.teacher_cache import build_cache, make_key
 
         self.data, self.batch, self.device = ViewDataset(fake_cifar(n_images)), batch, device
+        self.n_images, self.root, self.fill_batch = n_images, root, fill_batch
         teacher, _ = models(device, 0)
 
         def call(x: torch.Tensor) -> ModelOutput:
@@ -278,6 +314,7 @@ class ViewsBench:
                                  prepare=lambda x: x.to(device), progress=sys.stderr.isatty())
         self.fill_s = time.perf_counter() - t0
         self.fwd_times: list[float] = []
+        self.engine_fill_s: float | None = None
 
     def loader(self, steps: int) -> DataLoader:
         sampler = RandomSampler(self.data, num_samples=self.batch * steps)  # several epochs of few images
@@ -292,6 +329,32 @@ class ViewsBench:
 
         return run_bare(steps, self.batch, self.device, self.loader(steps), teacher_out=lookup)
 
+    def engine_data(self) -> list[str]:
+        return ["dataset=synthetic", "dataset._target_=__main__.fake_cifar_data", f"dataset.num_classes={CLASSES}",
+                f"dataset.image_size={SIZE}", f"dataset.train_size={self.n_images}", f"dataset.val_size={self.batch}"]
+
+    def engine_cache(self) -> tuple[str, ...]:
+        return (f"teacher.cache={{dir:{self.root / 'engine'},fill_batch_size:{self.fill_batch}}}",)
+
+    def kdrun_live(self, steps: int) -> list[float]:
+        return run_kdrun(steps, self.batch, self.device, data=self.engine_data(), name="kdrun-views")
+
+    def kdrun_cached(self, steps: int) -> list[float]:
+        if self.engine_fill_s is None:  # the engine fills its cache on its first run: time that run alone
+            t0 = time.perf_counter()
+            run_kdrun(1, self.batch, self.device, data=self.engine_data(), extra=self.engine_cache(),
+                      name="kdrun-fill")
+            self.engine_fill_s = time.perf_counter() - t0
+        return run_kdrun(steps, self.batch, self.device, data=self.engine_data(), extra=self.engine_cache(),
+                         name="kdrun-cached")
+
+
+def paired(per_round: dict[str, list[list[float]]], name: str, base: str) -> tuple[float, float, float]:
+    """Median, min and max over rounds of (``name``'s round median / ``base``'s round median): each round's
+    variants ran back to back, so the ratio cancels most of a shared VM's slow drift."""
+    r = [statistics.median(a) / statistics.median(b) for a, b in zip(per_round[name], per_round[base])]
+    return statistics.median(r), min(r), max(r)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -300,13 +363,20 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of every run")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--pair", default="resnet56:resnet20", help="TEACHER:STUDENT, names of conf/model/*.yaml")
     p.add_argument("--only", nargs="*", default=None, help="variants to run (bare always runs)")
-    p.add_argument("--cached", action="store_true", help="add the finite-view live and cached bare loops")
-    p.add_argument("--cache-images", type=int, default=64, help="images in the cached data set (× 162 views)")
+    p.add_argument("--cached", action="store_true", help="add the finite-view live and cached loops")
+    p.add_argument("--cache-images", type=int, default=128, help="images in the cached data set (× 162 views)")
     p.add_argument("--fill-batch", type=int, default=256)
     p.add_argument("--channels-last", choices=("false", "true", "compare"), default="false",
                    help="models and inputs in channels_last (true), or both formats side by side (compare)")
+    p.add_argument("--compile", choices=("false", "compare"), default="false",
+                   help="compare: add kdrun with trainer.compile=true (torch.compile of the student)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    PAIR[:] = a.pair.split(":")
     device, batch = torch.device(a.device), a.batch_size
     notes = []
     cl = a.channels_last == "true"
@@ -316,7 +386,10 @@ def main() -> None:
     }
     if a.channels_last == "compare":
         variants["bare-cl"] = lambda n: run_bare(n, batch, device, channels_last=True)
-        variants["kdrun-cl"] = lambda n: run_kdrun(n, batch, device, channels_last=True)
+        variants["kdrun-cl"] = lambda n: run_kdrun(n, batch, device, channels_last=True, name="kdrun-cl")
+    if a.compile == "compare":
+        variants["kdrun-compile"] = lambda n: run_kdrun(n, batch, device, channels_last=cl,
+                                                        extra=("trainer.compile=true",), name="kdrun-compile")
     why = torchdistill_available()
     if why is None:
         variants["torchdistill"] = lambda n: run_torchdistill(n, batch, device)
@@ -326,46 +399,67 @@ def main() -> None:
         if a.cached:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             views = ViewsBench(a.cache_images, batch, device, a.fill_batch, root)
-            variants["bare-views"] = views.live
-            variants["bare-cached"] = views.cached
+            variants.update({"bare-views": views.live, "bare-cached": views.cached,
+                             "kdrun-views": views.kdrun_live, "kdrun-cached": views.kdrun_cached})
         if a.only:
             variants = {k: v for k, v in variants.items()
                         if k == "bare" or k in a.only or k.removesuffix("-cl") in a.only}
-        times: dict[str, list[float]] = {k: [] for k in variants}
+        per_round: dict[str, list[list[float]]] = {k: [] for k in variants}
+        first: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(a.rounds):
             for name, fn in variants.items():
                 ends = fn(a.steps + a.warmup)
-                times[name] += list(np.diff(ends[a.warmup:]))
-                print(f"round {r + 1}/{a.rounds} {name:14s} {1000 * statistics.median(times[name]):8.1f} ms/step",
+                per_round[name].append(list(np.diff(ends[a.warmup:])))
+                if name in FIRST_STEP:
+                    first[name].append(FIRST_STEP.pop(name))
+                print(f"round {r + 1}/{a.rounds} {name:14s} {1000 * statistics.median(per_round[name][-1]):8.1f} ms/step",
                       flush=True)
+    times = {k: [t for rnd in v for t in rnd] for k, v in per_round.items()}
     base = statistics.median(times["bare"])
     dev = torch.cuda.get_device_name() if device.type == "cuda" else \
         f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
-    print(f"\n### KD overhead — {time.strftime('%Y-%m-%d')}, {dev}, torch {torch.__version__}")
-    print(f"`python scripts/bench_overhead.py {shlex.join(sys.argv[1:])}` — resnet56 → resnet20, batch {batch}, "
-          f"fp32{', channels_last' if cl else ''}, median of {a.steps - 1} step intervals after {a.warmup} warm-up × {a.rounds} interleaved round(s)\n")
-    print("| variant | ms/step | img/s | × bare step time |\n| --- | ---: | ---: | ---: |")
+    print(f"\n### KD overhead — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev}, torch {torch.__version__}")
+    print(f"`python scripts/bench_overhead.py {shlex.join(sys.argv[1:])}` — {PAIR[0]} → {PAIR[1]}, batch {batch}, "
+          f"fp32{', channels_last' if cl else ''}, median of {a.steps - 1} step intervals after {a.warmup} warm-up "
+          f"× {a.rounds} interleaved round(s)\n")
+    print("| variant | ms/step | img/s | × bare (all steps) | × bare, paired by round: median [min, max] |\n"
+          "| --- | ---: | ---: | ---: | --- |")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"| {name} | {1000 * m:.1f} | {batch / m:.1f} | {m / base:.3f} |")
-    if "torchdistill" in times:
-        m = statistics.median(times["torchdistill"])
-        print(f"\nkdrun step / torchdistill step: {statistics.median(times['kdrun']) / m:.3f}")
-    for name in ("bare", "kdrun"):
-        if f"{name}-cl" in times:  # < 1: channels_last is faster for this pair on this device
-            print(f"\n{name}: channels_last step / contiguous step: "
-                  f"{statistics.median(times[name + '-cl']) / statistics.median(times[name]):.3f}")
+        pm, lo, hi = paired(per_round, name, "bare")
+        print(f"| {name} | {1000 * m:.1f} | {batch / m:.1f} | {m / base:.3f} | {pm:.3f} [{lo:.3f}, {hi:.3f}] |")
+
+    def ratio(num: str, den: str, label: str) -> None:
+        if num in times and den in times:
+            pm, lo, hi = paired(per_round, num, den)
+            print(f"\n{label}: {statistics.median(times[num]) / statistics.median(times[den]):.3f} "
+                  f"(paired by round {pm:.3f} [{lo:.3f}, {hi:.3f}])")
+
+    ratio("kdrun", "torchdistill", "kdrun step / torchdistill step")
+    for name in ("bare", "kdrun"):  # < 1: channels_last is faster for this pair on this device
+        ratio(f"{name}-cl", name, f"{name}: channels_last step / contiguous step")
+    if "kdrun-compile" in times:
+        saved = statistics.median(times["kdrun"]) - statistics.median(times["kdrun-compile"])
+        extra = statistics.median(first["kdrun-compile"]) - statistics.median(first["kdrun"])
+        ratio("kdrun-compile", "kdrun", "kdrun: compiled step / eager step")
+        print(f"first step (compile included): {statistics.median(first['kdrun-compile']):.1f} s compiled, "
+              f"{statistics.median(first['kdrun']):.2f} s eager; pays back after "
+              + (f"{extra / saved:.0f} steps" if saved > 0 else "no number of steps (it is not faster)"))
     if a.cached:
-        live, cached = statistics.median(times["bare-views"]), statistics.median(times["bare-cached"])
+        ratio("bare-views", "bare-cached", "cached step speed-up, bare loop (bare-views / bare-cached)")
+        ratio("kdrun-views", "kdrun-cached", "cached step speed-up, kdrun (kdrun-views / kdrun-cached)")
+        ratio("torchdistill", "bare-cached", "torchdistill step / bare cached step")
+        ratio("torchdistill", "kdrun-cached", "torchdistill step / kdrun cached step")
+        ratio("kdrun-cached", "bare-cached", "kdrun cached step / bare cached step")
         fwd = statistics.median(views.fwd_times) / batch  # live teacher forward, s per image
         n, v = len(views.data), views.data.num_views
-        print(f"\ncached step speed-up (bare-views / bare-cached): {live / cached:.2f}×")
-        if "torchdistill" in times:
-            print(f"cached step vs torchdistill step: {statistics.median(times['torchdistill']) / cached:.2f}×")
-        print(f"live teacher forward in a training step: {1000 * fwd * batch:.1f} ms per batch of {batch} "
-              f"({1 / fwd:.1f} img/s); fill: {n} images × {v} views in {views.fill_s:.1f} s "
+        print(f"\nlive teacher forward in a training step: {1000 * fwd * batch:.1f} ms per batch of {batch} "
+              f"({1 / fwd:.1f} img/s); bare fill: {n} images × {v} views in {views.fill_s:.1f} s "
               f"(batch {a.fill_batch}, {n * v / views.fill_s:.1f} views/s) = "
               f"{views.fill_s / (n * fwd):.1f} teacher-forward epochs")
+        if views.engine_fill_s is not None:
+            print(f"engine fill (the first kdrun-cached run: build, fill, open, 1 step): {views.engine_fill_s:.1f} s "
+                  f"= {views.engine_fill_s / (n * fwd):.1f} teacher-forward epochs")
     for note in notes:
         print(f"\nNote: {note}")
 
