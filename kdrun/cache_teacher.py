@@ -82,7 +82,9 @@ def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
     size = sum(s.nbytes for s in cache.specs.values())
     return {"path": str(path), "filled": filled, "bytes": size, "images": cache.num_images,
             "views": cache.num_views, "arrays": {n: s.shape for n, s in cache.specs.items()},
-            "dtype": conf.dtype, "exact": cache.exact}
+            "dtype": conf.dtype, "exact": cache.exact,
+            "views_per_s": cache.meta.get("info", {}).get("fill_views_per_s") if filled else None,
+            "render": cache.meta.get("info", {}).get("fill_render")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     arrays = ", ".join(f"{n} {s}" for n, s in info["arrays"].items())
     print(f"teacher cache {'filled' if info['filled'] else 'up to date'}: {info['path']}\n"
           f"  {info['images']} images × {info['views']} views, {info['dtype']}, {info['bytes'] / 2**30:.3f} GiB "
-          f"({arrays})\n  exact (bit-identical to the live teacher): {'yes' if info['exact'] else 'no'}",
+          f"({arrays})\n  exact (bit-identical to the live teacher): {'yes' if info['exact'] else 'no'}"
+          + (f"\n  fill: {info['views_per_s']:.0f} views/s on rank 0 (rendered {info['render']})"
+             if info["views_per_s"] else ""),
           flush=True)
     return 0
 

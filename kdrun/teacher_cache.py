@@ -29,6 +29,10 @@ measures that (:func:`batch_invariant`, ``meta.json`` ``info.batch_invariant``, 
 when they do not, cached and live outputs differ by float rounding only. (The batch size did not
 change resnet56's per-sample fp32 CPU result between batches 16, 64 and 256, but batch 1 did, so the
 fill pads its last batch to full size and records its batch size in ``meta.json``'s provenance.)
+The fill renders every view of an image at once (:meth:`kdrun.data.views.FiniteViewPipeline.render_all`:
+pre-processing, pad, ToTensor and Normalize once per image instead of once per view, bit-identical to the
+per-view render) when the steps after the crop are pixel-wise, else view by view; ``meta.json``
+``info.fill_render`` says which, ``info.fill_views_per_s`` how fast it went.
 ``dtype="fp16"`` halves the disk size; each value is rounded to nearest fp16, so
 ``|cached − live| ≤ 2⁻¹¹·|live| + 2⁻²⁵`` (unit roundoff; the second term covers fp16 subnormals), and a
 value outside fp16's range (|x| > 65504) is an error at fill time.
@@ -42,7 +46,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdrun.config import ConfigError
-from kdrun.data.views import ContinuousAugmentationError, ViewDataset
+from kdrun.data.views import NUMPY_DTYPES, ContinuousAugmentationError, ViewDataset
 from kdrun.models.taps import ModelOutput
 
 FORMAT_VERSION = 1
@@ -256,7 +260,8 @@ def _outputs(out: ModelOutput, taps: Sequence[str]) -> dict[str, Tensor]:
 
 
 class _Pairs(Dataset):
-    """(x, image index, view) for every view of images ``rows`` (image-major: sequential writes)."""
+    """(x, image index, view) for every view of images ``rows`` (image-major: sequential writes); the
+    per-view fill, for pipelines whose views cannot all be rendered at once (``renders_all_fast``)."""
 
     def __init__(self, data: ViewDataset, rows: range) -> None:
         self.data, self.rows, self.v = data, rows, data.num_views
@@ -267,6 +272,52 @@ class _Pairs(Dataset):
     def __getitem__(self, k: int) -> tuple[Tensor, int, int]:
         i, view = self.rows[k // self.v], k % self.v
         return self.data.render(i, view), i, view
+
+
+class _AllViews(Dataset):
+    """Every view of image ``rows[k]`` as one ``[V, C, H, W]`` tensor (:meth:`ViewDataset.render_views`)."""
+
+    def __init__(self, data: ViewDataset, rows: range) -> None:
+        self.data, self.rows = data, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> Tensor:
+        return self.data.render_views(self.rows[k])
+
+
+def _rebatch(chunks: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    """The rows of ``chunks``, in order, in batches of exactly ``batch_size`` (the last may be shorter;
+    batches span chunks). Every batch is a fresh contiguous tensor, as a DataLoader's collated batch is."""
+    buf: Tensor | None = None
+    filled = 0
+    for c in chunks:
+        s = 0
+        while s < len(c):
+            if buf is None:
+                buf, filled = torch.empty((batch_size, *c.shape[1:]), dtype=c.dtype), 0
+            take = min(batch_size - filled, len(c) - s)
+            dst, src = buf[filled:filled + take], c[s:s + take]
+            if c.dtype in NUMPY_DTYPES:  # numpy: one thread (torch's parallel copy stalls on busy cores)
+                dst.numpy()[...] = src.numpy()
+            else:
+                dst.copy_(src)
+            filled, s = filled + take, s + take
+            if filled == batch_size:
+                yield buf
+                buf = None
+    if buf is not None:
+        yield buf[:filled]
+
+
+def _flat_targets(rows: range, v: int, k0: int, k1: int) -> slice | np.ndarray:
+    """Rows of the ``[N·V, ...]`` view of an array for positions ``k0 ≤ k < k1`` of the image-major order
+    over ``rows`` × views (position ``k`` = image ``rows[k // v]``, view ``k % v``)."""
+    if rows.step == 1:
+        return slice(rows.start * v + k0, rows.start * v + k1)
+    k = np.arange(k0, k1)
+    return np.asarray(rows)[k // v] * v + k % v
 
 
 # -- building -----------------------------------------------------------------------------------------
@@ -341,40 +392,60 @@ class CacheBuilder:
 
     def fill(self, teacher: Callable[[Tensor], ModelOutput], dataset: ViewDataset, batch_size: int,
              prepare: Callable[[Tensor], Tensor], rows: range | None = None, num_workers: int = 0,
-             progress: bool = True) -> None:
-        """Run ``teacher`` on every view of images ``rows`` (default: all) and write the outputs."""
+             progress: bool = True, all_views: bool = True) -> None:
+        """Run ``teacher`` on every view of images ``rows`` (default: all) and write the outputs.
+
+        Image-major order in batches of exactly ``batch_size`` views (a batch may span images; the last is
+        padded to full size). Views are rendered all at once per image (:meth:`ViewDataset.render_views`,
+        bit-identical to the per-view render) when ``all_views`` and the pipeline allows it
+        (``dataset.renders_all_fast``), else one by one (``all_views=False`` forces that: the reference the
+        tests compare with). ``num_workers`` render in DataLoader worker processes."""
         rows = rows if rows is not None else range(len(dataset))
         n, v = self.specs["logits"].shape[:2]
         if len(dataset) != n or dataset.num_views != v:
             raise CacheError(f"the data set has {len(dataset)} images × {dataset.num_views} views, the cache "
                              f"was planned for {n} × {v}")
         self.info["batch_invariant"] = batch_invariant(teacher, dataset, prepare, self.key.taps, batch_size)
-        # Its own generator: creating the iterator would otherwise draw the worker base seed from the global
+        fast = all_views and dataset.renders_all_fast
+        # Their own generator: creating the iterator would otherwise draw the worker base seed from the global
         # RNG, and a run that fills the cache would then train on other random numbers than one that finds it.
-        loader = DataLoader(_Pairs(dataset, rows), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        if fast:  # one item = all views of one image, regrouped into batches of batch_size views
+            batches: Iterable[Tensor] = _rebatch(DataLoader(_AllViews(dataset, rows), batch_size=None,
+                                                            num_workers=num_workers, generator=gen), batch_size)
+        else:
+            batches = (x for x, _, _ in DataLoader(_Pairs(dataset, rows), batch_size=batch_size, shuffle=False,
+                                                   num_workers=num_workers, generator=gen))
         bar = _progress(len(rows) * v, progress, f"teacher cache {self.path.name}")
         t0 = time.perf_counter()
         store = np.dtype(self.specs["logits"].dtype)
-        for x, idx, view in loader:
-            if len(x) < batch_size:  # the last batch: pad to full size (batch 1 can differ in the last bits)
-                x = torch.cat([x, x[:1].expand(batch_size - len(x), *x.shape[1:])])
-            outs = {k: t[:len(idx)] for k, t in _outputs(teacher(prepare(x)), self.key.taps).items()}
-            i, w = idx.numpy(), view.numpy()
-            for name, t in outs.items():
-                a = t.detach().float().cpu().numpy()
+        # [N·V, ...] views of the memmaps: a batch's rows are consecutive there (one slice write per array)
+        flat = {name: a.reshape(n * v, *a.shape[2:]) for name, a in self.arrays.items()}
+        k0 = 0
+        for x in batches:
+            b = len(x)
+            if b < batch_size:  # the last batch: pad to full size (batch 1 can differ in the last bits)
+                x = torch.cat([x, x[:1].expand(batch_size - b, *x.shape[1:])])
+            target = _flat_targets(rows, v, k0, k0 + b)
+            for name, t in _outputs(teacher(prepare(x)), self.key.taps).items():
+                a = t[:b].detach().float().cpu().numpy()
                 with np.errstate(over="ignore"):  # an overflow is reported just below
                     s = a.astype(store)
                 if store == np.float16 and not np.array_equal(np.isfinite(s), np.isfinite(a)):
                     raise CacheError(f"{name}: teacher outputs outside fp16's range (max |x| = "
                                      f"{np.abs(a[np.isfinite(a)]).max():.4g} > 65504); use teacher.cache.dtype=fp32.")
-                self.arrays[name][i, w] = s
-            bar.update(len(i))
+                flat[name][target] = s
+            k0 += b
+            bar.update(b)
         bar.close()
+        if k0 != len(rows) * v:  # the renderers' contract; a short write would leave zeros in the cache
+            raise RuntimeError(f"the fill rendered {k0} views, expected {len(rows)} images × {v} views")
         for a in self.arrays.values():
             a.flush()
-        self.info.update({"fill_batch_size": batch_size, "fill_seconds": time.perf_counter() - t0,
-                          "fill_views": len(rows) * v})
+        seconds = time.perf_counter() - t0
+        self.info.update({"fill_batch_size": batch_size, "fill_seconds": seconds, "fill_views": k0,
+                          "fill_views_per_s": k0 / seconds if seconds > 0 else 0.0,
+                          "fill_render": "all_views" if fast else "per_view"})
 
     def finalize(self, info: dict[str, Any] | None = None) -> "TeacherCache":
         """Checksum every array, write ``meta.json`` and move the directory into place (atomically)."""
@@ -418,11 +489,13 @@ def batch_invariant(teacher: Callable[[Tensor], ModelOutput], dataset: ViewDatas
 def build_cache(path: str | os.PathLike, key: CacheKey, teacher: Callable[[Tensor], ModelOutput],
                 dataset: ViewDataset, batch_size: int, prepare: Callable[[Tensor], Tensor] = lambda x: x,
                 num_workers: int = 0, progress: bool = True, max_tap_bytes: int = DEFAULT_MAX_TAP_BYTES,
-                info: dict[str, Any] | None = None) -> "TeacherCache":
-    """Plan, create, fill (one process) and finalize the cache at ``path``."""
+                info: dict[str, Any] | None = None, all_views: bool = True) -> "TeacherCache":
+    """Plan, create, fill (one process; ``all_views``: :meth:`CacheBuilder.fill`) and finalize the cache at
+    ``path``."""
     specs = CacheBuilder.plan(key, dataset, teacher, prepare, max_tap_bytes)
     builder = CacheBuilder.create(path, key, specs)
-    builder.fill(teacher, dataset, batch_size, prepare, num_workers=num_workers, progress=progress)
+    builder.fill(teacher, dataset, batch_size, prepare, num_workers=num_workers, progress=progress,
+                 all_views=all_views)
     return builder.finalize(info)
 
 

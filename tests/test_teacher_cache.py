@@ -38,12 +38,12 @@ class Tiny(nn.Module):
         return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-def dataset(pad: int = PAD, seed: int = 0) -> ViewDataset:
+def dataset(pad: int = PAD, seed: int = 0, post: tuple = ()) -> ViewDataset:
     ds = CIFAR100.__new__(CIFAR100)  # a real torchvision CIFAR object over random images (no files)
     rng = np.random.default_rng(seed)
     ds.data = rng.integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
     ds.targets = [int(v) for v in rng.integers(0, CLASSES, N)]
-    ds.transform = T.Compose([T.RandomCrop(SIZE, padding=pad), T.RandomHorizontalFlip(), T.ToTensor(),
+    ds.transform = T.Compose([T.RandomCrop(SIZE, padding=pad), T.RandomHorizontalFlip(), *post, T.ToTensor(),
                               T.Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
     ds.target_transform = None
     return ViewDataset(ds)
@@ -242,3 +242,53 @@ def test_default_dir_is_shared_by_equal_keys_only(tmp_path: Path) -> None:
     a, b = key_for(data, teacher()), key_for(dataset(), teacher())
     assert default_dir(tmp_path, a) == default_dir(tmp_path, b)
     assert default_dir(tmp_path, a) != default_dir(tmp_path, key_for(data, teacher(), dtype="fp16"))
+
+
+def filled_by_slices(path: Path, data: ViewDataset, t: Teacher, slices, batch_size: int,
+                     all_views: bool, num_workers: int = 0) -> TeacherCache:
+    """A cache filled slice by slice (as DDP ranks do) with the all-views or the per-view renderer."""
+    key = key_for(data, t)
+    builder = CacheBuilder.create(path, key, CacheBuilder.plan(key, data, t, lambda x: x))
+    for rows in slices:
+        builder.fill(t, data, batch_size, lambda x: x, rows=rows, progress=False, all_views=all_views,
+                     num_workers=num_workers)
+        assert builder.info["fill_render"] == ("all_views" if all_views else "per_view")
+        assert builder.info["fill_views"] == len(rows) * 18 and builder.info["fill_views_per_s"] > 0
+    return builder.finalize()
+
+
+def same_bits(a: TeacherCache, b: TeacherCache) -> None:
+    for name in a.arrays:
+        assert np.array_equal(np.asarray(a.arrays[name]).view(np.uint32), np.asarray(b.arrays[name]).view(np.uint32))
+        assert a.specs[name].sha256 == b.specs[name].sha256
+
+
+@pytest.mark.parametrize("slices, batch_size, workers", [
+    ([range(0, N)], 16, 0),                               # 720 views = 45 full batches, each 16 views < 18
+    ([range(0, 7), range(7, 29), range(29, N)], 50, 0),   # batches span images, partial last batches
+    ([range(0, N, 2), range(1, N, 2)], 37, 0),            # strided rows: the fancy-indexed write
+    ([range(3, 20)], 64, 1),                              # rendered in a DataLoader worker process
+])
+def test_the_all_views_fill_is_bit_identical_to_the_per_view_fill(tmp_path: Path, slices, batch_size: int,
+                                                                   workers: int) -> None:
+    data, t = dataset(), teacher()
+    assert data.renders_all_fast
+    fast = filled_by_slices(tmp_path / "fast", data, t, slices, batch_size, all_views=True, num_workers=workers)
+    slow = filled_by_slices(tmp_path / "slow", data, t, slices, batch_size, all_views=False)
+    same_bits(fast, slow)
+    # every (image, view) was written, with its own output (a zero or duplicated row would show here)
+    images = [r for r in (0, 13, N - 1) if any(r in rows for rows in slices)]  # others stay zero
+    x = torch.stack([data.render(i, v) for i in images for v in range(18)])
+    ref = t(x).logits
+    got = fast.get(torch.tensor(images).repeat_interleave(18), torch.arange(18).repeat(len(images))).logits
+    assert torch.equal(got, ref)
+    assert len({r.numpy().tobytes() for r in got}) == len(got)
+
+
+def test_a_pipeline_that_is_not_pixel_wise_fills_through_the_per_view_path(tmp_path: Path) -> None:
+    data, t = dataset(post=(T.Resize(SIZE + 2),)), teacher()  # Resize after the crop: not pixel-wise
+    assert not data.renders_all_fast
+    cache = fill(tmp_path / "c", data=data, t=t, batch_size=50)
+    assert cache.meta["info"]["fill_render"] == "per_view"
+    x = torch.stack([data.render(i, v) for i in range(N) for v in range(18)])
+    assert torch.equal(cache.get(torch.arange(N).repeat_interleave(18), torch.arange(18).repeat(N)).logits, t(x).logits)

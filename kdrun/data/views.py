@@ -16,7 +16,9 @@ the loader must say which view it drew. This module provides:
   ``pipeline.render(img, view) -> x``. Pipelines with any other random step (random-resized crop, colour
   jitter, RandAugment, random erasing, ...) are refused with :class:`ContinuousAugmentationError`;
 * :class:`ViewDataset` — ``(x, y, index, view)`` samples from a torchvision-style data set (one with a
-  ``transform`` attribute applied to a raw image), plus ``render(index, view)`` for the cache fill.
+  ``transform`` attribute applied to a raw image), plus ``render(index, view)`` and
+  ``render_views(index)`` (every view of one image at once, :meth:`FiniteViewPipeline.render_all`) for
+  the cache fill.
 
 **Same random numbers, same images.** :meth:`CropFlipViews.draw` makes torchvision's calls in
 torchvision's order (torchvision 0.29 ``transforms.py``: ``RandomCrop.forward`` pads, then
@@ -28,14 +30,35 @@ So for the same torch RNG state (per DataLoader worker: the same seed) the image
 the plain ``Compose`` and the global RNG ends in the same state (``tests/data/test_views.py``).
 
 View id layout: ``v = (i · cols + j) · 2 + flip`` with ``cols = W + pad_left + pad_right - S_w + 1``.
+
+**All views at once, bit-exact.** The cache fill needs every view of every image; rendering them one by
+one repeats the PIL conversion, pad, ``ToTensor`` and ``Normalize`` 162 times per CIFAR image.
+:meth:`FiniteViewPipeline.render_all` runs ``pre`` once, pads once (the same ``F.pad`` call as
+:meth:`CropFlipViews.apply`), runs ``post`` once on the *padded* image and then takes every crop and its
+flip by indexing. That equals cropping first and running ``post`` on each crop only when every ``post``
+step is **pixel-wise** — an output pixel depends only on the same input pixel, through the same float
+ops whatever the image size — so that crop/flip commute with it. :data:`PIXELWISE` lists the steps
+for which that holds by their code (torchvision 0.29 ``transforms/functional.py``: ``to_tensor``
+L127-L178 is a copy, a permute and an elementwise ``.div(255)``; ``pil_to_tensor`` L181-L213 a copy;
+``_functional_tensor.py`` ``convert_image_dtype`` L66-L115 an elementwise cast/scale; ``normalize``
+L905-L928 an elementwise ``sub_(mean).div_(std)`` with per-channel constants): IEEE division and
+subtraction are correctly rounded, so SIMD and scalar loops, on a crop or on the padded image, give the
+same bits. Resize, CenterCrop, Pad, Grayscale (or a subclass of a pixel-wise step, which may override
+it) after the crop are not pixel-wise or not proven so: for those :attr:`FiniteViewPipeline.renders_all_fast`
+is false and :meth:`~FiniteViewPipeline.render_all` stacks the per-view :meth:`~FiniteViewPipeline.render`
+calls instead (exact, slow). ``tests/data/test_views.py`` checks the fast path against ``render`` bit for
+bit on every view.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
@@ -46,6 +69,12 @@ from kdrun.config import ConfigError
 # run before or after the crop + flip (the CIFAR protocol uses Resize before and ToTensor/Normalize after).
 DETERMINISTIC = (T.ToTensor, T.PILToTensor, T.ConvertImageDtype, T.Normalize, T.Resize, T.CenterCrop,
                  T.Pad, T.Grayscale)
+# Post-crop steps that are pixel-wise (module doc: crop/flip commute with them, bit for bit). Matched by
+# exact type: a subclass may override forward.
+PIXELWISE = (T.ToTensor, T.PILToTensor, T.ConvertImageDtype, T.Normalize)
+# torch dtypes with a numpy twin (``Tensor.numpy()`` works): copied with numpy, single-threaded (apply_all)
+NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.uint8, torch.int8, torch.int16, torch.int32,
+                 torch.int64, torch.bool)
 
 
 class ContinuousAugmentationError(ConfigError):
@@ -136,17 +165,50 @@ class CropFlipViews:
         flip = int(bool(torch.rand(1) < self.flip_p))
         return self.encode(i, j, flip)
 
-    def apply(self, img: Any, view: int) -> Any:
-        """View ``view`` of ``img`` (PIL or tensor), with RandomCrop/RandomHorizontalFlip's own ops."""
-        i, j, flip = self.decode(view)
+    def _check_size(self, img: Any) -> None:
         _, h, w = F.get_dimensions(img)
         if (h, w) != (self.height, self.width):
             raise ValueError(f"image of size {(h, w)} entering the crop, but the view set was built for "
                              f"{(self.height, self.width)}: view ids would not name the same views")
+
+    def apply(self, img: Any, view: int) -> Any:
+        """View ``view`` of ``img`` (PIL or tensor), with RandomCrop/RandomHorizontalFlip's own ops."""
+        i, j, flip = self.decode(view)
+        self._check_size(img)
         if self.padding is not None:
             img = F.pad(img, self.padding, self.fill, self.padding_mode)
         img = F.crop(img, i, j, self.crop_h, self.crop_w)
         return F.hflip(img) if flip else img
+
+    def apply_all(self, img: Any, post: Callable[[Any], Any]) -> Tensor:
+        """Every view of ``img`` (PIL or tensor) as one tensor ``[num_views, ..., crop_h, crop_w]`` in view-id
+        order, ``post`` (pixel-wise: module doc) applied once to the padded image before the crops."""
+        self._check_size(img)
+        if self.padding is not None:
+            img = F.pad(img, self.padding, self.fill, self.padding_mode)  # apply()'s call
+        elif isinstance(img, Tensor):
+            img = img.clone()  # an in-place post step (Normalize(inplace=True)) must not write into the data
+        t = post(img)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"the steps after the crop produce {type(t).__name__}, not a tensor: end the "
+                            "training transform with ToTensor (or PILToTensor) to render all views at once.")
+        if tuple(t.shape[-2:]) != self.padded:
+            raise ValueError(f"the steps after the crop changed the image size {self.padded} to "
+                             f"{tuple(t.shape[-2:])}: they are not pixel-wise")
+        d = t.ndim
+        if t.device.type == "cpu" and t.dtype in NUMPY_DTYPES:
+            # numpy copies on one thread: torch's parallel copy of these ~0.5M-element strided views waits
+            # on OpenMP when the cores are busy (24 ms against numpy's 0.2 ms per CIFAR image, 2-core VM)
+            a = t.numpy()
+            win = np.moveaxis(sliding_window_view(a, (self.crop_h, self.crop_w), axis=(d - 2, d - 1)),
+                              (d - 2, d - 1), (0, 1))  # [rows, cols, ..., crop_h, crop_w], no copy
+            out_np = np.empty((self.rows, self.cols, 2, *win.shape[2:]), dtype=a.dtype)
+            out_np[:, :, 0], out_np[:, :, 1] = win, win[..., ::-1]  # [rows, cols, flip]: view id order
+            return torch.from_numpy(out_np).reshape(self.num_views, *win.shape[2:])
+        # [..., rows, cols, crop_h, crop_w] windows (views, no copy), then rows/cols to the front
+        win_t = t.unfold(d - 2, self.crop_h, 1).unfold(d - 1, self.crop_w, 1).movedim((d - 2, d - 1), (0, 1))
+        out = torch.stack([win_t, win_t.flip(-1)], dim=2)  # one fresh contiguous copy, view id order
+        return out.reshape(self.num_views, *out.shape[3:])
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "crop_flip", "input": [self.height, self.width], "crop": [self.crop_h, self.crop_w],
@@ -220,6 +282,22 @@ class FiniteViewPipeline:
         """View ``view`` of a raw image, deterministically (no random numbers drawn)."""
         return self.render_pre(self._run(self.pre, img), view)
 
+    @property
+    def renders_all_fast(self) -> bool:
+        """Whether :meth:`render_all` takes the fast path (pre, pad and post once per image): every step
+        after the crop is pixel-wise (:data:`PIXELWISE`, module doc), or there is no crop/flip (1 view)."""
+        return self.views is None or all(type(s) in PIXELWISE for s in self.post)
+
+    def render_all(self, img: Any) -> Tensor:
+        """Every view of a raw image as one tensor ``[num_views, C, H, W]`` (row ``v`` = view id ``v``), bit
+        for bit ``torch.stack([render(img, v) for v in range(num_views)])``; fast when
+        :attr:`renders_all_fast`, else exactly that stack (module doc)."""
+        if self.views is None:
+            return torch.stack([self.render(img, 0)])
+        if not self.renders_all_fast:
+            return torch.stack([self.render(img, v) for v in range(self.num_views)])
+        return self.views.apply_all(self._run(self.pre, img), lambda x: self._run(self.post, x))
+
     def describe(self) -> dict[str, Any]:
         """What the cache key records about the transform (every step's repr and the view geometry)."""
         return {"steps": self.description,
@@ -257,3 +335,13 @@ class ViewDataset(Dataset):
     def render(self, index: int, view: int) -> Any:
         """View ``view`` of image ``index`` (the cache fill)."""
         return self.pipeline.render(self.raw[index][0], view)  # type: ignore[union-attr]
+
+    @property
+    def renders_all_fast(self) -> bool:
+        """Whether :meth:`render_views` is the fast path (:attr:`FiniteViewPipeline.renders_all_fast`)."""
+        return self.pipeline is not None and self.pipeline.renders_all_fast
+
+    def render_views(self, index: int) -> Tensor:
+        """Every view of image ``index``, ``[num_views, C, H, W]`` in view-id order (the cache fill):
+        :meth:`FiniteViewPipeline.render_all`, bit-identical to ``render(index, v)`` for every ``v``."""
+        return self.pipeline.render_all(self.raw[index][0])  # type: ignore[union-attr]

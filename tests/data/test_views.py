@@ -116,3 +116,118 @@ def test_wrong_image_size_is_an_error() -> None:
                               torch.zeros(3, 32, 32))
     with pytest.raises(ValueError, match="built for"):
         pipe(torch.zeros(3, 30, 30))
+
+
+# -- every view at once (the cache fill's fast path) ------------------------------------------------------
+
+
+def assert_all_views_bitwise(pipe: FiniteViewPipeline, img) -> torch.Tensor:
+    """``render_all(img)`` against the per-view ``render(img, v)`` (the reference), bit for bit (the int
+    views tell -0.0 from 0.0, which torch.equal does not)."""
+    got = pipe.render_all(img)
+    assert got.shape[0] == pipe.num_views and got.is_contiguous()
+    for v in range(pipe.num_views):
+        ref = pipe.render(img, v)
+        assert got[v].dtype == ref.dtype and got[v].shape == ref.shape, v
+        bits = torch.int16 if ref.element_size() == 2 else torch.int32 if ref.element_size() == 4 else None
+        a, b = (got[v].view(bits), ref.view(bits)) if bits is not None and ref.is_floating_point() else (got[v], ref)
+        assert torch.equal(a, b), f"view {v} = {pipe.views.decode(v) if pipe.views else 0} differs"
+    return got
+
+
+def rgb(h: int, w: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "L":
+        return Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), mode="L")
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("image_size, views", [(32, 162), (40, 242)])  # pad 4 / Resize(40) + pad 5
+def test_render_all_equals_every_view_on_the_cifar_transform(image_size: int, views: int) -> None:
+    train_tf, _ = cifar_transforms(image_size, augment=True)
+    ds = ViewDataset(fake_cifar(3, transform=train_tf))
+    assert ds.num_views == views and ds.renders_all_fast
+    for i in range(3):
+        got = assert_all_views_bitwise(ds.pipeline, ds.raw[i][0])
+        assert torch.equal(ds.render_views(i), got)
+    assert len({got[v].numpy().tobytes() for v in range(views)}) == views  # a random image: all views differ
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("padding, fill, padding_mode", [
+    ((1, 2, 3, 0), 0, "constant"),        # asymmetric (left, top, right, bottom)
+    ((2, 1), 0, "constant"),              # (left/right, top/bottom)
+    (3, 77, "constant"),                  # a non-zero fill
+    ((2, 3, 1, 2), 0, "reflect"),
+    (2, 0, "edge"),
+    ((1, 2, 2, 1), 0, "symmetric"),
+    (None, 0, "constant"),                # crop without padding
+])
+def test_render_all_non_square_padding_fill_and_modes(mode: str, padding, fill, padding_mode: str) -> None:
+    fill = (10, 200, 30) if (mode == "RGB" and fill) else fill
+    crop = T.RandomCrop((17, 20), padding=padding, fill=fill, padding_mode=padding_mode)
+    c = 1 if mode == "L" else 3
+    tail = [T.ToTensor(), T.Normalize((0.3, 0.5, 0.7)[:c], (0.2, 0.3, 0.4)[:c])]
+    img = rgb(19, 23, seed=3, mode=mode)
+    pipe = FiniteViewPipeline(T.Compose([crop, T.RandomHorizontalFlip()] + tail), img)
+    assert pipe.renders_all_fast and pipe.num_views > 2
+    got = assert_all_views_bitwise(pipe, img)
+    assert got.shape[1:] == (1 if mode == "L" else 3, 17, 20)
+
+
+def test_render_all_tensor_images_and_integer_and_bfloat16_outputs() -> None:
+    img = rgb(12, 10, seed=5)
+    # pre = PILToTensor (the crop sees a uint8 tensor), post = a cast and Normalize; reflect needs float input
+    # in torchvision's tensor pad, so edge padding here
+    tf = T.Compose([T.PILToTensor(), T.RandomCrop((9, 8), padding=(1, 2), padding_mode="edge"),
+                    T.RandomHorizontalFlip(), T.ConvertImageDtype(torch.float32), T.Normalize((0.5,) * 3, (0.25,) * 3)])
+    assert_all_views_bitwise(FiniteViewPipeline(tf, img), img)
+    # uint8 out (no float step at all) and bfloat16 out (no numpy twin: torch's copy path)
+    for tail in ([T.PILToTensor()], [T.PILToTensor(), T.ConvertImageDtype(torch.bfloat16)]):
+        pipe = FiniteViewPipeline(T.Compose([T.RandomCrop(9, padding=2, fill=9), T.RandomHorizontalFlip(), *tail]), img)
+        assert pipe.renders_all_fast
+        assert_all_views_bitwise(pipe, img)
+    # a raw tensor image, no padding, in-place Normalize: the data are not written into
+    x = torch.rand(2, 7, 9)
+    before = x.clone()
+    pipe = FiniteViewPipeline(T.Compose([T.RandomCrop((5, 9)), T.RandomHorizontalFlip(),
+                                         T.Normalize((0.5, 0.5), (0.1, 0.2), inplace=True)]), x)
+    got = pipe.render_all(x)
+    assert torch.equal(x, before) and pipe.num_views == 3 * 1 * 2
+    assert torch.equal(got[2], (x[:, 1:6] - 0.5) / torch.tensor([0.1, 0.2]).view(2, 1, 1))  # view (1, 0, no flip)
+
+
+def test_render_all_without_crop_is_one_view() -> None:
+    _, val_tf = cifar_transforms(32, augment=True)
+    ds = ViewDataset(fake_cifar(2, transform=val_tf))
+    assert ds.renders_all_fast
+    got = ds.render_views(1)
+    assert got.shape == (1, 3, 32, 32) and torch.equal(got[0], ds.render(1, 0))
+
+
+class MyNormalize(T.Normalize):  # a subclass may override forward: not known to be pixel-wise
+    pass
+
+
+@pytest.mark.parametrize("post", [
+    [T.Resize(12), T.ToTensor()],
+    [T.ToTensor(), T.CenterCrop(14)],
+    [T.Pad(1), T.ToTensor()],
+    [T.Grayscale(), T.ToTensor()],
+    [T.ToTensor(), MyNormalize((0.5,) * 3, (0.2,) * 3)],
+])
+def test_a_step_that_is_not_pixel_wise_takes_the_per_view_path(post) -> None:
+    img = rgb(16, 16, seed=2)
+    pipe = FiniteViewPipeline(T.Compose([T.RandomCrop(16, padding=2), T.RandomHorizontalFlip(), *post]), img)
+    assert not pipe.renders_all_fast
+    assert_all_views_bitwise(pipe, img)  # still exact: the stack of per-view renders
+
+
+def test_render_all_refuses_a_non_tensor_result_and_a_wrong_size() -> None:
+    img = rgb(8, 8)
+    pipe = FiniteViewPipeline(T.Compose([T.RandomCrop(8, padding=1), T.RandomHorizontalFlip()]), img)
+    with pytest.raises(TypeError, match="ToTensor"):
+        pipe.render_all(img)
+    pipe = FiniteViewPipeline(T.Compose([T.RandomCrop(8, padding=1), T.RandomHorizontalFlip(), T.ToTensor()]), img)
+    with pytest.raises(ValueError, match="built for"):
+        pipe.render_all(rgb(9, 8))
