@@ -101,6 +101,9 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the student
     deterministic: bool = False
+    # CPU runs: keep freed host memory in the C library for reuse instead of returning it to the OS and
+    # faulting it in again every step (kdrun.engine.runtime.keep_host_memory; glibc); release: the defaults.
+    host_memory: Literal["keep", "release"] = "keep"
     grad_clip: Annotated[float, Ge(0.0)] = 0.0  # max global grad norm; 0 disables
     nonfinite: Literal["skip", "raise"] = "skip"  # what a step with a non-finite gradient does
     # Stop with an error when this many consecutive steps were all skipped as non-finite (a diverged run

@@ -22,24 +22,32 @@ resnet56 → resnet20 (randomly initialised: timing only), CIFAR-shaped syntheti
   ``examples/torchvision/image_classification.py``. Skipped, with a note, when torchdistill is not
   importable.
 
-With ``--cached`` two more bare loops run on a finite-view pipeline (``kdrun.data.views``: a torchvision
+With ``--cached`` four more variants run on a finite-view pipeline (``kdrun.data.views``: a torchvision
 CIFAR100 object over ``--cache-images`` random uint8 images with kdrun's CIFAR transform — 4-pixel-padded
-crop + flip = 162 views): ``bare-views`` (live teacher) and ``bare-cached`` (the teacher's outputs read
-from a ``kdrun.teacher_cache`` filled once before the rounds). The fill is timed and reported in units of
-teacher-forward epochs: fill seconds / (images × the live teacher's per-image forward time in
-``bare-views``' steps).
+crop + flip = 162 views): ``bare-views`` / ``kdrun-views`` (live teacher) and ``bare-cached`` /
+``kdrun-cached`` (the teacher's outputs read from a ``kdrun.teacher_cache``: the bare loop's filled with
+``build_cache`` before the rounds, kdrun's by the engine itself, ``teacher.cache={dir: ...}``, on an
+untimed first run). Both fills are timed and reported in units of teacher-forward epochs: fill seconds /
+(images × the live teacher's per-image forward time in ``bare-views``' steps).
 
 Every variant's step time is the interval between consecutive step ends (data loading included); the
-first ``--warmup`` steps of each run are dropped; the table shows the median over all rounds' steps and
-the ratio to ``bare`` (img/s = batch / median step time).
+first ``--warmup`` steps of each run are dropped. The table shows the median over all rounds' steps, its
+ratio to ``bare``, and the *paired* ratio: per round, the variant's median over ``bare``'s median in the
+same round, summarised as median [min, max] over rounds (this VM drifts by ±10 % between minutes; the
+paired ratio cancels most of that). ``--threads 1`` is steadier still on a 2-core VM.
 
+``--pair TEACHER:STUDENT`` takes any two ``conf/model`` names (default the recipe's resnet56:resnet20).
 ``--channels-last true`` runs ``bare`` and ``kdrun`` with both models and the inputs in channels_last
 (``trainer.channels_last=true``); ``--channels-last compare`` adds ``bare-cl`` and ``kdrun-cl`` beside the
 contiguous ``bare``/``kdrun`` and prints their ratios (issue #16 item 3: a channels_last default only
-where it is measured faster for the model family and device; measure on a quiet machine).
+where it is measured faster for the model family and device). ``--compile compare`` adds ``kdrun`` with
+``trainer.compile=true`` and reports the first step's time (the compilation) and after how many steps the
+compiled step pays it back. ``--host-memory`` (default ``keep``, kdrun's ``trainer.host_memory`` default)
+is applied to the whole process, so every variant runs with the same allocator settings.
 
     python scripts/bench_overhead.py --rounds 3 --steps 12 --warmup 2 --cached
     python scripts/bench_overhead.py --rounds 5 --steps 20 --only kdrun --channels-last compare
+    python scripts/bench_overhead.py --pair wrn_40_2:wrn_40_1 --only bare --channels-last compare
 """
 from __future__ import annotations
 
@@ -61,12 +69,14 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from kdrun.data.base import DataModule
 from kdrun.data.synthetic import build as synthetic
+from kdrun.engine.runtime import keep_host_memory
 from kdrun.losses.kl import kl_divergence
 from kdrun.models.taps import ModelOutput
 
 CLASSES, SIZE, T_KD, W_KD, W_CE = 100, 32, 4.0, 0.9, 0.1
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 PAIR = ["resnet56", "resnet20"]  # teacher, student: conf/model/<name>.yaml (--pair)
+HOST_MEMORY = ["keep"]  # --host-memory: the same for every variant (kdrun's setting is process-wide)
 
 
 def sync(device: torch.device) -> None:
@@ -183,7 +193,7 @@ def run_kdrun(steps: int, batch: int, device: torch.device, channels_last: bool 
         "balancer=fixed_kd", "optimizer=sgd", f"optimizer.lr={SGD['lr']}", f"optimizer.momentum={SGD['momentum']}",
         f"optimizer.weight_decay={SGD['weight_decay']}", "scheduler=constant", f"trainer.batch_size={batch}",
         f"trainer.max_steps={steps}", "trainer.epochs=1000", "trainer.val_every=1000", "trainer.save_last=false",
-        "trainer.save_best=false", f"trainer.accelerator={device.type}",
+        "trainer.save_best=false", f"trainer.accelerator={device.type}", f"trainer.host_memory={HOST_MEMORY[0]}",
         f"trainer.channels_last={str(channels_last).lower()}", "logger.progress=false", *extra,
     ]
     with tempfile.TemporaryDirectory() as d:
@@ -373,7 +383,13 @@ def main() -> None:
                    help="models and inputs in channels_last (true), or both formats side by side (compare)")
     p.add_argument("--compile", choices=("false", "compare"), default="false",
                    help="compare: add kdrun with trainer.compile=true (torch.compile of the student)")
+    p.add_argument("--host-memory", choices=("keep", "release"), default="keep",
+                   help="the C library's handling of freed host memory, for every variant (kdrun's "
+                        "trainer.host_memory default is keep and applies it to the whole process)")
     a = p.parse_args()
+    HOST_MEMORY[0] = a.host_memory
+    if a.host_memory == "keep":
+        keep_host_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     PAIR[:] = a.pair.split(":")

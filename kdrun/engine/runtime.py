@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import sys
 import random
 import subprocess
 from pathlib import Path
@@ -33,7 +36,11 @@ def seed_everything(seed: int) -> None:
 
 def set_backend_flags(t: TrainerConfig, device: torch.device) -> None:
     """``trainer.deterministic``: deterministic kernels (resume is then bit-identical on GPUs too);
-    otherwise cuDNN autotuning and TF32 matmuls on CUDA, as the papers' training code runs."""
+    otherwise cuDNN autotuning and TF32 matmuls on CUDA, as the papers' training code runs.
+    ``trainer.host_memory=keep`` on the CPU: :func:`keep_host_memory` (measured: no page faults per step
+    instead of thousands; benchmarks/RESULTS.md). GPU runs keep the C library's defaults (unmeasured)."""
+    if device.type == "cpu" and t.host_memory == "keep":
+        keep_host_memory()
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -41,6 +48,37 @@ def set_backend_flags(t: TrainerConfig, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# glibc mallopt(3) parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_MMAP_THRESHOLD = 256 * 2**20  # host buffers below this come from the heap and are reused
+KEEP_TRIM_THRESHOLD = 1 << 30      # free heap top kept up to this size instead of returned to the OS
+
+
+def keep_host_memory() -> bool:
+    """``trainer.host_memory=keep``: make glibc's malloc keep freed host memory for reuse. True when applied.
+
+    A CPU training step allocates and frees the same activation buffers (megabytes each) every step.
+    With glibc's defaults a buffer above the mmap threshold is its own mapping, unmapped when freed, and a
+    free heap top above the trim threshold is returned to the OS, so the next step faults the same pages
+    in again and the kernel zeroes them: thousands of page faults per step, which the PyTorch CPU tuning
+    guide names as the reason to swap in jemalloc/TCMalloc ("reusing memory as much as possible",
+    pytorch/tutorials ``recipes_source/recipes/tuning_guide.py``, "Switch Memory allocator"). Raising the
+    two thresholds (``mallopt(M_MMAP_THRESHOLD)``/``M_TRIM_THRESHOLD``, which also switches off glibc's
+    dynamic adjustment of both) gets the same reuse from the C library the process already has. The cost
+    is that the process keeps its peak host memory until it exits, as those allocators do.
+    Linux/glibc only; elsewhere nothing changes and False is returned."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD,
+                                                                                   KEEP_TRIM_THRESHOLD))
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

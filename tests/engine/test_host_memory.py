@@ -1,0 +1,57 @@
+"""``trainer.host_memory=keep`` (kdrun.engine.runtime.keep_host_memory): freed host buffers are reused, so a
+repeated step's allocations fault no pages in, and train() applies it on the CPU only when asked."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdrun.engine.runtime as R
+from kdrun.config import TrainerConfig
+
+# Allocates and frees a step's worth of activation-sized buffers (24 of 4-4.4 MB) eight times and prints the
+# minor page faults of each round.
+CYCLES = """
+import resource, sys, torch
+from kdrun.engine.runtime import keep_host_memory
+if sys.argv[1] == "keep":
+    assert keep_host_memory()
+out = []
+for _ in range(8):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ts = [torch.ones(2**20 + 4096 * k) for k in range(24)]
+    del ts
+    out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(" ".join(map(str, out)))
+"""
+
+
+def faults(mode: str) -> list[int]:
+    out = subprocess.run([sys.executable, "-c", CYCLES, mode], capture_output=True, text=True, check=True)
+    return [int(v) for v in out.stdout.split()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_kept_memory_is_reused_without_page_faults() -> None:
+    default, keep = faults("release"), faults("keep")
+    pages = 24 * (4 * 2**20) // 4096  # the rounds' buffers, in 4 KiB pages
+    # glibc's defaults: each round maps its buffers afresh (their first touch faults every page in) ...
+    assert min(default[4:]) > pages // 2, default
+    # ... kept: once warm, the same memory is handed out again, already mapped (the first rounds may still
+    # fault in memory the interpreter or torch's thread pool takes meanwhile).
+    assert max(keep[4:]) < pages // 100, keep
+
+
+@pytest.mark.parametrize("device, mode, applied", [("cpu", "keep", True), ("cpu", "release", False),
+                                                     ("cuda", "keep", False)])
+def test_set_backend_flags_applies_it_on_the_cpu_when_asked(monkeypatch: pytest.MonkeyPatch, device: str,
+                                                             mode: str, applied: bool) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(R, "keep_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    R.set_backend_flags(TrainerConfig(host_memory=mode), torch.device(device))
+    assert calls == ([1] if applied else [])
