@@ -166,11 +166,30 @@ CIFAR_PROTOCOL = ("Protocol (CRD/RepDistiller as packaged by mdistiller; DTO-KD 
                   "240 epochs, batch 64, SGD momentum 0.9, weight decay 5e-4, lr x0.1 at epochs 150/180/210.")
 
 
-# The CIFAR ResNets (basic blocks, no depthwise convs): channels_last measured 0.80x the contiguous step on
-# the resnet56 -> resnet20 KD job (benchmarks/RESULTS.md, "KD overhead", CPU). Other families are unmeasured
-# and keep the contiguous layout.
-CHANNELS_LAST = {"resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
-                 "resnet32x4"}
+# channels_last, measured per CIFAR model family on the CPU: the KD job's step in channels_last over the
+# contiguous step (scripts/bench_overhead.py --pair T:S --only bare --channels-last compare; benchmarks/
+# RESULTS.md "channels_last by model family"). Every family is faster or level; none is slower. A family
+# not listed here (a new one) keeps the contiguous layout until it is measured. GPUs: unmeasured.
+CHANNELS_LAST_FAMILIES = {
+    "resnet": "resnet56->resnet20 0.84x, resnet32x4->resnet8x4 0.94x",
+    "resnet_imagenet_style": "resnet50->mobilenetv2 0.82x",
+    "wrn": "wrn_40_2->wrn_40_1 0.78x",
+    "vgg": "vgg13->vgg8 0.88x",
+    "mobilenetv2": "resnet50->mobilenetv2 0.82x",
+    "shufflev1": "resnet32x4->shufflev1 0.86x",
+    "shufflev2": "resnet32x4->shufflev2 0.99x",
+}
+CIFAR_FAMILY = {
+    **{f"resnet{d}": "resnet" for d in (8, 14, 20, 32, 44, 56, 110)}, "resnet8x4": "resnet", "resnet32x4": "resnet",
+    **{f"resnet{d}": "resnet_imagenet_style" for d in (18, 34, 50, 101)},
+    **{f"vgg{d}": "vgg" for d in (8, 11, 13, 16, 19)},
+    **{f"wrn_{d}_{w}": "wrn" for d in (16, 40) for w in (1, 2)},
+    "mobilenetv2": "mobilenetv2", "shufflev1": "shufflev1", "shufflev2": "shufflev2",
+}
+
+
+def channels_last_measured(*models: str | None) -> bool:
+    return all(m is None or CIFAR_FAMILY.get(m) in CHANNELS_LAST_FAMILIES for m in models)
 
 
 def cifar_common(student: str, lr: float | None = None,
@@ -184,9 +203,11 @@ def cifar_common(student: str, lr: float | None = None,
     comments = {"optimizer.lr": ("0.01 for MobileNetV2/ShuffleNet students (mdistiller configs)" if lr == 0.01
                                  else "0.05 (mdistiller/CRD)"),
                 "trainer.batch_size": "per process; the protocol is one GPU"}
-    if student in CHANNELS_LAST and (teacher is None or teacher in CHANNELS_LAST):
+    if channels_last_measured(student, teacher):
         values["trainer"]["channels_last"] = True
-        comments["trainer.channels_last"] = "memory layout only; measured 0.8x the step for CIFAR ResNets on CPU (benchmarks/RESULTS.md)"
+        measured = "; ".join(dict.fromkeys(CHANNELS_LAST_FAMILIES[CIFAR_FAMILY[m]] for m in (teacher, student) if m))
+        comments["trainer.channels_last"] = (f"memory layout only; the step in channels_last on CPU: {measured} "
+                                             "(benchmarks/RESULTS.md; GPU unmeasured)")
     return values, comments
 
 
