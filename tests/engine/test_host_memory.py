@@ -11,31 +11,32 @@ import torch
 import kdrun.engine.runtime as R
 from kdrun.config import TrainerConfig
 
-# Allocates and frees a step's worth of activation-sized buffers (24 of 4-4.4 MB) eight times and prints the
-# minor page faults of each round.
+# Allocates and frees a step's worth of activation-sized buffers (24 of 4-4.4 MB) eight times with glibc's
+# defaults, then eight times after keep_host_memory() (mallopt is process-wide: one process, defaults
+# first), and prints the minor page faults of each round: two lines.
 CYCLES = """
-import resource, sys, torch
+import resource, torch
 from kdrun.engine.runtime import keep_host_memory
-if sys.argv[1] == "keep":
-    assert keep_host_memory()
-out = []
-for _ in range(8):
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    ts = [torch.ones(2**20 + 4096 * k) for k in range(24)]
-    del ts
-    out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(" ".join(map(str, out)))
+
+def rounds():
+    out = []
+    for _ in range(8):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ts = [torch.ones(2**20 + 4096 * k) for k in range(24)]
+        del ts
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    print(" ".join(map(str, out)))
+
+rounds()
+assert keep_host_memory()
+rounds()
 """
-
-
-def faults(mode: str) -> list[int]:
-    out = subprocess.run([sys.executable, "-c", CYCLES, mode], capture_output=True, text=True, check=True)
-    return [int(v) for v in out.stdout.split()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_kept_memory_is_reused_without_page_faults() -> None:
-    default, keep = faults("release"), faults("keep")
+    out = subprocess.run([sys.executable, "-c", CYCLES], capture_output=True, text=True, check=True)
+    default, keep = ([int(v) for v in line.split()] for line in out.stdout.splitlines())
     pages = 24 * (4 * 2**20) // 4096  # the rounds' buffers, in 4 KiB pages
     # glibc's defaults: each round maps its buffers afresh (their first touch faults every page in) ...
     assert min(default[4:]) > pages // 2, default
