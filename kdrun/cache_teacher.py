@@ -45,7 +45,7 @@ def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
     from kdrun.engine.build import build_distill, build_teacher, cache_key_and_path, fill_cache
     from kdrun.engine.runtime import pick_device, seed_everything, set_backend_flags
     from kdrun.engine.teacher import check_teacher_weights, needs_fit
-    from kdrun.teacher_cache import TeacherCache, refuse_mixup
+    from kdrun.teacher_cache import TeacherCache, cache_state, refuse_mixup, wait_for_fill
 
     cfg = compose_train_config(argv)
     if cfg.get("teacher") is None:
@@ -75,9 +75,11 @@ def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
     train_set = ViewDataset(data.train)
     key, path = cache_key_and_path(cfg, t, conf, teacher, train_set, device)
     filled = False
-    if not (path / "meta.json").is_file() and not path.with_name(path.name + ".partial").exists():
-        fill_cache(path, key, conf, t, teacher, train_set, device, progress)
-        filled = True
+    state = cache_state(path)
+    if state == "missing":
+        filled = fill_cache(path, key, conf, t, teacher, train_set, device, progress)
+    if state == "busy" or (state == "missing" and not filled):  # another process is filling it
+        wait_for_fill(path, say=lambda m: print(m, flush=True))
     cache = TeacherCache.open(path, key, verify=conf.verify)  # CacheError: stale, damaged or unfinished
     size = sum(s.nbytes for s in cache.specs.values())
     return {"path": str(path), "filled": filled, "bytes": size, "images": cache.num_images,

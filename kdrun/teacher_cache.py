@@ -21,6 +21,13 @@ live teacher would produce. :meth:`TeacherCache.open` compares the key field by 
 :class:`CacheError` naming every field that differs; a missing, truncated or corrupted array file
 (size or sha256 mismatch) is an error too. Nothing is ever silently refilled or reused.
 
+**Concurrent runs.** Runs of a sweep that start together and need the same missing cache do not race:
+creating ``<dir>.partial/`` is atomic, so exactly one of them fills it while the others wait
+(:func:`wait_for_fill`) and then open the finished cache. The filling process touches
+``<dir>.partial/heartbeat`` every few seconds; a partial fill whose heartbeat has stopped for
+:data:`FILL_STALE_AFTER_S` was killed, and the waiting run stops with an error naming the directory to
+delete (never deleting it itself).
+
 **Exactness.** ``dtype="fp32"`` stores the teacher's outputs exactly (a bf16 or fp16 output is widened
 losslessly) and :meth:`TeacherCache.get` returns them in the live teacher's output dtype, so losses are
 bit-identical to the live teacher when the fill ran under the same conditions (the key's ``compute``
@@ -67,6 +74,18 @@ FP16_ABS_TOL = 2.0 ** -25
 class CacheError(ConfigError):
     """A cache that cannot be used: missing, incomplete, stale (key mismatch), truncated or corrupted.
     A :class:`~kdrun.config.ConfigError` (a ``ValueError``): the CLI shows the message, exit status 2."""
+
+
+class CacheBusy(CacheError):
+    """``<dir>.partial/`` already exists: another process is filling this cache (or a killed fill left it)."""
+
+
+# A fill touches <dir>.partial/heartbeat at least this often; a partial fill whose heartbeat is older than
+# FILL_STALE_AFTER_S is taken for a killed one (wait_for_fill). Hashing a multi-GiB array in finalize
+# touches it before each file, so the slowest gap is one file's sha256.
+HEARTBEAT = "heartbeat"
+HEARTBEAT_EVERY_S = 5.0
+FILL_STALE_AFTER_S = 300.0
 
 
 # -- fingerprints -------------------------------------------------------------------------------------
@@ -338,6 +357,14 @@ class CacheBuilder:
         self.arrays = {n: np.lib.format.open_memmap(self.partial / s.file, mode=mode)  # type: ignore[no-untyped-call]
                        for n, s in specs.items()}
         self.info: dict[str, Any] = {}
+        self._beat = 0.0  # time.monotonic() of the last heartbeat this process wrote
+
+    def heartbeat(self, force: bool = False) -> None:
+        """Tell waiting processes this fill is alive (at most every HEARTBEAT_EVERY_S unless ``force``)."""
+        now = time.monotonic()
+        if force or now - self._beat >= HEARTBEAT_EVERY_S:
+            (self.partial / HEARTBEAT).touch()
+            self._beat = now
 
     @staticmethod
     def plan(key: CacheKey, dataset: ViewDataset, teacher: Callable[[Tensor], ModelOutput],
@@ -363,9 +390,15 @@ class CacheBuilder:
         if path.exists():
             raise CacheError(f"{path} already exists; open it with TeacherCache.open, or delete it to refill.")
         partial = path.with_name(path.name + ".partial")
-        if partial.exists():
-            shutil.rmtree(partial)  # a fill that was killed: its arrays are incomplete
-        partial.mkdir(parents=True)
+        try:
+            # Atomic: of several runs of a sweep starting together, exactly one creates the directory and
+            # fills it; the others get CacheBusy and wait for it (wait_for_fill). An existing one is never
+            # deleted here: it may be another process's fill in progress.
+            partial.mkdir(parents=True)
+        except FileExistsError:
+            raise CacheBusy(f"{partial} exists: another process is filling this teacher cache, or a killed fill "
+                            "left it (wait_for_fill tells the two apart by its heartbeat).") from None
+        (partial / HEARTBEAT).touch()
         need = sum(s.nbytes for s in specs.values())
         free = shutil.disk_usage(partial).free
         if need > free:
@@ -437,6 +470,7 @@ class CacheBuilder:
                 flat[name][target] = s
             k0 += b
             bar.update(b)
+            self.heartbeat()
         bar.close()
         if k0 != len(rows) * v:  # the renderers' contract; a short write would leave zeros in the cache
             raise RuntimeError(f"the fill rendered {k0} views, expected {len(rows)} images × {v} views")
@@ -453,16 +487,66 @@ class CacheBuilder:
             a.flush()
         self.arrays.clear()  # close the memmaps before hashing/renaming
         for s in self.specs.values():
+            self.heartbeat(force=True)  # hashing a multi-GiB array takes a while
             s.sha256 = file_sha256(self.partial / s.file)
         meta = {"key": self.key.to_json(), "arrays": {n: asdict(s) for n, s in self.specs.items()},
                 "info": {"torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                          **self.info, **(info or {})}}
         (self.partial / "plan.json").unlink(missing_ok=True)
+        (self.partial / HEARTBEAT).unlink(missing_ok=True)
         tmp = self.partial / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, self.partial / "meta.json")
         os.replace(self.partial, self.path)
         return TeacherCache.open(self.path, self.key, verify="size")
+
+
+def cache_state(path: str | os.PathLike) -> Literal["ready", "busy", "missing"]:
+    """``ready``: a finished cache is at ``path`` (not yet checked against a key); ``busy``: only its
+    ``.partial`` fill exists (in progress, or killed: :func:`wait_for_fill`); ``missing``: neither."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return "ready"
+    return "busy" if path.with_name(path.name + ".partial").exists() else "missing"
+
+
+def _last_progress(partial: Path) -> float | None:
+    """When the fill under ``partial`` last showed progress (its heartbeat, else the directory's mtime)."""
+    for f in (partial / HEARTBEAT, partial):
+        try:
+            return f.stat().st_mtime
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def wait_for_fill(path: str | os.PathLike, stale_after_s: float = FILL_STALE_AFTER_S, poll_s: float = 2.0,
+                  say: Callable[[str], None] | None = None) -> None:
+    """Wait while another process fills the cache at ``path`` (its ``.partial`` exists) until it is in
+    place. A fill whose heartbeat has not moved for ``stale_after_s`` is a killed one: :class:`CacheError`
+    naming the directory to delete (it is never deleted for the user: a slow fill on another machine of a
+    shared file system must not lose its work). ``say`` prints the one line that says it is waiting."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    said = False
+    while not (path / "meta.json").is_file():
+        last = _last_progress(partial)
+        if last is None:  # the fill moved into place between the two looks, or it was given up
+            if (path / "meta.json").is_file():
+                return
+            raise CacheError(f"the fill of the teacher cache {path} by another process ended without a cache "
+                             "(it failed or was deleted); run again to fill it.")
+        age = time.time() - last
+        if age > stale_after_s:
+            raise CacheError(
+                f"a teacher-cache fill under {partial} has shown no progress for {age:.0f} s, so it was killed "
+                f"(a live fill touches {partial / HEARTBEAT} every {HEARTBEAT_EVERY_S:g} s). Delete {partial} "
+                "and run again (or `kdrun cache-teacher` with the same overrides) to fill it anew.")
+        if not said and say is not None:
+            say(f"[kdrun] another process is filling the teacher cache {path} (progress {age:.0f} s ago); "
+                "waiting for it to finish")
+            said = True
+        time.sleep(poll_s)
 
 
 def batch_invariant(teacher: Callable[[Tensor], ModelOutput], dataset: ViewDataset,

@@ -3,7 +3,10 @@ the views the loader drew, same training result, and every way a cache can be wr
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,8 +21,9 @@ from kdrun.data.views import ContinuousAugmentationError, ViewDataset
 from kdrun.engine.teacher import Teacher
 from kdrun.losses.kl import kl_divergence
 from kdrun.models.taps import Tapped
-from kdrun.teacher_cache import (FP16_ABS_TOL, FP16_REL_TOL, CacheBuilder, CacheError, TeacherCache,
-                                 build_cache, default_dir, make_key, refuse_mixup)
+from kdrun.teacher_cache import (FP16_ABS_TOL, FP16_REL_TOL, HEARTBEAT, CacheBuilder, CacheBusy, CacheError,
+                                 TeacherCache, build_cache, cache_state, default_dir, make_key, refuse_mixup,
+                                 wait_for_fill)
 
 N, SIZE, PAD, CLASSES = 40, 8, 1, 5
 CPU = {"device": "cpu", "precision": "fp32", "channels_last": False}
@@ -292,3 +296,64 @@ def test_a_pipeline_that_is_not_pixel_wise_fills_through_the_per_view_path(tmp_p
     assert cache.meta["info"]["fill_render"] == "per_view"
     x = torch.stack([data.render(i, v) for i in range(N) for v in range(18)])
     assert torch.equal(cache.get(torch.arange(N).repeat_interleave(18), torch.arange(18).repeat(N)).logits, t(x).logits)
+
+
+# -- concurrent runs: one fills, the others wait ----------------------------------------------------------
+
+
+def _started(path: Path) -> tuple[CacheBuilder, ViewDataset, Teacher, Any]:
+    data, t = dataset(), teacher()
+    key = key_for(data, t)
+    return CacheBuilder.create(path, key, CacheBuilder.plan(key, data, t, lambda x: x)), data, t, key
+
+
+def test_a_second_create_is_busy_and_leaves_the_first_fill_alone(tmp_path: Path) -> None:
+    builder, data, t, key = _started(tmp_path / "c")
+    assert cache_state(tmp_path / "c") == "busy"
+    with pytest.raises(CacheBusy, match="another process is filling"):
+        CacheBuilder.create(tmp_path / "c", key, builder.specs)
+    builder.fill(t, data, 16, lambda x: x, progress=False)  # the first fill is intact and finishes
+    builder.finalize()
+    assert cache_state(tmp_path / "c") == "ready"
+    ref = fill(tmp_path / "ref")
+    got = TeacherCache.open(tmp_path / "c", key)
+    assert all(np.array_equal(got.arrays[n], ref.arrays[n]) for n in ref.arrays)
+    assert not (tmp_path / "c" / HEARTBEAT).exists()
+
+
+def test_waiting_for_another_fill_returns_once_it_is_in_place(tmp_path: Path) -> None:
+    import threading
+
+    builder, data, t, key = _started(tmp_path / "c")
+
+    def other_process() -> None:
+        time.sleep(0.3)
+        builder.fill(t, data, 16, lambda x: x, progress=False)
+        builder.finalize()
+
+    said: list[str] = []
+    th = threading.Thread(target=other_process)
+    th.start()
+    wait_for_fill(tmp_path / "c", poll_s=0.02, say=said.append)
+    th.join()
+    assert (tmp_path / "c" / "meta.json").is_file() and len(said) == 1 and "waiting" in said[0]
+    TeacherCache.open(tmp_path / "c", key)
+
+
+def test_a_fill_whose_heartbeat_stopped_is_an_error_and_is_kept(tmp_path: Path) -> None:
+    _started(tmp_path / "c")
+    partial = tmp_path / "c.partial"
+    old = time.time() - 1000
+    for f in (partial / HEARTBEAT, partial):
+        os.utime(f, (old, old))
+    with pytest.raises(CacheError, match=rf"{partial}.*no progress for 1\d\d\d s, so it was killed.*Delete"):
+        wait_for_fill(tmp_path / "c", stale_after_s=300, poll_s=0.01)
+    assert partial.is_dir()  # never deleted for the user
+    # A fill that is alive (fresh heartbeat) is not stale, however old its directory.
+    (partial / HEARTBEAT).touch()
+    with pytest.raises(CacheError, match="ended without a cache"):
+        import shutil
+        import threading
+
+        threading.Timer(0.1, shutil.rmtree, (partial,)).start()  # ... and then gives up without a cache
+        wait_for_fill(tmp_path / "c", stale_after_s=300, poll_s=0.01)

@@ -31,7 +31,8 @@ from kdrun.engine.trainable import Trainable, freeze_bn_stats
 from kdrun.losses.base import DataInfo, DistillLoss
 from kdrun.models.build import build_model
 from kdrun.models.taps import ModelOutput, Tapped
-from kdrun.teacher_cache import CacheBuilder, CacheError, TeacherCache, default_dir, make_key, refuse_mixup
+from kdrun.teacher_cache import (CacheBuilder, CacheBusy, CacheError, TeacherCache, cache_state, default_dir,
+                                 make_key, refuse_mixup, wait_for_fill)
 
 
 @dataclass
@@ -147,15 +148,23 @@ def cache_key_and_path(cfg: DictConfig, t: TrainerConfig, conf: TeacherCacheConf
 
 
 def fill_cache(path: Path, key: Any, conf: TeacherCacheConfig, t: TrainerConfig, teacher: Teacher,
-               train_set: Any, device: torch.device, progress: bool) -> None:
+               train_set: Any, device: torch.device, progress: bool) -> bool:
     """Fill the cache at ``path``: rank 0 creates it, every rank fills a contiguous slice of the images,
     rank 0 checksums and moves it into place (ranks must share the file system: one node, or a shared
-    ``teacher.cache.dir``)."""
+    ``teacher.cache.dir``). False: another process created the fill first (``CacheBusy``; every rank
+    returns at once and the caller waits for it)."""
     prepare = teacher_input(t, device)
     # Every rank plans (one probe forward): a tap too large to cache fails on every rank, not only rank 0.
     specs = CacheBuilder.plan(key, train_set, teacher, prepare, int(conf.max_tap_gib * 2**30))
-    builder = CacheBuilder.create(path, key, specs) if D.is_main() else None
-    D.barrier()
+    builder: CacheBuilder | None = None
+    if D.is_main():
+        try:
+            builder = CacheBuilder.create(path, key, specs)
+        except CacheBusy:
+            pass
+    # Also the barrier between rank 0's create and the other ranks' attach.
+    if not D.broadcast_object(builder is not None if D.is_main() else None):
+        return False
     builder = builder or CacheBuilder.attach(path, key)
     n, r, w = len(train_set), D.rank(), D.world_size()
     per = -(-n // w)
@@ -168,6 +177,7 @@ def fill_cache(path: Path, key: Any, conf: TeacherCacheConfig, t: TrainerConfig,
     else:
         builder.arrays.clear()
     D.barrier()
+    return True
 
 
 def build_teacher_cache(cfg: DictConfig, t: TrainerConfig, data: DataModule, teacher: Teacher | None,
@@ -180,17 +190,19 @@ def build_teacher_cache(cfg: DictConfig, t: TrainerConfig, data: DataModule, tea
         return None
     refuse_mixup(data.mixup)
     key, path = cache_key_and_path(cfg, t, conf, teacher, train_set, device)
-    partial = path.with_name(path.name + ".partial")
     # Rank 0 decides and tells the others: a rank that looked for itself could find rank 0's fresh
     # .partial, skip the fill and then fail (or leave rank 0 waiting at the fill's barrier).
-    missing = bool(D.broadcast_object(not (path / "meta.json").is_file() and not partial.exists()))
-    if missing:
+    state = D.broadcast_object(cache_state(path) if D.is_main() else None)
+    if state == "missing":
         if not conf.fill:
             raise CacheError(f"no teacher cache at {path} and teacher.cache.fill=false; build it with "
                              "`kdrun cache-teacher` (same overrides as this run) or set teacher.cache.fill=true.")
-        fill_cache(path, key, conf, t, teacher, train_set, device, progress and D.is_main())
-    # A leftover .partial (a killed fill, or another run filling right now) is never overwritten:
-    # open() names it; a sweep should fill once first with `kdrun cache-teacher`.
+        if not fill_cache(path, key, conf, t, teacher, train_set, device, progress and D.is_main()):
+            state = "busy"  # another run of the sweep created the fill first
+    if state == "busy":
+        # Another process is filling it (kdrun.teacher_cache "Concurrent runs"); a killed fill is an error.
+        # Every rank waits on the file system: no collective runs for as long as the other fill takes.
+        wait_for_fill(path, say=(lambda m: print(m, flush=True)) if D.is_main() else None)
     cache = TeacherCache.open(path, key, verify=conf.verify)
     if not cache.exact:
         warn_once(f"the teacher cache at {path} is not bit-exact ("

@@ -8,6 +8,8 @@ flip with padding 1: 18 views per image), so a whole run takes about a second.""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,21 +170,43 @@ def test_fill_false_and_a_leftover_partial_fill_are_errors(tmp_path: Path) -> No
 
     validate(cfg)
     t = TrainerConfig(**cfg.trainer)
-    with pytest.raises(CacheError, match="never finished"):
-        # a fill killed midway (or one still running in another job) is never overwritten nor used
-        from unittest import mock
+    from unittest import mock
 
-        import kdrun.engine.build as B
+    import kdrun.engine.build as B
 
-        real = B.cache_key_and_path
+    real = B.cache_key_and_path
+    seen: dict[str, Path] = {}
 
-        def with_partial(*a: Any, **k: Any) -> Any:
-            key, path = real(*a, **k)
-            path.with_name(path.name + ".partial").mkdir(parents=True)
-            return key, path
+    def with_partial(*a: Any, **k: Any) -> Any:
+        key, path = real(*a, **k)
+        partial = seen["partial"] = path.with_name(path.name + ".partial")
+        partial.mkdir(parents=True)
+        os.utime(partial, (time.time() - 3600, time.time() - 3600))  # killed an hour ago: no heartbeat since
+        return key, path
 
+    # A fill killed midway is never overwritten nor used: the run stops naming the directory to delete.
+    with pytest.raises(CacheError, match=r"no progress for \d+ s, so it was killed.*Delete"):
         with mock.patch.object(B, "cache_key_and_path", with_partial):
             build(cfg, t, torch.device("cpu"), 3)
+    assert seen["partial"].is_dir()
+
+
+def test_a_run_that_loses_the_race_to_fill_waits_for_the_winner(tmp_path: Path) -> None:
+    """Two runs of a sweep find the cache missing; the one whose create comes second (fill_cache -> False)
+    waits for the other's fill and then trains on that cache."""
+    from unittest import mock
+
+    import kdrun.engine.build as B
+
+    first = tmp_path / "first"
+    run(cached(tmp_path / "cache", "trainer.max_steps=1"), first)  # the winner: its cache is in place
+    waited: list[Path] = []
+    with mock.patch.object(B, "cache_state", lambda path: "missing"), \
+            mock.patch.object(B, "fill_cache", lambda *a, **k: False), \
+            mock.patch.object(B, "wait_for_fill", lambda path, say=None: waited.append(path)):
+        run(cached(tmp_path / "cache", "trainer.max_steps=1"), tmp_path / "second")
+    assert len(waited) == 1 and (waited[0] / "meta.json").is_file()
+    assert losses(tmp_path / "second") == losses(first)
 
 
 @pytest.mark.parametrize("extra, keys, match", [
