@@ -77,7 +77,8 @@ class CacheError(ConfigError):
 
 
 class CacheBusy(CacheError):
-    """``<dir>.partial/`` already exists: another process is filling this cache (or a killed fill left it)."""
+    """``<dir>.partial/`` (or the cache itself) already exists: another process is filling this cache or has
+    just filled it (or a killed fill left the ``.partial``)."""
 
 
 # A fill touches <dir>.partial/heartbeat at least this often; a partial fill whose heartbeat is older than
@@ -387,8 +388,8 @@ class CacheBuilder:
     @classmethod
     def create(cls, path: str | os.PathLike, key: CacheKey, specs: dict[str, ArraySpec]) -> "CacheBuilder":
         path = Path(path)
-        if path.exists():
-            raise CacheError(f"{path} already exists; open it with TeacherCache.open, or delete it to refill.")
+        if path.exists():  # CacheBusy too: a sweep's other run may have finished its fill since we looked
+            raise CacheBusy(f"{path} already exists; open it with TeacherCache.open, or delete it to refill.")
         partial = path.with_name(path.name + ".partial")
         try:
             # Atomic: of several runs of a sweep starting together, exactly one creates the directory and
