@@ -42,10 +42,10 @@ def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from kdrun.data.views import ViewDataset
-    from kdrun.engine.build import build_distill, build_teacher, cache_key_and_path, fill_cache
+    from kdrun.engine.build import build_distill, build_teacher, cache_key_and_path, fill_or_wait
     from kdrun.engine.runtime import pick_device, seed_everything, set_backend_flags
     from kdrun.engine.teacher import check_teacher_weights, needs_fit
-    from kdrun.teacher_cache import TeacherCache, cache_state, refuse_mixup, wait_for_fill
+    from kdrun.teacher_cache import TeacherCache, refuse_mixup
 
     cfg = compose_train_config(argv)
     if cfg.get("teacher") is None:
@@ -74,12 +74,9 @@ def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
     refuse_mixup(data.mixup)
     train_set = ViewDataset(data.train)
     key, path = cache_key_and_path(cfg, t, conf, teacher, train_set, device)
-    filled = False
-    state = cache_state(path)
-    if state == "missing":
-        filled = fill_cache(path, key, conf, t, teacher, train_set, device, progress)
-    if state == "busy" or (state == "missing" and not filled):  # another process is filling it
-        wait_for_fill(path, say=lambda m: print(m, flush=True))
+    # The command fills whatever teacher.cache.fill says (that key is for runs); another process's fill is
+    # waited for.
+    filled = fill_or_wait(path, key, conf, t, teacher, train_set, device, progress, fill_missing=True)
     cache = TeacherCache.open(path, key, verify=conf.verify)  # CacheError: stale, damaged or unfinished
     size = sum(s.nbytes for s in cache.specs.values())
     return {"path": str(path), "filled": filled, "bytes": size, "images": cache.num_images,

@@ -180,6 +180,28 @@ def fill_cache(path: Path, key: Any, conf: TeacherCacheConfig, t: TrainerConfig,
     return True
 
 
+def fill_or_wait(path: Path, key: Any, conf: TeacherCacheConfig, t: TrainerConfig, teacher: Teacher,
+                 train_set: Any, device: torch.device, progress: bool, fill_missing: bool) -> bool:
+    """Make sure a finished cache is at ``path`` (not yet checked against ``key``): fill it when it is
+    missing and ``fill_missing`` (every rank takes part), or wait while another process fills it. True:
+    this process filled it."""
+    # Rank 0 decides and tells the others: a rank that looked for itself could find rank 0's fresh
+    # .partial, skip the fill and then fail (or leave rank 0 waiting at the fill's barrier).
+    state = D.broadcast_object(cache_state(path) if D.is_main() else None)
+    filled = False
+    if state == "missing":
+        if not fill_missing:
+            raise CacheError(f"no teacher cache at {path} and teacher.cache.fill=false; build it with "
+                             "`kdrun cache-teacher` (same overrides as this run) or set teacher.cache.fill=true.")
+        filled = fill_cache(path, key, conf, t, teacher, train_set, device, progress)
+        state = "ready" if filled else "busy"  # busy: another run of the sweep created the fill first
+    if state == "busy":
+        # Another process is filling it (kdrun.teacher_cache "Concurrent runs"); a killed fill is an error.
+        # Every rank waits on the file system: no collective runs for as long as the other fill takes.
+        wait_for_fill(path, say=(lambda m: print(m, flush=True)) if D.is_main() else None)
+    return filled
+
+
 def build_teacher_cache(cfg: DictConfig, t: TrainerConfig, data: DataModule, teacher: Teacher | None,
                         train_set: Any, device: torch.device, progress: bool = False) -> TeacherCache | None:
     """The teacher-output cache of this run (``teacher.cache``), opened and checked against this run's key;
@@ -190,19 +212,7 @@ def build_teacher_cache(cfg: DictConfig, t: TrainerConfig, data: DataModule, tea
         return None
     refuse_mixup(data.mixup)
     key, path = cache_key_and_path(cfg, t, conf, teacher, train_set, device)
-    # Rank 0 decides and tells the others: a rank that looked for itself could find rank 0's fresh
-    # .partial, skip the fill and then fail (or leave rank 0 waiting at the fill's barrier).
-    state = D.broadcast_object(cache_state(path) if D.is_main() else None)
-    if state == "missing":
-        if not conf.fill:
-            raise CacheError(f"no teacher cache at {path} and teacher.cache.fill=false; build it with "
-                             "`kdrun cache-teacher` (same overrides as this run) or set teacher.cache.fill=true.")
-        if not fill_cache(path, key, conf, t, teacher, train_set, device, progress and D.is_main()):
-            state = "busy"  # another run of the sweep created the fill first
-    if state == "busy":
-        # Another process is filling it (kdrun.teacher_cache "Concurrent runs"); a killed fill is an error.
-        # Every rank waits on the file system: no collective runs for as long as the other fill takes.
-        wait_for_fill(path, say=(lambda m: print(m, flush=True)) if D.is_main() else None)
+    fill_or_wait(path, key, conf, t, teacher, train_set, device, progress and D.is_main(), conf.fill)
     cache = TeacherCache.open(path, key, verify=conf.verify)
     if not cache.exact:
         warn_once(f"the teacher cache at {path} is not bit-exact ("
