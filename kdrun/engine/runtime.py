@@ -63,8 +63,9 @@ def keep_host_memory() -> bool:
     With glibc's defaults a buffer above the mmap threshold is its own mapping, unmapped when freed, and a
     free heap top above the trim threshold is returned to the OS, so the next step faults the same pages
     in again and the kernel zeroes them: thousands of page faults per step, which the PyTorch CPU tuning
-    guide names as the reason to swap in jemalloc/TCMalloc ("reusing memory as much as possible",
-    pytorch/tutorials ``recipes_source/recipes/tuning_guide.py``, "Switch Memory allocator"). Raising the
+    guide names as the reason to swap in jemalloc/TCMalloc ("reusing memory as much as possible", "holding
+    such caches even after deallocation also helps avoid costly system calls": pytorch/tutorials@09d930d
+    ``recipes_source/recipes/tuning_guide.py``, section "Switch Memory allocator"). Raising the
     two thresholds (``mallopt(M_MMAP_THRESHOLD)``/``M_TRIM_THRESHOLD``, which also switches off glibc's
     dynamic adjustment of both) gets the same reuse from the C library the process already has. The cost
     is that the process keeps its peak host memory until it exits, as those allocators do.
