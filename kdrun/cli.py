@@ -200,7 +200,11 @@ def run_train(argv: list[str]) -> None:
                       f"(and the same hydra.run.dir={results['run_dir']})", flush=True)
             raise SystemExit(results["exit_code"])
         if D.is_main():
-            summarise(results, multirun_dir(HydraConfig.get()))
+            from kdrun.console_log import CONSOLE_LOG, tee_console
+
+            # the summary belongs in the run's cli.log too (train() wrote the rest of it)
+            with tee_console(run_dir, enabled=(run_dir / CONSOLE_LOG).is_file()):
+                summarise(results, multirun_dir(HydraConfig.get()))
         return results["final"][results["primary_metric"]]
 
     sys.argv = ["kdrun train", *argv]

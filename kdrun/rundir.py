@@ -35,9 +35,10 @@ from kdrun.config import ConfigError
 LOCK_NAME = ".kdrun.lock"
 # Any of these: the directory holds a run (metrics.jsonl alone: one that died before its first checkpoint).
 RUN_FILES = ("last.pt", "best.pt", "results.json", "metrics.jsonl")
-# What a run writes; removed by trainer.overwrite=true (.hydra/ and cli.log belong to the new run).
+# What a run writes; removed by trainer.overwrite=true (.hydra/ belongs to the new run; cli.log, kdrun's
+# copy of the console, is opened after this removal, so the new run's log starts empty).
 RUN_OUTPUTS = ("last.pt", "last.pt.prev", "best.pt", "results.json", "metrics.jsonl", "tb", "export",
-               "plots", "val_detections.json", "teacher_val_detections.json", "preempted.json")
+               "plots", "val_detections.json", "teacher_val_detections.json", "preempted.json", "cli.log")
 
 
 class RunDirError(ConfigError):

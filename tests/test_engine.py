@@ -128,3 +128,7 @@ def test_quickstart_cli_prints_the_figures(tmp_path: Path) -> None:
     assert (tmp_path / "cache" / "teachers" / "digits_convnet_l.pt").is_file()
     assert "teacher  val top1" in out.stdout and "student  val top1" in out.stdout
     assert f"tensorboard --logdir {tmp_path / 'run' / 'tb'}" in out.stdout
+    # cli.log holds the run's console: the val lines (stderr), the summary (stdout), not the bar's redraws
+    log = (tmp_path / "run" / "cli.log").read_text()
+    assert "epoch 1/1  val top1" in log and "student  val top1" in log and "kdrun: done." in log
+    assert "\r" not in log

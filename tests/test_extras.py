@@ -22,10 +22,19 @@ def test_slurm_launcher_without_the_plugin_names_the_extra() -> None:
     assert missing_extra_message(ValueError("x")) is None
 
 
+def _slurm_plugin_installed() -> bool:
+    """find_spec of a dotted name imports its parent, and raises ModuleNotFoundError (rather than returning
+    None) when the namespace package `hydra_plugins` itself is absent, i.e. no Hydra plugin is installed."""
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def test_the_real_composition_error_is_recognised() -> None:
     """What Hydra raises for `kdrun train -m hydra/launcher=slurm` in this environment: composes when the
     plugin is installed (pip install -e .[slurm]), else exactly the error the hint is for."""
-    plugin = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    plugin = _slurm_plugin_installed()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         try:
             cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)

@@ -13,6 +13,7 @@ from kdrun import distributed as D
 from kdrun import preemption as P
 from kdrun.checkpoint import Checkpointer, TrainState
 from kdrun.config import TrainerConfig, validate
+from kdrun.console_log import tee_console
 from kdrun.data.loaders import AuxStream, close_loaders
 from kdrun.engine.build import Parts, build
 from kdrun.engine.loop import Loop
@@ -36,7 +37,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     lock = protect(run_dir, t.resume, t.overwrite)
     try:
-        return _train(cfg, t, run_dir)
+        with tee_console(run_dir, enabled=D.is_main()):  # cli.log: the console of an accepted run only
+            return _train(cfg, t, run_dir)
     finally:
         if lock is not None:
             lock.release()

@@ -54,8 +54,14 @@ def test_set_backend_flags_applies_it_on_the_cpu_when_asked(monkeypatch: pytest.
                                                              mode: str, applied: bool) -> None:
     calls: list[int] = []
     monkeypatch.setattr(R, "keep_host_memory", lambda: calls.append(1) or True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
-    R.set_backend_flags(TrainerConfig(host_memory=mode), torch.device(device))
+    # The backend flags are saved and restored by hand: `torch.backends.cuda.matmul.allow_tf32` is served by
+    # the module's __getattr__/__setattr__, which monkeypatch cannot restore (pytest 9: teardown fails with
+    # "'cuBLASModule' object has no attribute 'allow_tf32'").
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    try:
+        R.set_backend_flags(TrainerConfig(host_memory=mode), torch.device(device))
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved
     assert calls == ([1] if applied else [])
