@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from kdrun import run_guard
 from kdrun.config import ConfigError, unknown_key_message
 from kdrun.errors import fail, find_user_error, full_traceback_requested, report
 
@@ -162,6 +163,8 @@ def run_train(argv: list[str]) -> None:
 
         try:
             run_dir = Path(HydraConfig.get().runtime.output_dir)
+            run_guard.note_job_dir(run_dir)
+            record = run_guard.hydra_record(cfg)  # .hydra/, written when the run starts
             checked = copy.deepcopy(cfg)
             validate(checked)  # fail before any process starts
             t = TrainerConfig(**OmegaConf.to_container(checked.trainer, resolve=True))
@@ -175,13 +178,14 @@ def run_train(argv: list[str]) -> None:
                 if D.is_main() and t.devices not in (1, "auto", job_env.local_world_size):
                     print(f"[kdrun] note: trainer.devices={t.devices} is ignored: {job_env.source} started "
                           f"{job_env.world_size} processes, and kdrun joins them.", file=sys.stderr, flush=True)
-                results = train(cfg, run_dir)
+                results = train(cfg, run_dir, record)
             else:
                 dev, nproc = resolve_devices(t.accelerator, t.devices)
                 if nproc > 1:
-                    results = launch_train(checked, run_dir, nproc, dev, t.preempt_signals, t.preempt_grace_s)
+                    results = launch_train(checked, run_dir, nproc, dev, t.preempt_signals, t.preempt_grace_s,
+                                           record)
                 else:
-                    results = train(cfg, run_dir)
+                    results = train(cfg, run_dir, record)
         except WorkerFailed as e:
             if str(e):
                 print(f"kdrun: error: {e}", file=sys.stderr, flush=True)
@@ -191,6 +195,8 @@ def run_train(argv: list[str]) -> None:
             if user is None:
                 raise
             report(user, full)
+        if results.get("finished"):
+            return say_finished(results)
         if results.get("preempted"):
             # An orderly stop: the checkpoint is written. Exiting here (not returning) also ends a
             # multirun sweep, whose remaining jobs belong to the same preempted allocation.
@@ -208,18 +214,46 @@ def run_train(argv: list[str]) -> None:
         return results["final"][results["primary_metric"]]
 
     sys.argv = ["kdrun train", *argv]
+    run_guard.begin()  # what exists before Hydra creates the output directories (kdrun.run_guard)
+    succeeded = False
     try:
         with _env("HYDRA_FULL_ERROR", "1"):
             _main()
+        succeeded = True
     except Exception as e:
         message = None if full or task_failed else hydra_error_message(e)
         if message is None:
             raise
         fail(message)
+    except SystemExit as e:
+        succeeded = e.code in (0, None)  # an orderly stop after a signal exits 0 too
+        raise
     finally:
+        if not succeeded:
+            run_guard.undo()  # a refused or failed command leaves no stub directory behind
         D.destroy_process_group()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def say_finished(results: dict) -> float | None:
+    """``trainer.resume`` found a finished run: it is left as it was, and this says so. Returns the run's
+    final primary metric (what a Hydra sweeper optimises), from its results.json."""
+    from kdrun import distributed as D
+
+    path = Path(results["results"])
+    try:
+        done = json.loads(path.read_text())
+        value = done["final"][done["primary_metric"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        done, value = None, None
+    if D.is_main():
+        print(f"kdrun: the run in {results['run_dir']} is finished ({results['finished']}); nothing was "
+              "changed. Its results: "
+              f"{path if done is not None else 'no readable results.json'}. To train it further, raise "
+              "trainer.epochs (or trainer.max_steps) and resume; to start over, trainer.overwrite=true.",
+              flush=True)
+    return value
 
 
 def multirun_dir(hydra_cfg: Any) -> str | None:

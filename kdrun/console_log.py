@@ -15,16 +15,16 @@ import io
 import logging
 import sys
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
 CONSOLE_LOG = "cli.log"
 
 
 class _LineSink:
-    """Writes the finished lines of one stream into the shared log file. Text after the last ``\\r`` of a
+    """Writes the finished lines of one stream into the shared log. Text after the last ``\\r`` of a
     line replaces what came before it, as on a terminal."""
 
-    def __init__(self, log: TextIO) -> None:
+    def __init__(self, log: Any) -> None:
         self.log, self.pending = log, ""
 
     def feed(self, text: str) -> None:
@@ -71,30 +71,69 @@ class _Tee(io.TextIOBase):
         return getattr(self.stream, "encoding", "utf-8")
 
 
+class ConsoleLog:
+    """Copies ``sys.stdout``/``sys.stderr`` into ``<run_dir>/cli.log`` while active (a context manager).
+
+    Until :meth:`start` the copy is held in memory: a command refused or failed before its run starts
+    (a finished run in the directory, a checkpoint that does not fit) must not create or extend the log of
+    an existing run. :meth:`start` appends what was held and writes through from then on (appended: a
+    resumed run's session follows the earlier ones). ``enabled=False`` (ranks other than the main one)
+    changes nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, start: bool = False) -> None:
+        self.path, self.enabled, self.start_now = Path(run_dir) / CONSOLE_LOG, enabled, start
+        self.held = io.StringIO()
+        self.file: TextIO | None = None
+        self.sinks: list[_LineSink] = []
+        self.saved: tuple[Any, Any] | None = None
+
+    def __enter__(self) -> "ConsoleLog":
+        if self.enabled:
+            self.sinks = [_LineSink(self), _LineSink(self)]
+            self.saved = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = _Tee(self.saved[0], self.sinks[0]), _Tee(self.saved[1], self.sinks[1])
+            if self.start_now:
+                self.start()
+        return self
+
+    # the sinks' file-like target: memory until start(), then the file
+    def write(self, text: str) -> None:
+        (self.file or self.held).write(text)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def start(self) -> None:
+        """The run has started: the log file is created (or appended to) with what was held."""
+        if not self.enabled or self.file is not None:
+            return
+        try:
+            self.file = open(self.path, "a", encoding="utf-8")
+        except OSError:  # an unwritable directory is reported where the run writes its own files
+            return
+        self.file.write(self.held.getvalue())
+        self.file.flush()
+        self.held = io.StringIO()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is None:
+            return
+        sys.stdout, sys.stderr = self.saved
+        self.saved = None
+        with contextlib.suppress(OSError, ValueError):
+            for sink in self.sinks:
+                sink.close()
+            if self.file is not None:
+                self.file.close()
+
+
 @contextlib.contextmanager
 def tee_console(run_dir: Path, enabled: bool = True) -> Iterator[None]:
-    """Inside the block, ``sys.stdout`` and ``sys.stderr`` also go to ``<run_dir>/cli.log`` (appended:
-    a resumed run's session follows the earlier ones). ``enabled=False`` (ranks other than the main one)
-    changes nothing."""
-    if not enabled:
+    """Inside the block, ``sys.stdout`` and ``sys.stderr`` also go to ``<run_dir>/cli.log`` at once (for
+    lines printed after a run, such as the CLI's summary)."""
+    with ConsoleLog(run_dir, enabled, start=True):
         yield
-        return
-    try:
-        log = open(Path(run_dir) / CONSOLE_LOG, "a", encoding="utf-8")
-    except OSError:  # an unwritable file is the run directory's problem, reported where it is written
-        yield
-        return
-    out_sink, err_sink = _LineSink(log), _LineSink(log)
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(saved[0], out_sink), _Tee(saved[1], err_sink)
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = saved
-        with contextlib.suppress(OSError, ValueError):
-            out_sink.close()
-            err_sink.close()
-            log.close()
 
 
 class ConsoleHandler(logging.StreamHandler):

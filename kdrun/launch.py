@@ -169,7 +169,31 @@ def remove_if_no_files(root: str | None) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int) -> int:
+def die_with_launcher(grace_s: float, poll_s: float = 0.5) -> threading.Thread:
+    """A worker whose launcher died (``kill -9`` of ``kdrun train``) would train on, orphaned, holding its
+    GPU. A daemon thread watches the parent process: once the worker has been re-parented, it sends
+    itself SIGTERM, which the training loop turns into an orderly stop (every orphaned rank gets it, so
+    they agree on the step and write ``last.pt``; before the loop, SIGTERM's default action ends the
+    process), and SIGKILL after ``grace_s`` if it is still alive. Polling, not ``PR_SET_PDEATHSIG``:
+    that fires when the parent *thread* that forked the worker ends, which the elastic agent does not
+    guarantee to be the launcher's main thread."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        print(f"[kdrun] the launcher (pid {launcher}) is gone: stopping this worker (pid {os.getpid()})",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="kdrun-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int, record_path: str = "") -> int:
     """One worker: join the process group the launcher prepared, train, leave; the exit status.
 
     Runs as its own program (``python -m kdrun.launch ...``), as torchrun's workers do: a worker that
@@ -178,12 +202,14 @@ def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int) -> in
     if threads:
         torch.set_num_threads(threads)
     cfg = OmegaConf.load(cfg_path)
+    record = json.loads(Path(record_path).read_text()) if record_path else {}
+    die_with_launcher(float(cfg.trainer.get("preempt_grace_s", 120.0)))
     D.init_process_group(dev_type)
     try:
         from kdrun.engine import train
 
         try:
-            train(cfg, Path(run_dir))  # rank 0 writes results.json, or preempted.json after a stop
+            train(cfg, Path(run_dir), record)  # rank 0 writes results.json, or preempted.json after a stop
         except Exception as e:
             # The same errors the CLI reports as one paragraph, also when instantiate wrapped them.
             user = find_user_error(e)
@@ -200,7 +226,7 @@ def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int) -> in
 
 
 def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, signals: Sequence[str],
-                 grace_s: float) -> dict[str, Any]:
+                 grace_s: float, record: dict[str, str] | None = None) -> dict[str, Any]:
     """Train ``cfg`` in ``nproc`` local workers writing to ``run_dir``; rank 0's results.
 
     ``cfg`` must be validated already (the parent fails fast, before any worker starts). After a stop
@@ -215,7 +241,10 @@ def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, sign
     fd, cfg_path = tempfile.mkstemp(prefix="kdrun-config-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    args = ["-m", "kdrun.launch", cfg_path, str(run_dir), dev_type, str(threads_per_worker(nproc))]
+    fd, record_path = tempfile.mkstemp(prefix="kdrun-record-", suffix=".json")  # .hydra/ for rank 0
+    with os.fdopen(fd, "w") as f:
+        json.dump(record or {}, f)
+    args = ["-m", "kdrun.launch", cfg_path, str(run_dir), dev_type, str(threads_per_worker(nproc)), record_path]
     try:
         spawn(sys.executable, args, nproc, signals=signals, grace_s=grace_s)
         stop_signal = None
@@ -223,6 +252,7 @@ def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, sign
         stop_signal = e
     finally:
         os.unlink(cfg_path)
+        os.unlink(record_path)
     marker = P.read_marker(run_dir, newer_than=started)
     if stop_signal is not None and marker is None:
         raise WorkerFailed(
@@ -237,13 +267,19 @@ def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, sign
                 "steps": marker.get("step"), "epochs": marker.get("epoch"),
                 "epoch_step": marker.get("epoch_step"), "world_size": nproc,
                 "checkpoint": str(run_dir / "last.pt")}
-    return json.loads((run_dir / "results.json").read_text())
+    results = run_dir / "results.json"
+    if results.is_file() and results.stat().st_mtime < started:  # rank 0 found the run finished
+        state = json.loads(results.read_text())
+        why = f"step {state.get('steps')}, as its results.json says"
+        return {"run_dir": str(run_dir), "finished": why, "steps": state.get("steps"),
+                "epochs": state.get("epochs"), "results": str(results)}
+    return json.loads(results.read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m kdrun.launch CONFIG RUN_DIR DEVICE_TYPE THREADS``: the worker program."""
-    cfg_path, run_dir, dev_type, threads = (sys.argv[1:] if argv is None else argv)
-    sys.exit(train_worker(cfg_path, run_dir, dev_type, int(threads)))
+    """``python -m kdrun.launch CONFIG RUN_DIR DEVICE_TYPE THREADS [RECORD]``: the worker program."""
+    cfg_path, run_dir, dev_type, threads, *record = (sys.argv[1:] if argv is None else argv)
+    sys.exit(train_worker(cfg_path, run_dir, dev_type, int(threads), *record))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -132,8 +133,16 @@ class Progress:
 
 
 class RunLogger:
+    """TensorBoard scalars (``tb/``) and ``metrics.jsonl`` of one run, on the main rank.
+
+    ``resumed_at``: the step of the checkpoint a resumed run continues from. A run killed after that
+    checkpoint had already logged later steps, which the resumed run logs again; those rows are dropped
+    first, so every step appears once: TensorBoard's ``purge_step`` hides the events from step
+    ``resumed_at + 1`` on (the checkpoint's own step, e.g. its epoch-end val, was logged before the save
+    and is not repeated), and ``metrics.jsonl`` is rewritten without the rows past ``resumed_at``."""
+
     def __init__(self, run_dir: Path, tensorboard: bool, jsonl: bool, enabled: bool = True,
-                 purge_step: int | None = None) -> None:
+                 resumed_at: int | None = None) -> None:
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -142,11 +151,13 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a killed run wrote after its last checkpoint, so a resumed
-            # run's curves have no duplicated steps.
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
+            self.writer = SummaryWriter(str(run_dir / "tb"),
+                                        purge_step=None if resumed_at is None else resumed_at + 1)
         if jsonl:
-            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            path = run_dir / "metrics.jsonl"
+            if resumed_at is not None:
+                drop_rows_after(path, resumed_at)
+            self.jsonl = open(path, "a", buffering=1)
 
     def log(self, step: int, values: Mapping[str, Any], kind: str = "train") -> dict[str, float]:
         if not self.enabled:
@@ -166,3 +177,26 @@ class RunLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrite ``metrics.jsonl`` (atomically) without the rows logged after ``step``; the number dropped.
+    A last line cut short by a kill (no valid JSON) goes too; other lines are kept as they are."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row_step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                row_step = None if line.endswith("\n") else step + 1  # a torn last line is dropped
+            if isinstance(row_step, int) and row_step > step:
+                dropped += 1
+                continue
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped

@@ -5,7 +5,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -13,7 +13,7 @@ from kdrun import distributed as D
 from kdrun import preemption as P
 from kdrun.checkpoint import Checkpointer, TrainState
 from kdrun.config import TrainerConfig, validate
-from kdrun.console_log import tee_console
+from kdrun.console_log import ConsoleLog
 from kdrun.data.loaders import AuxStream, close_loaders
 from kdrun.engine.build import Parts, build
 from kdrun.engine.loop import Loop
@@ -22,14 +22,20 @@ from kdrun.engine.step import KDStep, StepSettings
 from kdrun.engine.teacher import check_teacher_weights, fit_teacher, needs_fit
 from kdrun.logger import RunLogger
 from kdrun.rundir import RunDirError, RunLock, check_fresh, check_usable
+from kdrun.run_guard import write_record
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def train(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None) -> dict[str, Any]:
     """Validate ``cfg``, build everything, train, and return the results (also in results.json).
 
     Before anything is written into ``run_dir`` (teacher fit, logger, config.yaml), the main rank applies
     the run-directory rules of :mod:`kdrun.rundir` (a fresh run needs an empty directory; one writer per
-    directory: the lock is held until this function returns or raises); a refusal there fails every rank."""
+    directory: the lock is held until this function returns or raises); a refusal there fails every rank.
+    Nothing is written into ``run_dir`` until the run starts (:func:`start_run`: after the build and the
+    restore of a checkpoint succeeded), so a refused or failed command leaves an existing run as it was.
+    ``record``: files (relative path → text) written then too, e.g. Hydra's ``.hydra/`` record
+    (:func:`kdrun.run_guard.hydra_record`). A run that is already finished is left untouched: the result
+    is ``{"finished": True, ...}``."""
     cfg = copy.deepcopy(cfg)
     validate(cfg)
     t = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))  # validated above
@@ -37,11 +43,33 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     lock = protect(run_dir, t.resume, t.overwrite)
     try:
-        with tee_console(run_dir, enabled=D.is_main()):  # cli.log: the console of an accepted run only
-            return _train(cfg, t, run_dir)
+        with ConsoleLog(run_dir, enabled=D.is_main()) as console:  # cli.log, from the run's start on
+            return _train(cfg, t, run_dir, lambda: start_run(run_dir, cfg, record or {}, console))
     finally:
         if lock is not None:
             lock.release()
+
+
+def start_run(run_dir: Path, cfg: DictConfig, record: dict[str, str], console: ConsoleLog) -> None:
+    """The run starts (main rank): from here on it writes into its directory. The stop marker of an
+    earlier session goes, the config (``config.yaml``, ``.hydra/``) is recorded, and ``cli.log`` starts
+    with what the console showed so far."""
+    P.clear_marker(run_dir)
+    write_record(run_dir, {**record, "config.yaml": OmegaConf.to_yaml(cfg)})
+    console.start()
+
+
+def finished_run(st: TrainState, t: TrainerConfig, run_dir: Path) -> dict[str, Any] | None:
+    """``trainer.resume`` restored a run that has nothing left to do (its epochs, or ``max_steps``, are
+    done): the result that says so, or None. The run's files stay as they are."""
+    if st.epoch >= t.epochs:
+        why = f"all {t.epochs} epochs done, step {st.step}"
+    elif t.max_steps and st.step >= t.max_steps:
+        why = f"trainer.max_steps={t.max_steps} reached at step {st.step}"
+    else:
+        return None
+    return {"run_dir": str(run_dir), "finished": why, "steps": st.step, "epochs": st.epoch,
+            "results": str(run_dir / "results.json")}
 
 
 def protect(run_dir: Path, resume: str | None, overwrite: bool) -> RunLock | None:
@@ -70,8 +98,9 @@ def protect(run_dir: Path, resume: str | None, overwrite: bool) -> RunLock | Non
     return lock
 
 
-def _train(cfg: DictConfig, t: TrainerConfig, run_dir: Path) -> dict[str, Any]:
-    """:func:`train` once the run directory is this process's: fit → build → restore → loop → results."""
+def _train(cfg: DictConfig, t: TrainerConfig, run_dir: Path, begin: Callable[[], None]) -> dict[str, Any]:
+    """:func:`train` once the run directory is this process's: fit → build → restore → (the run starts:
+    ``begin``) → loop → results."""
     main = D.is_main()
     device = pick_device(t.accelerator)
     seed = int(t.seed if t.seed is not None else cfg.get("seed", 0))
@@ -88,11 +117,14 @@ def _train(cfg: DictConfig, t: TrainerConfig, run_dir: Path) -> dict[str, Any]:
                                 p.student.model, OmegaConf.to_yaml(cfg))
     restored = checkpointer.restore(t.resume, lambda step: seed_everything(seed + D.rank() + 1_000_003 * step))
     st = restored or TrainState()
+    finished = finished_run(st, t, run_dir) if restored is not None else None
+    if finished is not None:
+        close_loaders(p.loaders)
+        return finished
     if main:
-        P.clear_marker(run_dir)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        begin()
     logger = RunLogger(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,
-                       purge_step=st.step if restored is not None else None)
+                       resumed_at=st.step if restored is not None else None)
     loop = Loop(p, make_step(p, cfg, st), st, checkpointer, logger, run_dir, cfg.logger.progress)
     if p.teacher is not None and not st.teacher_metrics:  # measured once per run, kept in checkpoints
         st.teacher_metrics = loop.validate(p.teacher.model, "teacher_val_detections.json", p.teacher.precision)

@@ -28,7 +28,9 @@ def test_kill9_of_an_srun_job_mid_epoch_resumes_bit_identically(two_proc: dict[s
     hang_at = FT_STEPS_PER_EPOCH + 3  # step 14: in epoch 2, after the checkpoint of step 12
     port = str(free_port())
     (tmp_path / "tmp").mkdir()  # TMPDIR: rank 1's Hydra scratch dir, which a SIGKILL leaves behind
-    procs = [kdrun_train([*FT, *pause(hang_at, marker)], cwd=tmp_path, extra_env={
+    # Every step logged (no effect on the numbers): the kill comes after steps 13 and 14 were logged,
+    # past the checkpoint of step 12, and the resumed run logs them again.
+    procs = [kdrun_train([*FT, "logger.log_every=1", *pause(hang_at, marker)], cwd=tmp_path, extra_env={
         "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NTASKS": "2",
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TMPDIR": str(tmp_path / "tmp")})
         for r in range(2)]
@@ -45,10 +47,17 @@ def test_kill9_of_an_srun_job_mid_epoch_resumes_bit_identically(two_proc: dict[s
     assert (state["step"], state["epoch"], state["epoch_step"]) == (12, 1, 1)  # mid-epoch
     assert len(state["rng_ranks"]) == 2
 
-    code, out = finish(kdrun_train([*FT, *pause(-1, marker), "trainer.devices=2", "trainer.resume=auto",
-                                    f"hydra.run.dir={run_dir}"]))
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert logged[-1] >= 13  # rows past the checkpoint were written before the kill
+
+    code, out = finish(kdrun_train([*FT, "logger.log_every=1", *pause(-1, marker), "trainer.devices=2",
+                                    "trainer.resume=auto", f"hydra.run.dir={run_dir}"]))
     assert code == 0, out[-3000:]
     assert "resumed from" in out and "at epoch 1, step 12" in out
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert logged == list(range(1, 2 * FT_STEPS_PER_EPOCH + 1))  # every step once
     assert_identical(trainable(run_dir / "last.pt"), trainable(two_proc["ft_reference"] / "last.pt"))
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 2 * FT_STEPS_PER_EPOCH
 
