@@ -71,6 +71,31 @@ class Le:
         return f"<= {self.bound}"
 
 
+@dataclass(frozen=True)
+class CountOr:
+    """A positive count, or ``sentinel`` with the meaning ``means``: ``trainer.max_steps`` (-1 = no limit).
+
+    Its own message, because a bare range (">= -1") let 0 through, where it silently meant "no limit" as
+    well; the message states what the one special value means, so that no value surprises."""
+
+    sentinel: int
+    means: str
+
+    def ok(self, v: float) -> bool:
+        return v >= 1 or v == self.sentinel
+
+    def message(self, key: str, v: Any) -> str:
+        shown = "null" if v is None else repr(v)  # null: what a user expecting "no limit" may write
+        return (f"{key}={shown} is not allowed: give a positive integer, or {self.sentinel} to {self.means} "
+                f"({key}={self.sentinel}, the default).")
+
+
+# The seeds torch's generators accept (torch.manual_seed rejects anything outside a signed/unsigned 64-bit
+# integer with an "Overflow" error mid-build); kept a little inside, as the engine adds the rank to it.
+SEED_RANGE = (Ge(-(2**62)), Le(2**62))
+Seed = Annotated[int, SEED_RANGE[0], SEED_RANGE[1]]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Schemas of the groups that have no ``_target_``. These dataclasses are the only definition of the
 # ``trainer`` and ``logger`` settings and their defaults: :func:`register_group_defaults` stores them in
@@ -85,7 +110,9 @@ class TrainerConfig:
     """``trainer`` group: the loop, precision, data loading and checkpoints."""
 
     epochs: Annotated[int, Ge(1)] = 10
-    max_steps: Annotated[int, Ge(-1)] = -1  # stop after this many optimiser steps (-1: run all epochs)
+    # stop after this many optimiser steps; -1: run all epochs. 0 is refused: it used to mean "no limit"
+    # silently (trainer.max_steps=0 trained every epoch).
+    max_steps: Annotated[int, CountOr(-1, "run all trainer.epochs")] = -1
     batch_size: Annotated[int, Ge(1)] = 64  # per process
     val_batch_size: Annotated[int, Ge(0)] = 0  # 0: 2 × batch_size
     num_workers: Annotated[int, Ge(0)] = 0
@@ -127,7 +154,7 @@ class TrainerConfig:
     save_last: bool = True
     save_best: bool = True
     save_every_steps: Annotated[int, Ge(0)] = 0  # also write last.pt every N steps mid-epoch (0: epoch ends only)
-    seed: Optional[int] = None  # null: use the top-level `seed`
+    seed: Optional[Seed] = None  # null: use the top-level `seed`
     # Preemption (kdrun.preemption): these signals make the run write last.pt at the next step boundary
     # and exit 0 (130 for SIGINT); ranks agree on the stop every preempt_check_every steps.
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
@@ -209,11 +236,19 @@ def check_value(key: str, value: Any, annotation: Any) -> None:
     origin = typing.get_origin(annotation)
     if origin is Annotated:
         base, *markers = typing.get_args(annotation)
-        check_value(key, value, base)
+        worded = [m for m in markers if hasattr(m, "message")]  # markers that word their own error (CountOr)
+        try:
+            check_value(key, value, base)
+        except ConfigError:
+            if not worded:
+                raise
+            raise ConfigError(worded[0].message(key, value)) from None
         if value is None:
             return
         for m in markers:
             if hasattr(m, "ok") and not m.ok(value):
+                if hasattr(m, "message"):
+                    raise ConfigError(m.message(key, value))
                 raise ConfigError(f"{key}={value!r} is out of range: it must be {m}.")
         return
     if origin is Literal:
@@ -341,6 +376,19 @@ class TeacherCacheConfig:
     fill_batch_size: Optional[Annotated[int, Ge(1)]] = None  # null: trainer.val_batch_size (or 2 × batch_size)
 
 
+def check_seed(seed: Any) -> None:
+    """The root ``seed`` (no schema holds it): an integer torch can seed with. ``seed=abc`` used to pass
+    validation and end the run in a ValueError traceback from ``int()``; ``seed=null`` in a TypeError."""
+    fix = "give an integer, e.g. seed=0 (trainer.seed, when set, overrides it)"
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        shown = "null" if seed is None else repr(seed)
+        raise ConfigError(f"seed={shown} is not a random seed: {fix}.")
+    try:
+        check_value("seed", seed, Seed)
+    except ConfigError as e:
+        raise ConfigError(f"{str(e).rstrip('.')}; {fix}.") from None
+
+
 def teacher_cache_config(cfg: DictConfig) -> Optional[TeacherCacheConfig]:
     """The validated ``teacher.cache`` node (``None``: off, or no teacher)."""
     teacher = cfg.get("teacher")
@@ -364,6 +412,7 @@ def validate(cfg: DictConfig) -> None:
     except Exception as e:  # omegaconf's errors are long; keep the first line
         raise ConfigError(f"config interpolation failed: {str(e).splitlines()[0]}") from None
     check_finite(cfg)
+    check_seed(cfg.get("seed"))
     for k in cfg.keys():
         if k not in ROOT_KEYS:  # `+model=X`, `+traner.epochs=3`: a node nothing reads
             note = (" (the architecture is chosen with student=X / teacher=X, which both read conf/model/X.yaml)"

@@ -1,6 +1,7 @@
 """``kdrun tables``: lay finished runs out as the papers' tables, next to the published numbers.
 
-    kdrun tables --table cifar100 [--metric final|best] [--seeds all|0,1,2] [--format markdown|latex|csv] RUNS_DIR...
+    kdrun tables --table cifar100 [--metric final|best] [--seeds all|0,1,2] [--duplicates error|newest|oldest]
+                 [--format markdown|latex|csv] RUNS_DIR...
 
 Every ``results.json`` under the given directories (searched recursively) is read; its resolved config's
 ``paper`` node (``{table, row, column, also: [{table, row, column}, ...]}``, set by the recipes) says
@@ -27,6 +28,11 @@ Which number of a run a table shows is its *metrics*: ``results.json[final|best]
 run) keeps one cell per (row, column) — one group of runs — and shows every metric of it: rendered in
 the papers' layout, one block of rows per column with the metrics as the table's columns. Negative
 values (COCO's −1 for an area range without ground truth) count as missing.
+
+A cell averages one value per seed. Two runs of one cell with the same seed (the same run copied, or
+re-run, into two of the directories given) would count that seed twice and shrink the spread, so they are
+an error naming both directories; ``--duplicates newest|oldest`` instead counts the run whose
+``results.json`` was written last (first) of each such seed.
 
 The functions below are pure (definitions + results in, cells/strings out), so that the tests can check
 the statistics without going through the command line.
@@ -138,56 +144,92 @@ def _metric(d: Any, where: str) -> Metric:
 def load_definitions(path: str | Path | None = None) -> dict[str, TableDef]:
     """Parse a definitions file (default: the bundled ``paper_numbers.yaml``)."""
     path = Path(path) if path else DEFINITIONS
+    fix = f"pass a YAML file with the schema of {DEFINITIONS} to --definitions"
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise TableError(f"cannot read table definitions {path}: {e}") from None
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise TableError(f"cannot read table definitions {path} ({e.strerror or e}); {fix}") from None
+    except UnicodeDecodeError:
+        raise TableError(f"table definitions {path} is not text (a binary file?); {fix}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:  # its message spans lines (the problem, then a caret under the line)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise TableError(f"table definitions {path} is not valid YAML ({what}{where}); {fix}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("tables"), dict):
-        raise TableError(f"{path}: expected a top-level `tables:` mapping")
+        raise TableError(f"{path}: expected a top-level `tables:` mapping; {fix}")
     out = {}
     for name, t in raw["tables"].items():
-        rows = [_line(r, f"{name}.rows") for r in t.get("rows") or []]
-        cols = [_line(c, f"{name}.columns") for c in t.get("columns") or []]
-        if not rows or not cols:
-            raise TableError(f"{path}: table {name} needs rows and columns")
-        metrics = [_metric(m, f"{name}.metrics") for m in t.get("metrics") or []] or [TOP1]
-        if len({m.key for m in metrics}) != len(metrics):
-            raise TableError(f"{path}: table {name} lists a metric key twice")
-        convention = t.get("convention", "final")
-        if convention not in METRICS:
-            raise TableError(f"{path}: table {name}: convention must be one of {', '.join(METRICS)} "
-                             f"(got {convention!r})")
-        seeds = t.get("seeds")
-        if seeds is not None and (not isinstance(seeds, list) or not seeds
-                                  or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
-            raise TableError(f"{path}: table {name}: seeds must be a non-empty list of integers (got {seeds!r})")
-        td = TableDef(str(name), str(t.get("title", name)), str(t.get("metric", "top-1 (%)")), rows, cols,
-                      metrics, str(convention), str(t.get("convention_source", "")),
-                      None if seeds is None else tuple(seeds), str(t.get("seeds_source", "")))
-        row_ids, col_ids = {r.id for r in rows}, {c.id for c in cols}
-        keys = [m.key for m in metrics]
-        for n in t.get("numbers") or []:
-            cell = (str(n["row"]), str(n["column"]))
-            if cell[0] not in row_ids or cell[1] not in col_ids:
-                raise TableError(f"{path}: table {name} has a number for unknown cell {cell}")
-            raw = n["value"]
-            if isinstance(raw, list):  # one value per metric, in the order of `metrics`
-                if "metric" in n or len(raw) != len(keys):
-                    raise TableError(f"{path}: table {name}, cell {cell}: a list of values needs one per "
-                                     f"metric ({', '.join(keys)}) and no `metric`")
-                pairs = list(zip(keys, raw))
-            else:
-                k = str(n.get("metric", keys[0]))
-                if k not in keys:
-                    raise TableError(f"{path}: table {name}, cell {cell}: unknown metric {k!r}")
-                pairs = [(k, raw)]
-            for k, v in pairs:
-                if v is None:  # a blank of the paper
-                    continue
-                td.numbers[(*cell, k)] = float(v)
-                td.number_sources[(*cell, k)] = str(n.get("source", ""))
-        out[str(name)] = td
+        try:
+            out[str(name)] = _table(path, name, t)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, TableError):
+                raise
+            # a field of the wrong type or missing deep inside a table: name the table and the file
+            raise TableError(f"{path}: table {name} is malformed ({type(e).__name__}: {e}); {fix}") from None
     return out
+
+
+def _table(path: Path, name: Any, t: Any) -> TableDef:
+    """One table of a definitions file (see :func:`load_definitions`)."""
+    if not isinstance(t, dict):
+        raise TableError(f"{path}: table {name} must be a mapping (title, rows, columns, numbers, ...), "
+                         f"not {_json_type(t)}")
+    for key in ("rows", "columns", "metrics", "numbers"):
+        if t.get(key) is not None and not isinstance(t[key], list):
+            raise TableError(f"{path}: table {name}: {key} must be a list, not {_json_type(t[key])}")
+    rows = [_line(r, f"{name}.rows") for r in t.get("rows") or []]
+    cols = [_line(c, f"{name}.columns") for c in t.get("columns") or []]
+    if not rows or not cols:
+        raise TableError(f"{path}: table {name} needs rows and columns")
+    metrics = [_metric(m, f"{name}.metrics") for m in t.get("metrics") or []] or [TOP1]
+    if len({m.key for m in metrics}) != len(metrics):
+        raise TableError(f"{path}: table {name} lists a metric key twice")
+    convention = t.get("convention", "final")
+    if convention not in METRICS:
+        raise TableError(f"{path}: table {name}: convention must be one of {', '.join(METRICS)} "
+                         f"(got {convention!r})")
+    seeds = t.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise TableError(f"{path}: table {name}: seeds must be a non-empty list of integers (got {seeds!r})")
+    td = TableDef(str(name), str(t.get("title", name)), str(t.get("metric", "top-1 (%)")), rows, cols,
+                  metrics, str(convention), str(t.get("convention_source", "")),
+                  None if seeds is None else tuple(seeds), str(t.get("seeds_source", "")))
+    row_ids, col_ids = {r.id for r in rows}, {c.id for c in cols}
+    keys = [m.key for m in metrics]
+    for n in t.get("numbers") or []:
+        if not isinstance(n, dict) or not all(k in n for k in ("row", "column", "value")):
+            raise TableError(f"{path}: table {name}: every entry of numbers needs row, column and value "
+                             f"(got {n!r})")
+        cell = (str(n["row"]), str(n["column"]))
+        if cell[0] not in row_ids or cell[1] not in col_ids:
+            raise TableError(f"{path}: table {name} has a number for unknown cell {cell}")
+        raw = n["value"]
+        if isinstance(raw, list):  # one value per metric, in the order of `metrics`
+            if "metric" in n or len(raw) != len(keys):
+                raise TableError(f"{path}: table {name}, cell {cell}: a list of values needs one per "
+                                 f"metric ({', '.join(keys)}) and no `metric`")
+            pairs = list(zip(keys, raw))
+        else:
+            k = str(n.get("metric", keys[0]))
+            if k not in keys:
+                raise TableError(f"{path}: table {name}, cell {cell}: unknown metric {k!r}")
+            pairs = [(k, raw)]
+        for k, v in pairs:
+            if v is None:  # a blank of the paper
+                continue
+            try:  # a string too: PyYAML reads 1e5 (no dot) as one
+                number = float(v) if not isinstance(v, bool) else math.nan
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise TableError(f"{path}: table {name}, cell {cell}: value {v!r} is not a number")
+            td.numbers[(*cell, k)] = number
+            td.number_sources[(*cell, k)] = str(n.get("source", ""))
+    return td
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,15 +240,30 @@ def load_definitions(path: str | Path | None = None) -> dict[str, TableDef]:
 class Run:
     path: Path
     results: dict[str, Any]
+    # cells this run does not count in: it duplicates another run's seed there (--duplicates newest|oldest)
+    dropped: frozenset[tuple[str, str, str]] = frozenset()
 
     @property
     def cells(self) -> list[tuple[str, str, str]]:
-        return paper_cells(self.results.get("config") or {})
+        return [c for c in paper_cells(self.results.get("config") or {}) if c not in self.dropped]
 
     @property
     def seed(self) -> int | None:
-        s = (self.results.get("config") or {}).get("seed")
+        """The seed the run trained with: ``trainer.seed`` when set (it overrides the top-level ``seed``,
+        as the engine does), else ``seed``."""
+        config = self.results.get("config") or {}
+        trainer = config.get("trainer")
+        s = trainer.get("seed") if isinstance(trainer, dict) else None
+        s = config.get("seed") if s is None else s
         return s if isinstance(s, int) and not isinstance(s, bool) else None
+
+    @property
+    def written(self) -> float:
+        """When its results.json was written (modification time; 0 if it is gone): --duplicates' order."""
+        try:
+            return (self.path / "results.json").stat().st_mtime
+        except OSError:
+            return 0.0
 
 
 ALL = "all"
@@ -223,6 +280,72 @@ def select_seeds(table: TableDef, runs: list[Run], seeds: Sequence[int] | str | 
         return mine, [], None
     keep = [r for r in mine if r.seed in chosen]
     return keep, [r for r in mine if r.seed not in chosen], chosen
+
+
+DUPLICATES = ("error", "newest", "oldest")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def config_difference(a: Run, b: Run, at_most: int = 3) -> str:
+    """``their configs are the same`` or ``their configs differ in k1, k2, k3 (and N more)``."""
+    fa, fb = _flat(a.results.get("config") or {}), _flat(b.results.get("config") or {})
+    keys = sorted(k for k in set(fa) | set(fb) if fa.get(k, ...) != fb.get(k, ...))
+    if not keys:
+        return "their configs are the same"
+    more = f" (and {len(keys) - at_most} more)" if len(keys) > at_most else ""
+    return f"their configs differ in {', '.join(keys[:at_most])}{more}"
+
+
+def duplicate_groups(table: TableDef, runs: list[Run]) -> list[tuple[tuple[str, str, str], int | None, list[Run]]]:
+    """Every (cell of ``table``, seed) that more than one run claims, with those runs oldest first."""
+    by: dict[tuple[tuple[str, str, str], int | None], list[Run]] = {}
+    for run in runs:
+        for cell in run.cells:
+            if cell[0] == table.name:
+                by.setdefault((cell, run.seed), []).append(run)
+    return [(cell, seed, sorted(rs, key=lambda r: (r.written, str(r.path))))
+            for (cell, seed), rs in by.items() if len(rs) > 1]
+
+
+def resolve_duplicates(table: TableDef, runs: list[Run], policy: str = "error") -> tuple[list[Run], list[str]]:
+    """The runs with every duplicated (cell, seed) of ``table`` counted once, and one line per run left out.
+
+    ``policy`` ``error``: a :class:`TableError` naming the first duplicate's directories and the fix;
+    ``newest``/``oldest``: keep the run whose results.json was written last/first (the others stop
+    counting in that cell only: a run that claims several cells keeps the others)."""
+    if policy not in DUPLICATES:
+        raise TableError(f"--duplicates {policy!r}: choose one of {', '.join(DUPLICATES)}")
+    groups = duplicate_groups(table, runs)
+    if not groups:
+        return runs, []
+    if policy == "error":
+        (_, row, col), seed, rs = groups[0]
+        more = f"; {len(groups) - 1} more (cell, seed) pair(s) of this table have duplicates too" \
+            if len(groups) > 1 else ""
+        raise TableError(
+            f"table {table.name}, cell ({row}, {col}): seed {'none' if seed is None else seed} has {len(rs)} runs, "
+            f"{', '.join(str(r.path) for r in rs)} ({config_difference(rs[0], rs[-1])}), so it would count "
+            f"{len(rs)} times in the mean and std{more}. Remove or move the extra run directories, or pass "
+            "--duplicates newest (or oldest) to count only the run whose results.json was written last (first).")
+    drop: dict[int, set[tuple[str, str, str]]] = {}
+    notes = []
+    for cell, seed, rs in groups:
+        keep = rs[-1] if policy == "newest" else rs[0]
+        for r in rs:
+            if r is not keep:
+                drop.setdefault(id(r), set()).add(cell)
+                notes.append(f"cell ({cell[1]}, {cell[2]}) seed {seed}: counting {keep.path} (--duplicates "
+                             f"{policy}), not {r.path}")
+    out = [Run(r.path, r.results, r.dropped | frozenset(drop[id(r)])) if id(r) in drop else r for r in runs]
+    return out, notes
 
 
 def paper_cells(config: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -565,18 +688,31 @@ def render_csv(table: TableDef, cells: Cells, metric: str, info: Legend) -> str:
 RENDERERS = {"markdown": render_markdown, "latex": render_latex, "csv": render_csv}
 
 
+def counted_runs(table: TableDef, runs: list[Run], seeds: Sequence[int] | str | None = None,
+                 duplicates: str = "error") -> tuple[list[Run], list[Run], tuple[int, ...] | None, list[str]]:
+    """:func:`select_seeds`, then :func:`resolve_duplicates` on the runs that count (a duplicate of a seed
+    the table leaves out changes nothing): (counted, left out, seeds used, lines on duplicates dropped)."""
+    kept, left_out, used = select_seeds(table, runs, seeds)
+    kept, notes = resolve_duplicates(table, kept, duplicates)
+    return kept, left_out, used, notes
+
+
 def render(table: TableDef, runs: list[Run], metric: str | None = None, fmt: str = "markdown",
-           seeds: Sequence[int] | str | None = None) -> str:
+           seeds: Sequence[int] | str | None = None, duplicates: str = "error") -> str:
     """The whole table as text, from the runs (already loaded) and a definition. ``metric`` None = the
-    table's convention; ``seeds`` None = the table's declared seeds, ``"all"`` = every run."""
+    table's convention; ``seeds`` None = the table's declared seeds, ``"all"`` = every run; ``duplicates``:
+    :func:`resolve_duplicates`' policy."""
     metric = table.convention if metric is None else metric
     if metric not in METRICS:
         raise TableError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
     if fmt not in RENDERERS:
         raise TableError(f"--format {fmt!r}: choose one of {', '.join(RENDERERS)}")
-    kept, left_out, used = select_seeds(table, runs, seeds)
+    kept, left_out, used, dropped = counted_runs(table, runs, seeds, duplicates)
     cells = {m.key: build_cells(table, kept, metric, m.key) for m in table.metrics}
     note = legend(table, metric, len(kept), used, left_out, seeds_given=seeds is not None)
+    if dropped:
+        note = Legend(note.title, note.note + f" {len(dropped)} duplicate run(s) of a counted seed left out "
+                      f"(--duplicates {duplicates}).", note.seeds)
     return RENDERERS[fmt](table, cells, metric, note)
 
 
@@ -616,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
                    "table's paper convention (CIFAR/ImageNet best, COCO final)")
     p.add_argument("--seeds", default=None, help="'all' or comma-separated seeds to count (default: the seeds the "
                    "table declares, e.g. 0,1,2 for cifar100 and 0-4 for the cross-batch tables)")
+    p.add_argument("--duplicates", default="error", choices=DUPLICATES, help="two runs of one cell with the same "
+                   "seed: error (default; names both directories), or count only the newest/oldest results.json")
     p.add_argument("--format", default="markdown", choices=sorted(RENDERERS))
     p.add_argument("--definitions", default=None, help="table definitions YAML (default: kdrun/paper_numbers.yaml)")
     a = p.parse_args(argv)
@@ -628,11 +766,13 @@ def main(argv: list[str] | None = None) -> int:
             raise TableError(f"no such directory: {', '.join(missing)}")
         runs = find_runs(a.runs)
         table = defs[a.table]
-        text = render(table, runs, a.metric, a.format, parse_seeds(a.seeds))
+        text = render(table, runs, a.metric, a.format, parse_seeds(a.seeds), a.duplicates)
     except TableError as e:
         print(f"kdrun tables: error: {e}", file=sys.stderr)
         return 2
-    kept = select_seeds(table, runs, parse_seeds(a.seeds))[0]
+    kept, _, _, dropped = counted_runs(table, runs, parse_seeds(a.seeds), a.duplicates)
+    for line in dropped:
+        print(f"kdrun tables: {line}", file=sys.stderr)
     for line in blank_reasons(table, kept, table.convention if a.metric is None else a.metric):
         print(f"kdrun tables: {line}", file=sys.stderr)
     bad = unplaced(table, runs)

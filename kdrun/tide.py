@@ -136,10 +136,25 @@ def _load_gt(gt: Any) -> dict[str, Any]:
     if hasattr(gt, "dataset") and isinstance(gt.dataset, Mapping):  # pycocotools COCO
         return gt.dataset  # type: ignore[return-value]
     if isinstance(gt, (str, os.PathLike)):
-        return json.loads(Path(gt).read_text())
+        # A file from the user: checked, and its problems named (kdrun.data.coco; imported here only, as
+        # it brings torch, which the analysis itself does not need).
+        from kdrun.data.coco import check_annotations, read_json
+
+        return check_annotations(read_json(gt, "COCO annotation file"), gt)
     if isinstance(gt, Mapping):
         return dict(gt)
     raise TypeError(f"ground truth must be a COCO object, a json path or a dict, not {type(gt).__name__}")
+
+
+def _load_detections(detections: Any, data: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
+    """A detections file is parsed and checked (a damaged or foreign one is an error naming it, not a
+    traceback or detections silently dropped); a list given in code is used as it is."""
+    if not isinstance(detections, (str, os.PathLike)):
+        return detections  # type: ignore[no-any-return]
+    from kdrun.data.coco import check_detections, read_json
+
+    ids = {im["id"] for im in data.get("images", []) if isinstance(im, Mapping)}
+    return check_detections(read_json(detections, "detections file"), detections, ids)
 
 
 def tide(gt: Any, detections: Sequence[Mapping[str, Any]] | str | os.PathLike, pos_thresh: float = 0.5,
@@ -147,8 +162,7 @@ def tide(gt: Any, detections: Sequence[Mapping[str, Any]] | str | os.PathLike, p
     """TIDE box-error analysis of COCO-json ``detections`` (list or file) against ``gt`` (COCO object,
     annotation json path or dict). See the module docstring."""
     data = _load_gt(gt)
-    if isinstance(detections, (str, os.PathLike)):
-        detections = json.loads(Path(detections).read_text())
+    detections = _load_detections(detections, data)
     gts: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for a in data.get("annotations", []):
         gts[int(a["image_id"])].append(a)
@@ -320,7 +334,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pos-thresh", type=float, default=0.5)
     ap.add_argument("--bg-thresh", type=float, default=0.1)
     args = ap.parse_args(argv)
-    res = tide(args.gt, args.detections, args.pos_thresh, args.bg_thresh)
+    try:
+        res = tide(args.gt, args.detections, args.pos_thresh, args.bg_thresh)
+    except Exception as e:  # a damaged or foreign file: one paragraph, exit 2 (as `kdrun tide`)
+        from kdrun.errors import find_user_error, report
+
+        user = find_user_error(e)
+        if user is None:
+            raise
+        report(user)
     print(json.dumps(res.to_dict(), indent=2))
     if args.out:
         print(f"plot: {plot_tide(res, args.out)}")

@@ -103,6 +103,17 @@ class Balancer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.objectives: tuple[str, ...] = ()
+        # Where this balancer's settings live in the config, for the messages of bind (a wrapper such as
+        # objective_clip sets its inner balancer's to "balancer.inner").
+        self.config_key = "balancer"
+
+    def named_objectives(self) -> dict[str, list[str]]:
+        """The objective names this balancer's settings name, per setting (``{"alphas": ["distill"]}``).
+
+        :meth:`bind` checks them against the run's objectives, so that a setting naming an objective the
+        run does not have is an error instead of being ignored (``balancer.alphas={foo: 1}`` used to train
+        with the default weights). Every balancer with such a setting overrides this. Default: none."""
+        return {}
 
     def set_total_steps(self, total_steps: int) -> None:
         """Called once by the engine, before the first step, with the planned number of optimiser
@@ -120,6 +131,20 @@ class Balancer(nn.Module):
                 f"balancer {type(self).__name__} is defined for {want} objectives, got {k} "
                 f"({', '.join(objectives)}); change `objectives` or pick another balancer."
             )
+        for key, names in self.named_objectives().items():
+            unknown = [str(n) for n in names if n not in objectives]
+            if unknown:
+                example = ", ".join(f"{n}: 1.0" for n in objectives)
+                # The usual way to lose `distill`: a run without distill terms, or task.objectives naming
+                # the distillation objectives itself.
+                why = (" (there is a distill objective only with distill terms and the default task.objectives)"
+                       if "distill" in unknown else "")
+                raise BalancerConfigError(
+                    f"{self.config_key}.{key} names {', '.join(repr(n) for n in unknown)}, which "
+                    f"{'is not an objective' if len(unknown) == 1 else 'are not objectives'} of this run{why}: "
+                    f"its objectives are {', '.join(objectives)} (task.objectives groups the loss terms into "
+                    f"them); use those names, e.g. {self.config_key}.{key}={{{example}}}."
+                )
         self.objectives = tuple(objectives)
         self.on_bind()
 

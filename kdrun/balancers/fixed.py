@@ -16,7 +16,7 @@ from typing import Annotated
 
 import torch
 
-from kdrun.balancers.base import Balancer, StepContext, StepResult
+from kdrun.balancers.base import Balancer, BalancerConfigError, StepContext, StepResult
 from kdrun.config import Ge
 
 
@@ -27,15 +27,18 @@ class Fixed(Balancer):
         self,
         alpha_task: Annotated[float, Ge(0.0)] = 1.0,
         alpha_distill: Annotated[float, Ge(0.0)] = 1.0,
-        alphas: dict[str, float] | None = None,
+        alphas: dict[str, Annotated[float, Ge(0.0)]] | None = None,
     ) -> None:
         super().__init__()
         self.alpha_task = float(alpha_task)
         self.alpha_distill = float(alpha_distill)
         self.alphas = dict(alphas or {})
-        for name, a in self.alphas.items():
+        for name, a in self.alphas.items():  # validation checks the config; this, direct construction
             if a < 0:
-                raise ValueError(f"balancer.alphas.{name}={a}: weights must be >= 0")
+                raise BalancerConfigError(f"balancer.alphas.{name}={a} is negative; weights must be >= 0.")
+
+    def named_objectives(self) -> dict[str, list[str]]:
+        return {"alphas": list(self.alphas)}
 
     def on_bind(self) -> None:
         w = [self.alphas.get(n, self.alpha_task if n == "task" else self.alpha_distill)

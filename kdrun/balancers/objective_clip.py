@@ -43,7 +43,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from kdrun.balancers.base import Balancer, StepContext, StepResult
+from kdrun.balancers.base import Balancer, BalancerConfigError, StepContext, StepResult
 from kdrun.balancers.gradients import FeatureJacobian, Jacobian
 from kdrun.config import Gt
 
@@ -81,10 +81,13 @@ class ObjectiveClip(Balancer):
     def __init__(self, inner: Balancer, max_norm: Annotated[float, Gt(0.0)] = 0.1) -> None:
         super().__init__()
         if not isinstance(inner, Balancer):
-            raise TypeError(f"balancer.inner must be a Balancer, got {type(inner).__name__}")
+            raise BalancerConfigError(f"balancer.inner must be a balancer, got {type(inner).__name__}; pick one "
+                                      "with balancer@balancer.inner=NAME (e.g. fixed or dto).")
         if isinstance(inner, ObjectiveClip):
-            raise ValueError("balancer.inner is itself objective_clip; clip once")
+            raise BalancerConfigError("balancer.inner is itself objective_clip, which would clip twice; pick the "
+                                      "balancer to wrap with balancer@balancer.inner=NAME (e.g. fixed or dto).")
         self.inner = inner
+        inner.config_key = "balancer.inner"  # bind's messages name the inner balancer's settings there
         self.max_norm = float(max_norm)
         # The engine reads these flags from the instance; they are the wrapped method's.
         self.needs_aux_batch = inner.needs_aux_batch

@@ -151,15 +151,155 @@ class DetrTransform:
 # Data set and collate.
 
 
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The parsed JSON of ``path``, or a :class:`DatasetError` naming the file (unreadable, not UTF-8 text,
+    or not JSON: a truncated download or copy ends mid-value)."""
+    fix = "download, copy or generate it again"
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise DatasetError(f"{what} {path} cannot be read ({e.strerror or e}); check the path.") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{what} {path} is not text (a binary or damaged file?); {fix}.") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        pos = getattr(e, "pos", None)  # where the parser stopped: at the very end, or in an open string
+        cut = " (it ends mid-value: truncated?)" if pos is not None and (
+            pos >= len(text.rstrip()) or "Unterminated" in str(e)) else ""
+        raise DatasetError(f"{what} {path} is not valid JSON{cut}: {e}; {fix}.") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_annotations(data: Any, path: str | os.PathLike, num_classes: int | None = None) -> dict[str, Any]:
+    """``data`` (a parsed COCO instances file) if it can be trained and evaluated on, else a
+    :class:`DatasetError` naming ``path`` and what is wrong.
+
+    pycocotools accepts a file without ``annotations`` (or with categories the detector cannot output):
+    the run then trained on no boxes and reported AP −1.00. Checked: the ``images``, ``annotations`` and
+    ``categories`` lists (none empty), every annotation's ``image_id`` (listed in ``images``),
+    ``category_id`` (listed in ``categories``) and ``bbox`` (four numbers), and, given the detector's
+    ``num_classes``, every category id in ``0 .. num_classes − 1``."""
+    what = f"COCO annotation file {path}"
+    if not isinstance(data, dict):
+        raise DatasetError(f"{what} holds a JSON {type(data).__name__}, not an object with images, annotations "
+                           "and categories; point it at a COCO instances file (instances_<split>.json).")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DatasetError(f"{what} has no `{key}` (its keys: {', '.join(map(str, data)) or 'none'}); a COCO "
+                               "instances file (instances_<split>.json) holds images, annotations and categories, "
+                               "so use that file (not a captions or image-info one).")
+        if not isinstance(data[key], list):
+            raise DatasetError(f"{what}: `{key}` is a JSON {type(data[key]).__name__}, not a list; "
+                               "use a COCO instances file (instances_<split>.json).")
+        if not data[key]:
+            raise DatasetError(f"{what} has an empty `{key}` list: there is nothing to train on or evaluate "
+                               "(COCO AP would be -1); use a split that holds images with annotated objects.")
+    bad = next((im for im in data["images"] if not isinstance(im, dict) or not _is_int(im.get("id"))
+                or not isinstance(im.get("file_name"), str)), None)
+    if bad is not None:
+        raise DatasetError(f"{what}: an entry of `images` has no integer id and file_name ({str(bad)[:80]}); "
+                           "every image needs both.")
+    bad = next((c for c in data["categories"] if not isinstance(c, dict) or not _is_int(c.get("id"))), None)
+    if bad is not None:
+        raise DatasetError(f"{what}: an entry of `categories` has no integer id ({str(bad)[:80]}); every "
+                           "category needs one.")
+    images = {im["id"] for im in data["images"]}
+    cats = {c["id"] for c in data["categories"]}
+    for a in data["annotations"]:
+        box = a.get("bbox") if isinstance(a, dict) else None
+        if not isinstance(a, dict) or not _is_int(a.get("image_id")) or not _is_int(a.get("category_id")) \
+                or not isinstance(box, list) or len(box) != 4 \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+            raise DatasetError(f"{what}: an annotation lacks an integer image_id and category_id or a bbox of "
+                               f"four numbers ({str(a)[:120]}); every annotation needs all three.")
+        if a["image_id"] not in images:
+            raise DatasetError(f"{what}: annotation {a.get('id')} is of image {a['image_id']}, which `images` "
+                               "does not list; the file is inconsistent: use an unmodified COCO instances file.")
+        if a["category_id"] not in cats:
+            raise DatasetError(f"{what}: annotation {a.get('id')} has category_id {a['category_id']}, which "
+                               f"`categories` does not list (ids {_id_range(cats)}); every object needs a listed "
+                               "category: use an unmodified COCO instances file.")
+    if num_classes is not None:
+        outside = sorted(c for c in cats if not 0 <= c < num_classes)
+        if outside:
+            raise DatasetError(
+                f"{what} has category {'id' if len(outside) == 1 else 'ids'} {', '.join(map(str, outside[:5]))}"
+                f"{' ...' if len(outside) > 5 else ''} that a detector with dataset.num_classes={num_classes} "
+                f"outputs (ids 0..{num_classes - 1}) cannot represent; set dataset.num_classes="
+                f"{max(max(cats) + 1, num_classes)} (the largest category id + 1; 91 for COCO)"
+                + (" and use ids >= 0" if min(cats) < 0 else "") + ".")
+    return data
+
+
+def _id_range(ids: set[int]) -> str:
+    s = sorted(ids)
+    return ", ".join(map(str, s)) if len(s) <= 6 else f"{s[0]}..{s[-1]}"
+
+
+def check_detections(dets: Any, path: str | os.PathLike, image_ids: set[int] | None = None) -> list[dict[str, Any]]:
+    """``dets`` (a parsed COCO results file) if every entry is a detection of one of ``image_ids`` (the
+    ground truth's images; None: not checked), else a :class:`DatasetError` naming ``path``. The same
+    rules as pycocotools' ``loadRes``, which asserts instead (a traceback), and TIDE, which dropped
+    detections of unknown images without a word."""
+    what = f"detections file {path}"
+    form = "a COCO results list [{image_id, category_id, bbox: [x, y, w, h], score}, ...]"
+    fix = "re-run the evaluation that writes it (kdrun eval RUN_DIR --save-detections PATH)"
+    if not isinstance(dets, list):
+        raise DatasetError(f"{what} holds a JSON {type(dets).__name__}, not {form}; {fix}.")
+    for d in dets:
+        box = d.get("bbox") if isinstance(d, dict) else None
+        if not isinstance(d, dict) or not _is_int(d.get("image_id")) or not _is_int(d.get("category_id")) \
+                or not isinstance(d.get("score"), (int, float)) or isinstance(d.get("score"), bool) \
+                or not isinstance(box, list) or len(box) != 4 \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+            raise DatasetError(f"{what} has an entry that is not a detection ({str(d)[:120]}); it must be {form}; "
+                               f"{fix}.")
+    if image_ids is not None:
+        strangers = sorted({d["image_id"] for d in dets} - image_ids)
+        if strangers:
+            raise DatasetError(f"{what} has detections of {len(strangers)} image id(s) that the ground truth does "
+                               f"not have (e.g. {strangers[0]}): detections of another data set or split? Compare "
+                               "them with the annotation file they were made on (--gt).")
+    return dets
+
+
+def load_coco(path: str | os.PathLike, num_classes: int | None = None) -> Any:
+    """The pycocotools ``COCO`` of an annotation file, checked first (:func:`check_annotations`); the file
+    is parsed once, by us, so that a damaged one is named instead of failing inside pycocotools."""
+    from pycocotools.coco import COCO
+
+    data = check_annotations(read_json(path, "COCO annotation file"), path, num_classes)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its indexing steps
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    return coco
+
+
 class CocoDetection(torchvision.datasets.CocoDetection):
     """torchvision's COCO reader + DETR's target preparation + a :class:`DetrTransform`.
 
     ``self.coco`` is the pycocotools ``COCO`` of the annotation file: evaluation reads the ground
-    truth from it."""
+    truth from it. The file is read by :func:`load_coco` (checked; errors name it), so torchvision's
+    ``__init__``, which hands the path to pycocotools, is bypassed for ``VisionDataset``'s."""
 
-    def __init__(self, img_folder: str, ann_file: str, transform: Callable[..., Any]) -> None:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its loading steps
-            super().__init__(img_folder, ann_file)
+    def __init__(self, img_folder: str, ann_file: str, transform: Callable[..., Any],
+                 num_classes: int | None = None) -> None:
+        torchvision.datasets.VisionDataset.__init__(self, img_folder)
+        self.coco = load_coco(ann_file, num_classes)
+        self.ids = list(sorted(self.coco.imgs.keys()))
+        # Missing image files would fail mid-epoch in a loader worker; one listing finds them all now.
+        present = set(os.listdir(img_folder))
+        missing = [im["file_name"] for im in self.coco.dataset["images"] if im["file_name"] not in present
+                   and not os.path.isfile(os.path.join(img_folder, im["file_name"]))]  # a name with a folder
+        if missing:
+            raise DatasetError(f"{len(missing)} image(s) that {ann_file} lists are not in {img_folder} (e.g. "
+                               f"{missing[0]}); copy or extract the split's images there, or use the annotation "
+                               "file of the images you have.")
         self._detr_transform = transform
 
     def __getitem__(self, idx: int) -> tuple[Tensor, Target]:
@@ -246,12 +386,9 @@ def build(
     common = dict(scales=[int(s) for s in scales], max_size=int(max_size),
                   crop_scales=[int(s) for s in crop_scales], crop_size=(int(crop_size[0]), int(crop_size[1])),
                   eval_size=int(eval_size), eval_max_size=int(eval_max_size) or int(eval_size) * 1333 // 800)
-    train = CocoDetection(*paths[train_split], transform=DetrTransform(train=augment, **common))
-    val = CocoDetection(*paths[val_split], transform=DetrTransform(train=False, **common))
-    max_id = max([c["id"] for c in train.coco.dataset.get("categories", [])] + [0])
-    if max_id >= num_classes:
-        raise DatasetError(f"dataset.num_classes={num_classes} but the annotations have category id {max_id}; "
-                           f"the detector needs num_classes >= {max_id + 1} outputs.")
+    train = CocoDetection(*paths[train_split], transform=DetrTransform(train=augment, **common),
+                          num_classes=num_classes)
+    val = CocoDetection(*paths[val_split], transform=DetrTransform(train=False, **common), num_classes=num_classes)
     return DataModule(train=train, val=val, num_classes=num_classes, in_chans=3, image_size=int(eval_size),
                       collate_fn=collate)
 

@@ -256,11 +256,13 @@ def coco_evaluate(coco_gt: Any, detections: list[dict[str, Any]] | str | os.Path
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    if not isinstance(coco_gt, COCO):
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO(str(coco_gt))
+    from kdrun.data.coco import check_detections, load_coco, read_json
+
+    if not isinstance(coco_gt, COCO):  # a file: checked, its problems named (not a pycocotools traceback)
+        coco_gt = load_coco(coco_gt)
     if isinstance(detections, (str, os.PathLike)):
-        detections = json.loads(Path(detections).read_text())
+        detections = check_detections(read_json(detections, "detections file"), detections,
+                                      set(coco_gt.getImgIds()))
     ids = sorted(coco_gt.getImgIds()) if img_ids is None else sorted(int(i) for i in img_ids)
     keep = set(ids)
     detections = [d for d in detections if int(d["image_id"]) in keep]
