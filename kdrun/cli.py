@@ -134,11 +134,15 @@ def run_train(argv: list[str]) -> None:
     scratch: str | None = None
     if joined and env is not None and env.rank != 0:
         # Every rank runs Hydra, but only rank 0's output directory is the run directory (it is
-        # broadcast below). The other ranks' Hydra writes into a scratch directory that is removed at
-        # exit, so no per-rank ${now:...} directories appear beside the run.
-        scratch = tempfile.mkdtemp(prefix=f"kdrun-rank{env.rank}-")
-        argv = [*argv, f"hydra.run.dir={scratch}/run", f"hydra.sweep.dir={scratch}/sweep",
-                "hydra.output_subdir=null"]
+        # broadcast below). Hydra writes nothing into a run directory (conf/config.yaml: no .hydra/, no
+        # log file) and only creates it if missing, so the other ranks point it at the temp directory,
+        # which exists: no per-rank ${now:...} directory beside the run, and nothing for a kill -9 to
+        # leave behind. A sweep (-m) writes multirun.yaml, so there a scratch directory is used,
+        # removed at exit.
+        argv = [*argv, f"hydra.run.dir={tempfile.gettempdir()}", "hydra.output_subdir=null"]
+        if any(a in ("-m", "--multirun") for a in argv):
+            scratch = tempfile.mkdtemp(prefix=f"kdrun-rank{env.rank}-")
+            argv.append(f"hydra.sweep.dir={scratch}/sweep")
 
     task_failed = False  # an exception escaped the task function (not Hydra's own setup)
 

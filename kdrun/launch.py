@@ -203,7 +203,7 @@ def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int, recor
         torch.set_num_threads(threads)
     cfg = OmegaConf.load(cfg_path)
     record = json.loads(Path(record_path).read_text()) if record_path else {}
-    die_with_launcher(float(cfg.trainer.get("preempt_grace_s", 120.0)))
+    die_with_launcher(float(OmegaConf.select(cfg, "trainer.preempt_grace_s", default=120.0)))
     D.init_process_group(dev_type)
     try:
         from kdrun.engine import train

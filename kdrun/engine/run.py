@@ -64,7 +64,7 @@ def finished_run(st: TrainState, t: TrainerConfig, run_dir: Path) -> dict[str, A
     done): the result that says so, or None. The run's files stay as they are."""
     if st.epoch >= t.epochs:
         why = f"all {t.epochs} epochs done, step {st.step}"
-    elif t.max_steps and st.step >= t.max_steps:
+    elif 0 < t.max_steps <= st.step:  # the loop's stop rule (-1: no step limit)
         why = f"trainer.max_steps={t.max_steps} reached at step {st.step}"
     else:
         return None

@@ -27,7 +27,7 @@ def test_kill9_of_an_srun_job_mid_epoch_resumes_bit_identically(two_proc: dict[s
     marker = tmp_path / "hung"
     hang_at = FT_STEPS_PER_EPOCH + 3  # step 14: in epoch 2, after the checkpoint of step 12
     port = str(free_port())
-    (tmp_path / "tmp").mkdir()  # TMPDIR: rank 1's Hydra scratch dir, which a SIGKILL leaves behind
+    (tmp_path / "tmp").mkdir()  # TMPDIR of the ranks: rank 1's Hydra must leave nothing there
     # Every step logged (no effect on the numbers): the kill comes after steps 13 and 14 were logged,
     # past the checkpoint of step 12, and the resumed run logs them again.
     procs = [kdrun_train([*FT, "logger.log_every=1", *pause(hang_at, marker)], cwd=tmp_path, extra_env={
@@ -41,7 +41,8 @@ def test_kill9_of_an_srun_job_mid_epoch_resumes_bit_identically(two_proc: dict[s
             p.kill()  # SIGKILL: no handler runs, nothing is flushed
             p.wait()
     run_dirs = [d for d in (tmp_path / "runs").glob("*/*") if d.is_dir()]
-    assert len(run_dirs) == 1, run_dirs  # rank 1's Hydra wrote into a scratch dir, not here
+    assert len(run_dirs) == 1, run_dirs  # rank 1's Hydra wrote no directory here ...
+    assert not list((tmp_path / "tmp").glob("kdrun-rank*")), "a scratch directory outlived the kill"  # ... nor there
     run_dir = run_dirs[0]
     state = ckpt.load(run_dir / "last.pt")
     assert (state["step"], state["epoch"], state["epoch_step"]) == (12, 1, 1)  # mid-epoch
