@@ -177,7 +177,7 @@ def test_worker_process_reports_a_wrapped_user_error_in_one_line(
 
     from kdrun.data.base import DatasetError
 
-    def wrapped(cfg: object, run_dir: Path) -> None:
+    def wrapped(cfg: object, run_dir: Path, record: object = None) -> None:
         try:
             raise DatasetError("no data under dataset.root='/x'.")
         except DatasetError as e:
@@ -190,7 +190,7 @@ def test_worker_process_reports_a_wrapped_user_error_in_one_line(
     (tmp_path / "cfg.yaml").write_text("seed: 0\n")
     assert launch.train_worker(str(tmp_path / "cfg.yaml"), str(tmp_path / "run"), "cpu", 0) == 2
     assert capsys.readouterr().err == "kdrun: error: no data under dataset.root='/x'.\n"
-    monkeypatch.setattr(kdrun.engine, "train", lambda cfg, run_dir: 1 / 0)  # a bug keeps its traceback
+    monkeypatch.setattr(kdrun.engine, "train", lambda cfg, run_dir, record=None: 1 / 0)  # a bug keeps its traceback
     with pytest.raises(ZeroDivisionError):
         launch.train_worker(str(tmp_path / "cfg.yaml"), str(tmp_path / "run"), "cpu", 0)
 
