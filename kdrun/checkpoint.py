@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from kdrun import distributed as D
-from kdrun.models.build import CheckpointError, CheckpointPermissionError, check_fits, load_file
+from kdrun.models.build import (CheckpointError, CheckpointPermissionError, CheckpointUnreadable, check_fits,
+                               damage, first_line, load_file)
 
 FORMAT = "kdrun/1"
 
@@ -86,7 +87,8 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read a kdrun checkpoint; errors name the file and never touch other checkpoints."""
     state = load_file(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a kdrun training checkpoint (format {FORMAT}).")
+        raise CheckpointError(f"{path} is not a kdrun training checkpoint (format {FORMAT}): give a last.pt or "
+                              "best.pt that `kdrun train` wrote (or its run directory).")
     return state
 
 
@@ -98,8 +100,17 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
         p = run_dir / "last.pt"
         return p if p.is_file() else None
     p = Path(resume).expanduser()
+    if p.is_dir():  # "does not exist" would be wrong advice: the path is there, it is not a file
+        last = p / "last.pt"
+        raise CheckpointError(
+            f"trainer.resume={resume} is a directory; trainer.resume takes a checkpoint file"
+            + (f": trainer.resume={last}, or continue that run in its own directory with hydra.run.dir={p} "
+               "trainer.resume=auto." if last.is_file() else
+               f", and {p} holds no last.pt (a run that stopped before its first checkpoint, or "
+               "trainer.save_last=false): give the path of a last.pt, or start a fresh run."))
     if not p.is_file():
-        raise CheckpointError(f"trainer.resume={resume}: no such checkpoint file.")
+        raise CheckpointError(f"trainer.resume={resume}: no such checkpoint file"
+                              + (" (it is not a regular file)." if p.exists() else "."))
     return p
 
 
@@ -149,13 +160,71 @@ def load_resume(path: Path, trainable: nn.Module) -> dict[str, Any]:
     except CheckpointError as e:
         good = [p for p in (previous_path(path), path.with_name("best.pt")) if p.is_file() and p != path]
         hint = (" The previous good checkpoint is untouched: resume from it with "
-                + " or ".join(f"trainer.resume={p}" for p in good) + ".") if good else ""
+                + " or ".join(f"trainer.resume={p}" for p in good) + ".") if good else (
+            " No other checkpoint of that run is beside it: resume from a good copy of it, or start a fresh "
+            "run (trainer.resume=null; trainer.overwrite=true to start over in that run directory)."
+            if isinstance(e, CheckpointUnreadable) else "")
+        # the resume advice replaces load_file's generic "use another checkpoint of the same run"
+        if isinstance(e, CheckpointUnreadable):  # still one: a caller may know better ways on (a teacher fit)
+            raise CheckpointUnreadable(f"{damage(path, e.why)}{hint}", path, e.why) from None
         raise CheckpointError(f"{e}{hint}") from None
     if not isinstance(s.get("trainable"), dict):
         raise CheckpointError(f"{path} holds no training state (no 'trainable'); resume needs a last.pt "
                               "or best.pt written by `kdrun train`.")
     check_fits(trainable, s["trainable"], path)
     return s
+
+
+# The parts whose class a resume must keep: their state (balancer logits and optimiser moments, an
+# optimiser's parameter groups) means nothing to another class, and a run that changes its method midway
+# is not the run its results.json describes. (Hyperparameters of the same class may change on resume.)
+SAME_CLASS_ON_RESUME = ("balancer", "optimizer")
+
+
+def _targets(node: Any) -> list[str]:
+    """Every ``_target_`` of a config node, depth first (a wrapper balancer names its inner one too)."""
+    if isinstance(node, dict):
+        own = [str(node["_target_"])] if "_target_" in node else []
+        return own + [t for k, v in node.items() if k != "_target_" for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
+def _config_targets(config_yaml: str, key: str) -> list[str] | None:
+    """The ``_target_``s of ``key`` in a stored config (YAML); None when it cannot be read (an old or
+    hand-made checkpoint: then nothing is compared and load_state_dict has the last word)."""
+    from omegaconf import OmegaConf
+
+    try:
+        node = OmegaConf.to_container(OmegaConf.create(config_yaml), resolve=False).get(key)  # type: ignore[union-attr]
+    except Exception:
+        return None
+    return _targets(node) if node is not None else None
+
+
+def check_same_method(path: Path, stored_config: Any, config_yaml: str) -> None:
+    """Refuse to resume a checkpoint whose balancer or optimiser class differs from this run's, naming both
+    (torch's ``load_state_dict`` would fail with missing keys, or silently load a stateless one). The
+    student's weights alone can start a fresh run: ``student.checkpoint`` reads a kdrun checkpoint."""
+    if not isinstance(stored_config, str):
+        return
+    for key in SAME_CLASS_ON_RESUME:
+        theirs, ours = _config_targets(stored_config, key), _config_targets(config_yaml, key)
+        if theirs is None or ours is None or theirs == ours:
+            continue
+        raise CheckpointError(
+            f"trainer.resume: checkpoint {path} was written with {key} {' > '.join(theirs)}, but this run asks "
+            f"for {key} {' > '.join(ours)}. A resumed run continues the same method: resume with the "
+            f"checkpoint's {key} (see {stored_config_place(path)}), or start a fresh run from its student's "
+            f"weights only with trainer.resume=null student.checkpoint={path} in a new run directory (the "
+            "balancer, optimiser, schedule and projectors then start anew).")
+
+
+def stored_config_place(path: Path) -> str:
+    """Where a user reads the config a checkpoint was written with."""
+    beside = path.parent / "config.yaml"
+    return str(beside) if beside.is_file() else "the 'config' entry stored in the checkpoint"
 
 
 def disk_full_error(path: Path, state: TrainState, e: OSError) -> CheckpointError:
@@ -257,8 +326,17 @@ class Checkpointer:
         if path is None:
             return None
         s = load_resume(path, self.parts["trainable"])
+        check_same_method(path, s.get("config"), self.config_yaml)
         for k, part in self.parts.items():
-            part.load_state_dict(s[k])
+            try:
+                part.load_state_dict(s[k])
+            except (KeyError, RuntimeError, ValueError) as e:  # a checkpoint that check_same_method let by
+                raise CheckpointError(
+                    f"trainer.resume: the {k} state in checkpoint {path} does not fit this run's "
+                    f"{type(part).__name__} ({first_line(e)}): that run configured its {k} differently. Resume "
+                    f"with that run's settings (see {stored_config_place(path)}), or start a fresh run from the "
+                    f"student's weights only with trainer.resume=null student.checkpoint={path} in a new run "
+                    "directory.") from None
         keys = TrainState.__dataclass_fields__
         state = TrainState(**{k: s[k] for k in keys if k in s})  # older files lack skipped/aux_batches/wall
         self._wall_before, self._session_start = float(state.wall_time_s), time.perf_counter()

@@ -85,11 +85,15 @@ def hydra_error_message(e: BaseException) -> Optional[str]:
     from hydra.errors import CompactHydraException, ConfigCompositionException
     from omegaconf.errors import OmegaConfBaseException
 
+    from kdrun.errors import missing_option_message
     from kdrun.extras import missing_extra_message
 
     extra = missing_extra_message(e)  # a feature whose pip extra is not installed (hydra/launcher=slurm)
     if extra is not None:
         return extra
+    option = missing_option_message(e)  # balancer=dtoo: the close matches, not every option of the group
+    if option is not None:
+        return option
     if isinstance(e, ConfigCompositionException):
         message = missing_key_message(e)
         if message is not None:
@@ -423,6 +427,13 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command '{name}'; valid commands are {', '.join(COMMANDS)}.")
     try:
         status = command.run(rest)
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (whose stop handler checkpoints instead), mostly in the first
+        # seconds, while torch and Hydra import: the shell's exit status for SIGINT, no traceback.
+        if full_traceback_requested():
+            raise
+        print("kdrun: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception as e:  # a user error, also one wrapped by instantiate: one paragraph, exit 2
         user = find_user_error(e)
         if user is None:

@@ -10,9 +10,11 @@ A user error raised inside ``hydra.utils.instantiate`` reaches the caller wrappe
 """
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
-from typing import NoReturn, Optional
+from typing import NoReturn, Optional, Sequence
 
 
 class NonFiniteError(FloatingPointError):
@@ -64,7 +66,71 @@ def fail(message: str, prefix: str = "kdrun: error") -> NoReturn:
 def report(e: BaseException, full_traceback: Optional[bool] = None) -> NoReturn:
     """One paragraph for a user error; re-raised (traceback) with HYDRA_FULL_ERROR=1.
 
-    ``full_traceback`` overrides the environment (the CLI reads it before it sets the variable for Hydra)."""
+    ``full_traceback`` overrides the environment (the CLI reads it before it sets the variable for Hydra).
+    Inside a sweep (``-m``) the advice to choose another ``hydra.run.dir`` names ``hydra.sweep.dir``."""
     if full_traceback_requested() if full_traceback is None else full_traceback:
         raise e
-    fail(str(e))
+    message = str(e)
+    fail(for_sweep(message) if in_sweep() else message)
+
+
+# "choose another hydra.run.dir": the setting to change. Not "hydra.run.dir=PATH", which is a command that
+# continues one job of a sweep on its own and stays right.
+_RUN_DIR_ADVICE = re.compile(r"\bhydra\.run\.dir\b(?!=)")
+
+
+def for_sweep(message: str) -> str:
+    """A run-directory message as a sweep's job reads it: the engine words its refusals for a single run
+    (:mod:`kdrun.rundir`), but a job's directory is ``hydra.sweep.dir``/``hydra.sweep.subdir``, and
+    ``hydra.run.dir`` does nothing under ``-m``."""
+    return _RUN_DIR_ADVICE.sub("hydra.sweep.dir", message)
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a job of a Hydra multirun (asked while the job runs: Hydra's config is
+    set then). Hydra is imported only if it already is: ``kdrun eval``/``tables`` never start it."""
+    if "hydra.core.hydra_config" not in sys.modules:
+        return False
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # a half-set Hydra config: no sweep to speak of
+        return False
+
+
+# More options than this are not listed in a message: `kdrun train --help` lists them (the recipe group
+# has about 200).
+LIST_AT_MOST = 12
+
+
+def close_options(name: str, options: Sequence[str], most: int = 5) -> list[str]:
+    """The options a misspelt ``name`` most likely meant: difflib's close matches, else the options that
+    contain it (``+recipe=resnet20`` → every recipe with that student)."""
+    close = difflib.get_close_matches(name, options, n=most, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(name.lower(), [o.lower() for o in options], n=most, cutoff=0.6)
+        close = [o for o in options if o.lower() in close]
+    if not close and len(name) >= 3:
+        close = [o for o in options if name.lower() in o.lower()][:most]
+    return close
+
+
+def missing_option_message(e: BaseException) -> Optional[str]:
+    """Hydra's "Could not find 'group/option'" prints every option of the group (about 200 recipes) and its
+    search path; say the option does not exist, the close matches first, and where the full list is.
+    ``None`` when ``e`` is not that error."""
+    missing = getattr(e, "missing_cfg_file", None)
+    options = list(getattr(e, "options", None) or [])
+    if not missing or not options or "Could not find" not in str(e):
+        return None
+    group, _, name = str(missing).rpartition("/")
+    if not group:
+        return None
+    close = close_options(name, options)
+    guess = (f" (did you mean {' or '.join(close)}?)" if len(close) <= 2 else
+             f" (did you mean {', '.join(close[:-1])} or {close[-1]}?)") if close else " (no option is close to it)"
+    listing = (f"The options are {', '.join(options)}." if len(options) <= LIST_AT_MOST else
+               f"`kdrun train --help` lists all {len(options)} options of {group} (and of every other group).")
+    return f"the config group {group} has no option '{name}'{guess}. {listing}"

@@ -56,7 +56,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         for name in ("best.pt", "last.pt"):
             if (p / name).is_file():
                 return p / name
-        raise CheckpointError(f"{p} holds neither best.pt nor last.pt.")
+        raise CheckpointError(
+            f"{p} is a directory without best.pt or last.pt: give a run directory that holds one of them, or "
+            "the path of a checkpoint file"
+            + (f" (e.g. the previous last.pt kept beside it: {p / 'last.pt.prev'})." if (p / "last.pt.prev").is_file()
+               else " (a run that stopped before its first checkpoint has none).")
+        )
     return p
 
 

@@ -89,6 +89,22 @@ HEARTBEAT_EVERY_S = 5.0
 FILL_STALE_AFTER_S = 300.0
 
 
+def unusable_dir(path: str | os.PathLike) -> str | None:
+    """Why the directory ``path`` cannot be created or written (its first existing ancestor is a file or
+    not writable by this user), or None. Asked before a fill or a teacher fit creates anything, so that the
+    error names the setting that placed it (``teacher.cache.dir``, ``KDRUN_CACHE``): ``mkdir`` under a file
+    raises FileExistsError, which the fill would take for another process's fill in progress."""
+    path = Path(path).expanduser()
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{parent} is not writable by this user"
+            return None
+    return None
+
+
 # -- fingerprints -------------------------------------------------------------------------------------
 
 
@@ -391,6 +407,12 @@ class CacheBuilder:
         if path.exists():  # CacheBusy too: a sweep's other run may have finished its fill since we looked
             raise CacheBusy(f"{path} already exists; open it with TeacherCache.open, or delete it to refill.")
         partial = path.with_name(path.name + ".partial")
+        why = unusable_dir(partial)
+        if why is not None:
+            raise CacheError(
+                f"the teacher cache {path} cannot be created ({why}). Point teacher.cache.dir at a writable "
+                "directory, or (its default is $KDRUN_CACHE/teacher_outputs) point KDRUN_CACHE at one "
+                f"(KDRUN_CACHE={os.environ.get('KDRUN_CACHE') or 'unset: ~/.cache/kdrun'}).")
         try:
             # Atomic: of several runs of a sweep starting together, exactly one creates the directory and
             # fills it; the others get CacheBusy and wait for it (wait_for_fill). An existing one is never

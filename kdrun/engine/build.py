@@ -26,10 +26,10 @@ from kdrun.config import TeacherCacheConfig, TrainerConfig, teacher_cache_config
 from kdrun.data.base import DataModule
 from kdrun.data.loaders import Loaders, collate_fn, make_loaders
 from kdrun.engine.runtime import seed_everything, sync_batchnorm
-from kdrun.engine.teacher import Teacher
+from kdrun.engine.teacher import Teacher, teacher_load_error
 from kdrun.engine.trainable import Trainable, freeze_bn_stats
 from kdrun.losses.base import DataInfo, DistillLoss
-from kdrun.models.build import build_model
+from kdrun.models.build import CheckpointError, build_model
 from kdrun.models.taps import ModelOutput, Tapped
 from kdrun.teacher_cache import (CacheBuilder, CacheBusy, CacheError, TeacherCache, cache_state, default_dir,
                                  make_key, refuse_mixup, wait_for_fill)
@@ -77,7 +77,11 @@ def build_teacher(cfg: DictConfig, t: TrainerConfig, distill: dict[str, DistillL
     """The frozen, tapped teacher (``None`` without ``teacher``), with the taps the terms read."""
     if cfg.get("teacher") is None:
         return None
-    model = Tapped(build_model(cfg.teacher), [tp for d in distill.values() for tp in d.teacher_taps])
+    try:
+        bare = build_model(cfg.teacher)
+    except CheckpointError as e:  # says teacher.checkpoint; a damaged cached teacher: the file to delete
+        raise teacher_load_error(cfg, e) from None
+    model = Tapped(bare, [tp for d in distill.values() for tp in d.teacher_taps])
     model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)

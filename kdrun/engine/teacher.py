@@ -4,13 +4,22 @@ The teacher is called on the batch the student sees, *after* mixup/cutmix (see :
 in eval mode under ``torch.inference_mode`` and its own precision (``trainer.teacher_precision``). Its
 outputs leave inference mode as ordinary tensors, so that loss terms may save them for backward: the
 logits are cloned out, and every feature tap is copied once, when it is taken (:class:`Tapped`).
+
+A missing teacher (``teacher.fit_if_missing_epochs``) is fitted in the teacher cache as a run of its own
+(:func:`fit_teacher`), once however many runs miss it at the same time: one claims the fit
+(:class:`FitClaim`), the others wait for its teacher (:func:`wait_for_fit`).
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
+import socket
+import threading
+import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +29,10 @@ from kdrun import distributed as D
 from kdrun.config import ConfigError
 from kdrun.engine.runtime import autocast
 from kdrun.logger import console_phase
+from kdrun.models.build import (CheckpointError, CheckpointPermissionError, CheckpointUnreadable, damage,
+                                not_a_file_message)
 from kdrun.models.taps import ModelOutput, Tapped, freeze
+from kdrun.teacher_cache import unusable_dir
 
 
 class Teacher:
@@ -77,6 +89,8 @@ def needs_fit(cfg: DictConfig) -> Path | None:
     path = teacher_checkpoint(cfg)
     if path is None or path.is_file() or int(cfg.teacher.get("fit_if_missing_epochs", 0)) <= 0:
         return None
+    if path.exists():  # a directory given as the checkpoint: it exists, so "does not exist" would mislead
+        raise CheckpointError(f"teacher.checkpoint: {not_a_file_message(path)}")
     if not in_teacher_cache(path):
         raise ConfigError(
             f"teacher.checkpoint={path} does not exist. teacher.fit_if_missing_epochs="
@@ -135,11 +149,228 @@ def fit_dir(path: Path) -> Path:
     return path.with_suffix("").with_name(path.stem + "_fit")
 
 
-def fit_teacher(cfg: DictConfig, path: Path, train: Callable[[DictConfig, Path], dict[str, Any]]) -> dict[str, Any]:
+def cache_env() -> str:
+    """How the user set the cache, for messages: ``KDRUN_CACHE=VALUE`` or that it is unset (the default)."""
+    env = os.environ.get("KDRUN_CACHE")
+    return f"KDRUN_CACHE={env}" if env else "KDRUN_CACHE is unset, so the default ~/.cache/kdrun"
+
+
+def check_fit_place(path: Path) -> None:
+    """The teacher fit writes ``path`` and its run directory under ``$KDRUN_CACHE/teachers/``: a cache that
+    is a file or not writable is an error naming ``KDRUN_CACHE`` (the fit's own run-directory check would
+    advise another ``hydra.run.dir``, which is not what places the fit)."""
+    why = unusable_dir(fit_dir(path))
+    if why is not None:
+        raise ConfigError(
+            f"The missing teacher {path} cannot be fitted: its place in the teacher cache cannot be written "
+            f"({why}). Fits go to $KDRUN_CACHE/teachers/ and {cache_env()}: point KDRUN_CACHE at a writable "
+            "directory (it is created if missing), e.g. export KDRUN_CACHE=$HOME/.cache/kdrun, and run again.")
+
+
+def teacher_load_error(cfg: DictConfig, e: CheckpointError) -> CheckpointError:
+    """The error of a ``teacher.checkpoint`` that cannot be loaded, saying ``teacher.checkpoint``; for a
+    damaged teacher in the teacher cache (a fit's output, kdrun's own file) the way on is to delete it so
+    that it is made again, not to look for "another checkpoint of the same run"."""
+    path = teacher_checkpoint(cfg)
+    if isinstance(e, CheckpointPermissionError) or path is None or not in_teacher_cache(path):
+        return CheckpointError(f"teacher.checkpoint: {e}")
+    fit = fit_dir(path)
+    epochs = int(cfg.teacher.get("fit_if_missing_epochs", 0))
+    anew = (f"teacher.fit_if_missing_epochs={epochs} then fits it anew" if epochs > 0 else
+            "then copy a good teacher there, or set teacher.fit_if_missing_epochs=N to fit it in the cache")
+    if isinstance(e, CheckpointUnreadable):
+        what, delete = damage(path, e.why), str(path)
+        if epochs > 0 and (fit / "last.pt").is_file():  # the fit that made it: its weights are saved again
+            anew = (f"the teacher is then saved again from its fit's last checkpoint {fit / 'last.pt'} (if that "
+                    f"is damaged too, delete {fit} as well: the teacher is then fitted anew)")
+    else:  # another architecture under this name: the fit directory beside it is of that one too
+        what, delete = str(e), str(path) + (f" and its fit directory {fit}" if fit.exists() else "")
+    return CheckpointError(f"teacher.checkpoint: {what} It is the cached teacher in {teacher_cache()}/ "
+                           f"({cache_env()}): delete {delete} and run again; {anew}.")
+
+
+# -- one fit per teacher: concurrent runs wait for it ------------------------------------------------------
+#
+# Runs that start together and miss the same teacher (two quickstarts, a sweep's jobs) must not both fit
+# it: the fit directory has one writer (its run lock), so the second used to fail. As the teacher-output
+# cache's fill does (kdrun.teacher_cache "Concurrent runs"), the first run claims the fit atomically
+# (``<teacher>.fitting``, O_CREAT | O_EXCL) and touches it while fitting; the others wait until the
+# teacher is saved. A claim whose holder died is taken over and the fit continues from its last.pt:
+# same host and the pid is gone, or no heartbeat for FIT_STALE_AFTER_S: the fit directory's own run-lock
+# rule (kdrun.rundir.RunLock), with a margin, so that the takeover also gets that lock.
+
+FIT_CLAIM_SUFFIX = ".fitting"
+FIT_HEARTBEAT_S = 10.0
+# RunLock's stale_after_s (300 s) plus its heartbeat period (30 s): the claim's last beat can precede the
+# fit-directory lock's by up to that period, and the takeover must find that lock stale too.
+FIT_STALE_AFTER_S = 330.0
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    start = holder.get("start")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)) if isinstance(start, (int, float)) else "?"
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {when}"
+
+
+class FitClaim:
+    """``<teacher path>.fitting``: which process is fitting this teacher, with a heartbeat while it does."""
+
+    def __init__(self, teacher_path: Path, heartbeat_s: float = FIT_HEARTBEAT_S,
+                 stale_after_s: float = FIT_STALE_AFTER_S) -> None:
+        self.teacher = Path(teacher_path)
+        self.path = self.teacher.with_name(self.teacher.name + FIT_CLAIM_SUFFIX)
+        self.heartbeat_s, self.stale_after_s = float(heartbeat_s), float(stale_after_s)
+        self.token = uuid.uuid4().hex
+        self.note: str | None = None  # set when a dead holder's claim was taken over
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._thread is not None
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
+                       "token": self.token}, f)
+        self._thread = threading.Thread(target=self._beat, name="kdrun-fit-claim", daemon=True)
+        self._thread.start()
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # the next beat tries again
+
+    def holder(self) -> dict[str, Any] | None:
+        """The claim's holder (with the heartbeat's ``mtime``), or None when nobody holds it."""
+        try:
+            text, mtime = self.path.read_text(), self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(text)
+            holder = holder if isinstance(holder, dict) else {}
+        except ValueError:
+            holder = {}  # caught between create and write
+        holder["mtime"] = mtime
+        return holder
+
+    def dead(self, holder: dict[str, Any]) -> str | None:
+        """Why the holder is dead, or None if it may be alive (the rule of kdrun.rundir.RunLock)."""
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return "its process no longer exists"
+            except PermissionError:
+                pass  # alive, another user's
+            return None
+        age = time.time() - float(holder["mtime"])
+        return f"its heartbeat stopped {age:.0f} s ago" if age > self.stale_after_s else None
+
+    def take(self) -> dict[str, Any] | None:
+        """Claim the fit: None when this process holds it now, else the live holder. A dead holder's
+        claim is moved aside under a unique name (of two processes taking it over, one rename wins)."""
+        for _ in range(3):
+            if self._create():
+                return None
+            holder = self.holder()
+            if holder is None:
+                continue  # released meanwhile
+            why = self.dead(holder)
+            if why is None:
+                return holder
+            aside = self.path.with_name(f"{self.path.name}.stale-{self.token}")
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                continue
+            aside.unlink(missing_ok=True)
+            self.note = f"took over the teacher fit of {describe_holder(holder)}: {why}"
+        return self.holder() or {}
+
+    def release(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._thread = None
+        holder = self.holder()
+        if holder is not None and holder.get("token") == self.token:  # never remove another's claim
+            self.path.unlink(missing_ok=True)
+
+
+def wait_for_fit(claim: FitClaim, poll_s: float = 2.0, say: Callable[[str], None] | None = None
+                 ) -> Literal["done", "released", "dead"]:
+    """Wait while another process fits the teacher: ``done`` (the teacher is saved), ``released`` (the
+    fit ended without a teacher: it failed or was stopped; claim it and continue it) or ``dead`` (its
+    holder died: take the claim over)."""
+    said = False
+    while True:
+        if claim.teacher.is_file():
+            return "done"
+        holder = claim.holder()
+        if holder is None:
+            return "done" if claim.teacher.is_file() else "released"
+        if claim.dead(holder) is not None:
+            return "dead"
+        if not said and say is not None:
+            say(f"[kdrun] another process ({describe_holder(holder)}) is fitting the teacher {claim.teacher}; "
+                f"waiting for it to finish (its console: {fit_dir(claim.teacher) / 'cli.log'})")
+            said = True
+        time.sleep(poll_s)
+
+
+def fit_teacher(cfg: DictConfig, path: Path, train: Callable[[DictConfig, Path], dict[str, Any]],
+                poll_s: float = 2.0) -> dict[str, Any]:
+    """Fit the missing teacher at ``path`` once, however many runs miss it at the same time: this process
+    claims the fit (:class:`FitClaim`) and runs it (:func:`run_fit`), or waits for the process that holds
+    the claim and then uses its teacher. Returns the fit's results (``{}`` when another process fitted
+    it; a preempted fit saves no teacher, and the next run with the same teacher continues it)."""
+    check_fit_place(path)
+    say = (lambda m: print(m, flush=True)) if D.is_main() else None
+    while True:
+        # Rank 0 claims and tells the others; a live holder elsewhere makes every rank wait on the file
+        # system (no collective runs for as long as the other fit takes, as for the teacher-output cache).
+        claim = FitClaim(path) if D.is_main() else None
+        state = None
+        if claim is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            state = "done" if path.is_file() else ("busy" if claim.take() is not None else "claimed")
+            if state == "claimed" and path.is_file():  # saved by another process between the two looks
+                claim.release()
+                state = "done"
+        state = D.broadcast_object(state)
+        if state == "claimed":
+            try:
+                if claim is not None and claim.note and say is not None:
+                    say(f"[kdrun] {claim.note}; continuing it")
+                return run_fit(cfg, path, train)
+            finally:
+                if claim is not None:
+                    claim.release()
+        if state == "busy":
+            outcome = wait_for_fit(FitClaim(path), poll_s, say)
+            state = D.broadcast_object(outcome if D.is_main() else None)
+        if state == "done":
+            if say is not None:
+                say(f"[kdrun] the teacher {path} was fitted by another process; distillation starts")
+            D.barrier()
+            return {}
+        # released or dead: the other fit ended without a teacher; this process claims it on the next pass
+
+
+def run_fit(cfg: DictConfig, path: Path, train: Callable[[DictConfig, Path], dict[str, Any]]) -> dict[str, Any]:
     """Run the fit (``train`` = :func:`kdrun.engine.run.train`, a complete run of its own that finishes
     before the distillation run builds anything) and save the weights to ``path``, so that this and
-    every later run finds them. Returns the fit's results (a preempted fit saves no teacher; the next
-    run with the same teacher continues the fit from its ``last.pt``)."""
+    every later run finds them."""
     run_dir = fit_dir(path)
     # Rank 0 looks (a shared file system may show the file to other nodes later).
     resume = bool(D.broadcast_object((run_dir / "last.pt").is_file() if D.is_main() else None))
@@ -148,14 +379,24 @@ def fit_teacher(cfg: DictConfig, path: Path, train: Callable[[DictConfig, Path],
         print(f"[kdrun] no teacher checkpoint at {path}: " + ("continuing the stopped teacher fit" if resume else
               "training the teacher") + f" for {sub.trainer.epochs} epochs (run dir {run_dir}); re-running the "
               "same command after an interruption continues it", flush=True)
-    with console_phase("teacher fit"):  # every console line of the fit says it is the teacher's
-        results = train(sub, run_dir)
+    try:
+        with console_phase("teacher fit"):  # every console line of the fit says it is the teacher's
+            results = train(sub, run_dir)
+    except CheckpointUnreadable as e:
+        if not Path(e.path).is_relative_to(run_dir):
+            raise
+        # the fit's own resume advice (trainer.resume=...) is not the user's to follow: the fit is kdrun's
+        raise CheckpointError(
+            f"{damage(Path(e.path), e.why)} It is the stopped teacher fit's checkpoint, in kdrun's teacher cache "
+            f"({cache_env()}): delete the fit directory {run_dir} and run again to fit the teacher anew."
+        ) from None
     if results.get("preempted"):
         return results
     if D.is_main():
         last = ckpt.load(run_dir / "last.pt")
-        ckpt.save_atomic({"student": last["student"], "config": last["config"],
-                          "val_metrics": results["final"]}, path)
+        # a fit found finished (its teacher file was deleted) reports no "final": its last val is stored
+        final = results.get("final") or dict(last.get("metrics") or {})
+        ckpt.save_atomic({"student": last["student"], "config": last["config"], "val_metrics": final}, path)
         print(f"[kdrun] teacher fit done: saved {path}; distillation starts", flush=True)
     D.barrier()
     return results

@@ -33,14 +33,57 @@ class CheckpointPermissionError(CheckpointError):
     """A checkpoint this user may not read: nothing is wrong with the file, so no other one is suggested."""
 
 
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint file whose bytes are not a checkpoint (empty, truncated, corrupted, another format).
+    ``path`` and ``why`` let a caller that knows where the file came from (a resume, the teacher cache)
+    give its own way on instead of the generic one."""
+
+    def __init__(self, message: str, path: Path, why: str) -> None:
+        super().__init__(message)
+        self.path, self.why = path, why
+
+
+# Where a run keeps its checkpoints (kdrun.checkpoint: last.pt rotates into last.pt.prev): the files to
+# name when one of them is given where a file is expected but cannot be used.
+RUN_CHECKPOINTS = ("best.pt", "last.pt", "last.pt.prev")
+
+
+def other_checkpoints(path: Path) -> list[Path]:
+    """The run's other checkpoints beside ``path`` (a good copy to use instead of a damaged one)."""
+    return [q for q in (path.with_name(n) for n in RUN_CHECKPOINTS) if q != path and q.is_file()]
+
+
+def first_line(e: BaseException, most: int = 160) -> str:
+    """``Type: first sentence`` of an exception for a one-paragraph message (torch's zip reader adds a
+    long paragraph about miniz after the first sentence; an empty message is just the type)."""
+    text = str(e).strip()
+    text = text.splitlines()[0] if text else ""
+    text = text.split(". ")[0].rstrip(".")
+    text = text if len(text) <= most else text[: most - 1] + "…"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def not_a_file_message(path: Path) -> str:
+    """A directory (or a device, a socket) given where a checkpoint file is expected: name the file to give."""
+    if path.is_dir():
+        inside = [path / n for n in RUN_CHECKPOINTS if (path / n).is_file()]
+        return (f"checkpoint {path} is a directory, not a checkpoint file; "
+                + (f"give the checkpoint file in it, e.g. {inside[0]}." if inside else
+                   f"it holds no {' or '.join(RUN_CHECKPOINTS[:2])}: give the path of a checkpoint file."))
+    return f"checkpoint {path} is not a regular file; give the path of a checkpoint file."
+
+
 def load_file(path: str | os.PathLike) -> Any:
     """``torch.load(weights_only=True)`` with errors that name the file and say what is wrong with it:
-    missing, not readable by this user (permissions: the file is fine), or not a readable checkpoint."""
+    missing, a directory, not readable by this user (permissions: the file is fine), or not a readable
+    checkpoint (:class:`CheckpointUnreadable`: empty, truncated, corrupted)."""
     path = Path(path).expanduser()
     try:
         os.stat(path)  # not Path.is_file(), which reports a directory without search permission as missing
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} is not a file.")
+            raise CheckpointError(not_a_file_message(path))
+        if path.stat().st_size == 0:  # torch's own error for it is an empty message
+            raise CheckpointUnreadable(unreadable_message(path, EMPTY), path, EMPTY)
         with open(path, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -53,11 +96,26 @@ def load_file(path: str | os.PathLike) -> Any:
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "it is truncated, corrupted or not a torch checkpoint. Earlier checkpoints in the same "
-            "directory are untouched."
-        ) from None
+        why = first_line(e)
+        raise CheckpointUnreadable(unreadable_message(path, why), path, why) from None
+
+
+EMPTY = "0 bytes"  # CheckpointUnreadable.why of an empty file
+
+
+def damage(path: Path, why: str) -> str:
+    """The sentence that says a checkpoint file is damaged (the first of every such message)."""
+    if why == EMPTY:
+        return f"checkpoint {path} is empty (0 bytes): a save or a copy of it did not finish."
+    return f"checkpoint {path} cannot be read ({why}); it is truncated, corrupted or not a torch checkpoint."
+
+
+def unreadable_message(path: Path, why: str) -> str:
+    """The generic way on for a damaged checkpoint: a good copy, or the run's other checkpoints."""
+    others = other_checkpoints(path)
+    return damage(path, why) + (" Use a good copy of it, or another checkpoint of the same run: "
+                                + ", ".join(str(q) for q in others) + " (untouched)." if others
+                                else " Use a good copy of it.")
 
 
 def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:
