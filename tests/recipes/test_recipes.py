@@ -137,17 +137,22 @@ def _global_files() -> list[Path]:
     return out
 
 
-def test_no_global_config_sets_balancer_keys() -> None:
-    """A recipe or preset that set balancer keys in its body would have them merged into whatever balancer
-    the user picks (`balancer.alpha_task is not a parameter of DTO`); protocol weights are named options
-    (conf/balancer/fixed_kd.yaml, fixed_mean.yaml) instead. With no such keys, composing `+recipe=R
-    balancer=B` is the recipe's config with B's node in place of its own, which the next tests use."""
+@pytest.mark.parametrize("group", ["balancer", "distill", "projector", "optimizer", "scheduler"])
+def test_no_global_config_sets_group_keys(group: str) -> None:
+    """A recipe or preset that set keys of a group in its body would have them merged into whatever option
+    the user picks (`balancer.alpha_task is not a parameter of DTO`, `distill.kl._target_` under
+    `distill=fitnet`, `scheduler.milestones is not a parameter of ...cosine` under `+debug=quick`); protocol
+    values are named options (conf/balancer/fixed_kd.yaml, conf/distill/dkd_beta2.yaml,
+    conf/scheduler/cosine_vidt.yaml, ...) instead. With no such keys, composing `+recipe=R group=X` is the
+    recipe's config with X's node in place of its own, which the next tests (and test_group_switches.py)
+    use."""
     import yaml
 
     files = _global_files()
-    assert len(files) >= len(NAMES) + 5  # every recipe and the method presets are looked at
-    offenders = [str(p.relative_to(ROOT)) for p in files if "balancer" in (yaml.safe_load(p.read_text()) or {})]
-    assert not offenders, f"set balancer keys in the body (use a named conf/balancer option): {offenders}"
+    # every recipe, the method presets and the debug preset are looked at
+    assert len(files) >= len(NAMES) + 6 and ROOT / "conf" / "debug" / "quick.yaml" in files
+    offenders = [str(p.relative_to(ROOT)) for p in files if group in (yaml.safe_load(p.read_text()) or {})]
+    assert not offenders, f"set {group} keys in the body (use a named conf/{group} option): {offenders}"
 
 
 # A recipe per kind of defaults list (plain / fixed_kd / fixed_mean via a preset / a DTO method preset /
