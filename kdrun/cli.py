@@ -87,8 +87,10 @@ def hydra_error_message(e: BaseException) -> Optional[str]:
 
     from kdrun.errors import missing_option_message
     from kdrun.extras import missing_extra_message
+    from kdrun.slurm import slurm_error_message
 
     extra = missing_extra_message(e)  # a feature whose pip extra is not installed (hydra/launcher=slurm)
+    extra = extra or slurm_error_message(e)  # sbatch refused the sweep's jobs, or one can never start
     if extra is not None:
         return extra
     option = missing_option_message(e)  # balancer=dtoo: the close matches, not every option of the group

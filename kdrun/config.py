@@ -160,6 +160,10 @@ class TrainerConfig:
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
     preempt_check_every: Annotated[int, Ge(1)] = 1  # steps between the ranks' stop agreement (one 8-byte CPU all-reduce)
     preempt_grace_s: Annotated[float, Ge(0.0)] = 120.0  # kdrun's launcher: wait this long for workers to checkpoint before SIGKILL
+    # Under torchrun/srun: a rank that has not met every other rank at the rendezvous (MASTER_ADDR:MASTER_PORT)
+    # this long after it started to join exits with an error naming the ranks it waited for, instead of
+    # hanging in process-group setup for the 30-minute collective timeout (kdrun.distributed.init_process_group).
+    dist_timeout_s: Annotated[float, Gt(0.0)] = 300.0
 
 
 @dataclass

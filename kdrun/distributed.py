@@ -10,6 +10,9 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+import re
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -155,10 +158,8 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
                 "and MASTER_PORT in the batch script before srun, e.g. MASTER_ADDR=$(scontrol show "
                 "hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) MASTER_PORT=29500 (see README, "
                 "'Multi-GPU and multi-node'), or start one task per node with torchrun.")
-        lws = env.get("SLURM_NTASKS_PER_NODE", "")
         out = LaunchEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID"),
-                        int(lws) if lws.isdigit() else None, env["MASTER_ADDR"], _int(env, "MASTER_PORT"),
-                        "slurm")
+                        tasks_on_this_node(env), env["MASTER_ADDR"], _int(env, "MASTER_PORT"), "slurm")
     else:
         return None
     if not 0 <= out.rank < out.world_size or out.local_rank < 0:
@@ -180,13 +181,27 @@ def backend_for(dev_type: str) -> str:
     return "cpu:gloo,cuda:nccl" if dev_type == "cuda" else "gloo"
 
 
-def init_process_group(dev_type: str, env: LaunchEnv | None = None,
-                       timeout_s: float = 1800.0) -> None:
+DEFAULT_JOIN_TIMEOUT_S = 300.0  # trainer.dist_timeout_s's default
+
+
+class JoinError(ConfigError):
+    """A rank could not meet the others at the rendezvous in time (a ConfigError: one paragraph, exit 2; the
+    fix is in how the job was launched)."""
+
+
+def init_process_group(dev_type: str, env: LaunchEnv | None = None, timeout_s: float = 1800.0,
+                       join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S) -> None:
     """Join the process group described by ``env`` (default: :func:`launch_env`).
 
     Exports the torch variables (so ``env://`` works after a SLURM launch, and ``LOCAL_RANK`` picks
     the GPU in :func:`kdrun.engine.runtime.pick_device`) and binds this process to its GPU before NCCL starts,
     so that ranks never share a device. A no-op when already initialised or on one process.
+
+    ``join_timeout_s`` (``trainer.dist_timeout_s``) bounds the start-up only: a rank that has not met all
+    the others by then raises :class:`JoinError` naming the rendezvous and the missing ranks
+    (:func:`join`); ``timeout_s`` is the collectives' timeout afterwards (a rank may legitimately wait long
+    at a barrier while rank 0 writes a checkpoint). Then every rank sets its intra-op threads
+    (:func:`set_rank_threads`).
     """
     if is_dist():
         return
@@ -198,8 +213,117 @@ def init_process_group(dev_type: str, env: LaunchEnv | None = None,
                        "MASTER_PORT": str(env.master_port)})
     if dev_type == "cuda":
         torch.cuda.set_device(cuda_index(env.local_rank))
-    dist.init_process_group(backend=backend_for(dev_type), init_method="env://", rank=env.rank,
+    store = join(env, join_timeout_s)
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend=backend_for(dev_type), store=store, rank=env.rank,
                             world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    threads, why = set_rank_threads(env)
+    if env.rank == 0:
+        print(f"[kdrun] {env.world_size} ranks ({env.source}); intra-op threads per rank: {threads} ({why})",
+              flush=True)
+
+
+def join(env: LaunchEnv, timeout_s: float) -> "dist.Store":
+    """Torch's own ``env://`` rendezvous (rank 0, or torchrun's agent, hosts the store at MASTER_ADDR:PORT),
+    then every rank checks in under ``kdrun/joined/<rank>`` and waits for all the others, so that a rank that
+    never comes is named after ``timeout_s`` instead of the group hanging.
+
+    Under torchrun every restart attempt (``--max-restarts``) gets its own key prefix: torch 2.14's
+    ``env://`` reuses the agent's store across attempts without one (its comment says each retry gets a new
+    store, which the agent's store is not), so the restarted workers read the previous attempt's gloo
+    addresses and hang or fail connecting."""
+    where = f"{env.master_addr}:{env.master_port}"
+    others = [r for r in range(env.world_size) if r != env.rank]
+    limit = f"trainer.dist_timeout_s={timeout_s:g} s"
+    start = time.monotonic()
+    try:
+        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size,
+                                           timeout=datetime.timedelta(seconds=timeout_s)))
+    except (RuntimeError, ValueError, TimeoutError) as e:  # DistStoreError is a RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if env.rank == 0:
+            what = f"rank 0 hosts the rendezvous {where} and waited {limit} for ranks {_ranks(others)} to connect"
+        else:
+            what = f"rank {env.rank} could not reach the rendezvous {where}, which rank 0 hosts, within {limit}"
+        raise JoinError(f"{what} (world size {env.world_size}, started by {env.source}; torch: {first}). Check "
+                        "that every rank was started and that MASTER_ADDR/MASTER_PORT name rank 0's node and a free "
+                        "port, or raise trainer.dist_timeout_s.") from None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None:
+        store = dist.PrefixStore(f"kdrun/attempt_{attempt}", store)
+    store.set(f"kdrun/joined/{env.rank}", socket.gethostname())
+    keys = [f"kdrun/joined/{r}" for r in range(env.world_size)]
+    try:
+        store.wait(keys, datetime.timedelta(seconds=max(1.0, timeout_s - (time.monotonic() - start))))
+    except (RuntimeError, TimeoutError):
+        missing = [r for r in range(env.world_size) if not store.check([keys[r]])]
+        raise JoinError(f"rank {env.rank} waited {limit} at the rendezvous {where} (world size {env.world_size}, "
+                        f"started by {env.source}) for ranks {_ranks(missing)}, which did not join. Check that they "
+                        "were started (their logs), or raise trainer.dist_timeout_s.") from None
+    return store
+
+
+def _ranks(ranks: list[int]) -> str:
+    """``1-3, 5``: rank numbers, runs collapsed."""
+    out: list[str] = []
+    for r in ranks:
+        if out and r == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{r}"
+        else:
+            out.append(str(r))
+    return ", ".join(out) or "none"
+
+
+def tasks_on_this_node(environ: Mapping[str, str] | None = None) -> int | None:
+    """How many tasks of this SLURM step run on this node: SLURM_NTASKS_PER_NODE when given, else this
+    node's entry of SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE (``2(x3),1``: 2 on each of the first
+    three nodes, 1 on the fourth), indexed by SLURM_NODEID."""
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_NTASKS_PER_NODE", "").isdigit():
+        return int(env["SLURM_NTASKS_PER_NODE"])
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    node = env.get("SLURM_NODEID", "0")
+    if not spec or not node.isdigit():
+        return None
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[int(node)] if int(node) < len(counts) else None
+
+
+def rank_threads(env: LaunchEnv, environ: Mapping[str, str] | None = None,
+                 cores: int | None = None) -> tuple[int | None, str]:
+    """Intra-op threads for one rank and why: ``(None, ...)`` when OMP_NUM_THREADS is set (torch reads it
+    itself); else SLURM_CPUS_PER_TASK under srun (the CPUs Slurm gave this task); else the cores this
+    process may run on divided by the ranks on this node (torchrun's workers share them, and so do srun
+    tasks that Slurm did not pin). Never more than the cores this process may use, never fewer than 1.
+
+    Without this every rank starts one thread per core of the node: with 8 ranks on 8 cores that is 64
+    spinning threads (2 unpinned srun ranks on the test cluster's 2 busy cores: 153 instead of 3919 images/s)."""
+    e = os.environ if environ is None else environ
+    if e.get("OMP_NUM_THREADS"):
+        return None, f"OMP_NUM_THREADS={e['OMP_NUM_THREADS']}"
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+    if env.source == "slurm" and e.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        n = int(e["SLURM_CPUS_PER_TASK"])
+        return max(1, min(n, cores)), f"SLURM_CPUS_PER_TASK={n}" + (f", {cores} usable cores" if cores < n else "")
+    local = env.local_world_size or (tasks_on_this_node(e) if env.source == "slurm" else None) or 1
+    return max(1, cores // local), f"{cores} cores / {local} rank{'s' * (local != 1)} on this node"
+
+
+def set_rank_threads(env: LaunchEnv) -> tuple[int, str]:
+    """Apply :func:`rank_threads`; returns (threads now in use, why)."""
+    n, why = rank_threads(env)
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads(), why
 
 
 def cuda_index(local_rank: int) -> int:

@@ -147,9 +147,11 @@ class Loop:
         if D.is_main():
             P.write_marker(run_dir, {"signal": pre.signal_name, "step": st.step, "epoch": st.epoch,
                                      "epoch_step": st.epoch_step, "time": time.time()})
-            print(f"[kdrun] {pre.signal_name}: stopped after step {st.step} (epoch {st.epoch + 1}, step "
-                  f"{st.epoch_step} of it); saved {run_dir / 'last.pt'}. Continue with trainer.resume=auto.",
-                  flush=True)
+            # Worded and numbered as the resume line (kdrun.checkpoint: "resumed from ... at epoch E, step S
+            # (step k of the epoch)", E = TrainState.epoch), so the two lines of one stop/resume agree.
+            print(f"[kdrun] {pre.signal_name}: stopped at epoch {st.epoch}, step {st.step}"
+                  + (f" (step {st.epoch_step} of the epoch)" if st.epoch_step else "")
+                  + f"; saved {run_dir / 'last.pt'}. Continue with trainer.resume=auto.", flush=True)
         self.logger.close()
         D.barrier()
         pre.chain()  # e.g. submitit's requeue; returns unless that handler exits the process
