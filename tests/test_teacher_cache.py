@@ -30,8 +30,8 @@ CPU = {"device": "cpu", "precision": "fp32", "channels_last": False}
 
 
 class Tiny(nn.Module):
-    # 8 channels: torch's CPU sgemm gives nn.Linear(8, 5) batch-position-invariant bits, nn.Linear(6, 5) not
-    # (teacher_cache.batch_invariant; test_a_batch_dependent_teacher_is_flagged_not_exact).
+    # 8 channels: torch's CPU sgemm gives nn.Linear(8, 5) batch-position-invariant bits (whether a width
+    # such as 6 does depends on the BLAS build and the CPU, so the batch-dependent case is BatchCoupled).
     def __init__(self, width: int = 8) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, width, 3, padding=1)
@@ -40,6 +40,16 @@ class Tiny(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class BatchCoupled(Tiny):
+    """A teacher whose outputs depend on the rest of the batch by a rounding-sized amount (1e-7 of the
+    batch's mean logits), by construction rather than through a BLAS kernel's summation order, which
+    differs between torch builds and CPUs (teacher_cache.batch_invariant)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits + 1e-7 * logits.mean(0, keepdim=True)
 
 
 def dataset(pad: int = PAD, seed: int = 0, post: tuple = ()) -> ViewDataset:
@@ -53,9 +63,10 @@ def dataset(pad: int = PAD, seed: int = 0, post: tuple = ()) -> ViewDataset:
     return ViewDataset(ds)
 
 
-def teacher(seed: int = 0, taps: tuple[str, ...] = ("pre_logits",), width: int = 8) -> Teacher:
+def teacher(seed: int = 0, taps: tuple[str, ...] = ("pre_logits",), width: int = 8,
+            coupled: bool = False) -> Teacher:
     torch.manual_seed(seed)
-    m = Tiny(width)
+    m = (BatchCoupled if coupled else Tiny)(width)
     with torch.no_grad():  # non-trivial BatchNorm statistics
         m.bn.running_mean.uniform_(-0.5, 0.5)
         m.bn.running_var.uniform_(0.5, 2.0)
@@ -121,7 +132,7 @@ def test_fp32_cache_is_bit_identical_to_the_live_teacher(tmp_path: Path) -> None
 
 
 def test_a_batch_dependent_teacher_is_flagged_not_exact(tmp_path: Path) -> None:
-    data, t = dataset(), teacher(width=6)
+    data, t = dataset(), teacher(coupled=True)
     cache = fill(tmp_path / "c", data=data, t=t)
     assert cache.meta["info"]["batch_invariant"] is False and not cache.exact
     x, _, i, v = next(iter(DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1))))
