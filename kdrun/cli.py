@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,12 @@ def hydra_error_message(e: BaseException) -> Optional[str]:
         if str(e).startswith("Could not override 'model'."):  # conf/model is reached through the roles
             return ("model=X is not an option: the architecture is chosen with student=X or teacher=X "
                     "(both read conf/model/X.yaml).")
+        appended = re.match(r"Could not override '([\w/]+)'\. No match in the defaults list\.\s*"
+                            r"To append to your default list use (\+\S+)", str(e))
+        if appended:  # `method=deit_kd`: Hydra's two lines as one, with the order that matters after a recipe
+            group, fix = appended.groups()
+            return (f"{group} is not selected by default, so {fix[1:]} cannot replace a choice: add it with "
+                    f"{fix} (after +recipe=NAME, so that its choices replace the recipe's).")
     if isinstance(e, CompactHydraException):  # what Hydra itself prints for these
         cause = e.__cause__
         return str(e) + (f"\n{cause}" if isinstance(cause, OmegaConfBaseException) else "")

@@ -440,6 +440,14 @@ def validate(cfg: DictConfig) -> None:
         for k in node.keys():
             if k not in ROLE_KEYS[role]:
                 raise ConfigError(unknown_key_message(role, str(k), ROLE_KEYS[role]))
+        if node.get("model") is None:  # `+recipe=<a KD recipe> teacher=none`: the recipe's role keys remain
+            set_keys = ", ".join(f"{role}.{k}" for k in node.keys())
+            raise ConfigError(
+                f"{role} has no model: {role}=none was chosen, but the config still sets {set_keys} (a "
+                f"recipe's settings for its {role}). Pick a {role} option ({role}=NAME; `kdrun train --help` "
+                "lists them)" + (", or, for training without a teacher, a recipe without one (e.g. "
+                                 "+recipe=cifar100_student_resnet20) or no recipe with distill=none."
+                                 if role == "teacher" else "."))
         validate_target_node(f"{role}.model", node.model)
     teacher_cache_config(cfg)
     if cfg.get("projector") is not None:

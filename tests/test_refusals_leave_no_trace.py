@@ -179,3 +179,21 @@ def test_kill9_of_the_launcher_takes_its_workers_down(tmp_path: Path) -> None:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# -- similar inputs: a recipe's role keys without the role, a group that is not in the defaults list ------
+
+@pytest.mark.parametrize("argv, needles", [
+    (["+recipe=cifar100_resnet56_resnet20_kd", "teacher=none"],
+     ["teacher has no model", "teacher.checkpoint", "+recipe=cifar100_student_resnet20", "distill=none"]),
+    (["+recipe=quickstart", "method=deit_kd"],
+     ["method is not selected by default", "add it with +method=deit_kd", "after +recipe=NAME"]),
+])
+def test_a_switch_that_cannot_apply_is_one_paragraph(tmp_path: Path, kdrun: Callable,  # noqa: F811
+                                                     argv: list[str], needles: list[str]) -> None:
+    code, err = kdrun("train", *argv, *QUIET_LOGS, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2
+    assert err.startswith("kdrun: error: ") and err.count("\n") == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert not (tmp_path / "run").exists()  # refused: no directory
