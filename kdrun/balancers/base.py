@@ -1,14 +1,25 @@
 """The balancer seam: the engine hands a balancer the objective vector, the balancer writes ``.grad``.
 
-Three kinds of method fit behind one interface without the engine knowing which one runs:
+Every kind of method fits behind one interface without the engine knowing which one runs. Every
+kdrun method's update is a weighted sum Σ wᵢ ∇Lᵢ, so a method states only its *weighting* and one of two
+bases applies it (the split of torchjd 0.18's ``aggregation/_aggregator_bases.py``: ``WeightedAggregator``,
+line 48, applies a ``Weighting`` of the Jacobian as ``weights @ matrix``, line 67;
+``GramianWeightedAggregator``, line 76, a ``Weighting`` of its Gramian, ``weighting << compute_gramian``,
+line 87):
 
-* **loss-level** (``fixed``, amortised DTO, FAMO, uncertainty, DWA …): compute weights from losses
-  (and their own state) and call ``ctx.backward(weighted_sum)`` once. Under DDP this is the ordinary
-  single backward, so DDP's all-reduce averages the gradient.
-* **gradient-level** (exact DTO, MGDA, PCGrad, cross-batch …): ask ``ctx.jacobian()`` for the
-  per-objective gradients (already averaged across ranks, so every rank computes the same weights) and
-  write the update with :meth:`kdrun.balancers.gradients.Jacobian.write_grad`. Set
-  ``uses_ddp_backward = False`` so that the engine runs the forward outside DDP's reducer.
+* **loss-level** (:class:`LossWeighting`: ``fixed``, amortised DTO, FAMO, uncertainty, DWA, distill-decay):
+  implement ``loss_weights(ctx)``, weights from the losses and the method's own state; the base does
+  the one ``ctx.backward(Σ wᵢ Lᵢ)``. Under DDP this is the ordinary single backward, so DDP's all-reduce
+  averages the gradient.
+* **gradient-level** (:class:`GradientWeighting`: exact DTO, GradNorm, cross-batch; :class:`GramWeighting`:
+  MGDA, PCGrad, CAGrad, FairGrad, IMTL-G, Nash-MTL, UPGrad): implement ``jacobian_weights(jac, ctx)``
+  (or, when the weights are a function of the Gram matrix alone, ``weights_from_gram(G, step)``); the
+  base asks ``ctx.jacobian()`` for the per-objective gradients (already averaged across ranks, so every
+  rank computes the same weights) and writes Σ wᵢ gᵢ with
+  :meth:`kdrun.balancers.gradients.Jacobian.write_grad`. ``uses_ddp_backward = False``, so the engine
+  runs the forward outside DDP's reducer.
+* **wrappers** (:class:`~kdrun.balancers.objective_clip.ObjectiveClip`) write their own ``step`` and call
+  the wrapped method's :meth:`WeightedBalancer.step_weights`.
 * **extra-batch** (cross-batch): set ``needs_aux_batch = True`` and call ``ctx.aux_objectives()`` for
   the objective vector of an independently drawn batch at the current parameters.
 * **recomputing** (amortised DTO/FAMO with ``next_loss=same_batch``): set ``needs_recompute = True`` and
@@ -29,9 +40,14 @@ Contract (the engine relies on it):
    that weight raw losses), used for the diagnostics.
 3. All state lives in buffers/parameters/``extra state`` of this ``nn.Module`` so that it is in the
    checkpoint's ``state_dict``.
+4. A weighting (``loss_weights``, ``jacobian_weights``, ``weights_from_gram``) is rule 1's ``step`` minus
+   the write: it returns the step's weights and must not change the state either. It may *stage* an
+   update computed from what only the step sees (GradNorm's and Nash-MTL's, keyed by ``ctx.step``) for
+   ``after_step`` to commit.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ClassVar
 
@@ -53,6 +69,25 @@ class StepResult:
     weights: Tensor
     raw_weights: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Weights:
+    """One step's weighting, before it is applied (what a :class:`WeightedBalancer` computes).
+
+    ``pi``: the method's π (``StepResult.weights``); ``raw``: the weights on the raw gradients ∇Lᵢ that
+    the base applies, in ``Balancer.objectives`` order, kept in the precision the method computed them in
+    (float64 for most) so that the backward's cast to the losses' dtype rounds once; ``extras``: logged as
+    ``balancer/<key>``.
+    """
+
+    pi: Tensor
+    raw: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def result(self) -> StepResult:
+        """The engine's view: fp32 π and raw weights (the logger stacks them with the fp32 losses)."""
+        return StepResult(weights=self.pi.float(), raw_weights=self.raw.float(), extras=self.extras)
 
 
 @dataclass
@@ -160,3 +195,84 @@ class Balancer(nn.Module):
 
     def after_step(self, ctx: StepContext) -> None:
         """Commit state after a successful optimiser step. Default: nothing."""
+
+
+class WeightedBalancer(Balancer, ABC):
+    """A balancer whose update is Σᵢ wᵢ ∇Lᵢ: the weighting apart from applying it.
+
+    torchjd 0.18's ``aggregation/_aggregator_bases.py`` separates a ``Weighting`` (matrix → weights) from
+    the ``WeightedAggregator`` that applies it (``WeightedAggregator.forward``, lines 70–73: ``weights =
+    self.weighting(matrix)``, then ``weights @ matrix``); here :meth:`step_weights` is the weighting and the
+    two subclasses' ``step`` the application, so a wrapper (objective_clip) can ask any method for its
+    weights and apply them to gradients of its own."""
+
+    @abstractmethod
+    def step_weights(self, ctx: StepContext) -> Weights:
+        """This step's weights (rule 4 of the module docstring: no state change)."""
+
+
+class LossWeighting(WeightedBalancer):
+    """Loss-level: one ordinary backward of Σ wᵢ Lᵢ with w detached (∇ of it is Σ wᵢ ∇Lᵢ).
+
+    A subclass implements :meth:`loss_weights` (and its state update in ``after_step``)."""
+
+    uses_ddp_backward = True
+
+    @abstractmethod
+    def loss_weights(self, ctx: StepContext) -> Weights:
+        """The weights from the losses ``ctx.objectives`` (read detached), ``ctx.step`` and the state."""
+
+    def step_weights(self, ctx: StepContext) -> Weights:
+        return self.loss_weights(ctx)
+
+    def step(self, ctx: StepContext) -> StepResult:
+        w = self.loss_weights(ctx)
+        losses = self.stack(ctx.objectives)
+        ctx.backward((w.raw.detach().to(device=losses.device, dtype=losses.dtype) * losses).sum())
+        return w.result()
+
+    def objectives_like(self, ctx: StepContext) -> Tensor:
+        """One objective of the step, for the device and dtype the weights are made on (no graph op)."""
+        return ctx.objectives[self.objectives[0]]
+
+
+class GradientWeighting(WeightedBalancer):
+    """Gradient-level: the update Σ wᵢ gᵢ written from the per-objective gradients ``ctx.jacobian()``.
+
+    A subclass implements :meth:`jacobian_weights`. The Jacobian's rows are in ``self.objectives`` order:
+    the engine binds the balancer to ``tuple(groups)`` (kdrun/engine/build.py ``balancer.bind``) and builds
+    the objectives from the same dict (kdrun/tasks/base.py ``group``), so raw weights index both alike."""
+
+    uses_ddp_backward = False
+
+    @abstractmethod
+    def jacobian_weights(self, jac: Jacobian, ctx: StepContext) -> Weights:
+        """The weights from the rank-averaged per-objective gradients ``jac`` (rows = objectives)."""
+
+    def step_weights(self, ctx: StepContext) -> Weights:
+        return self.jacobian_weights(ctx.jacobian(), ctx)
+
+    def step(self, ctx: StepContext) -> StepResult:
+        jac = ctx.jacobian()  # once: a context without a cache would otherwise compute it twice
+        w = self.jacobian_weights(jac, ctx)
+        jac.write_grad(w.raw)
+        return w.result()
+
+
+class GramWeighting(GradientWeighting):
+    """Gradient-level with weights = f(G) alone, G = J Jᵀ at true scale (torchjd's
+    ``GramianWeightedAggregator``: the weighting sees the Gramian, the update is Jᵀw); π = raw weights.
+
+    A subclass implements :meth:`weights_from_gram`. Because only G is needed, ``trainer.grad_space=features``
+    (a Gram matrix of representation gradients) serves these methods too."""
+
+    @abstractmethod
+    def weights_from_gram(self, gram: Tensor, step: int = 0) -> Tensor:
+        """Weights (float64) from the k × k Gram matrix with the fp16 loss scale divided out."""
+
+    def jacobian_weights(self, jac: Jacobian, ctx: StepContext) -> Weights:
+        # The loss scale is divided out: FairGrad (Gw = w^{-1/α}) and Nash-MTL's max_norm clip are not
+        # invariant to the scale of J, and must see the true gradients.
+        gram = jac.gram() / (jac.scale * jac.scale)
+        w = self.weights_from_gram(gram, ctx.step).to(jac.matrix.device)
+        return Weights(w, w)

@@ -58,7 +58,7 @@ from typing import Annotated, Literal
 import torch
 from torch import Tensor
 
-from kdrun.balancers.base import Balancer, BalancerConfigError, StepContext, StepResult
+from kdrun.balancers.base import BalancerConfigError, GradientWeighting, StepContext, Weights
 from kdrun.balancers.gradients import Jacobian
 from kdrun.config import Ge
 
@@ -158,11 +158,12 @@ def _aligned_reference(ref: Jacobian, params: list[Tensor], like: Tensor) -> Ten
     return torch.cat(parts) if parts else like.new_zeros(0)
 
 
-class CrossBatch(Balancer):
-    """Cross-batch KD weighting; see the module docstring."""
-    supports_feature_space = False  # needs parameter gradients (see kdrun.balancers.gradients.FeatureJacobian)
+class CrossBatch(GradientWeighting):
+    """Cross-batch KD weighting; see the module docstring. A weighting of the Jacobian, not of its Gram
+    matrix alone: the 3 × 3 Gram it needs spans the private parameters and a reference gradient that is
+    not a row of the Jacobian."""
 
-    uses_ddp_backward = False
+    supports_feature_space = False  # needs parameter gradients (see kdrun.balancers.gradients.FeatureJacobian)
     needs_aux_batch = True
     min_objectives = 2
     max_objectives = 2
@@ -183,10 +184,9 @@ class CrossBatch(Balancer):
                 f"{', '.join(self.objectives)}; it weights the distillation term against the task "
                 "loss, whose held-out gradient is the reference.")
 
-    def step(self, ctx: StepContext) -> StepResult:
+    def jacobian_weights(self, jac: Jacobian, ctx: StepContext) -> Weights:
         if ctx.aux_objectives is None:
             raise RuntimeError("CrossBatch needs ctx.aux_objectives (balancer.needs_aux_batch=True)")
-        jac = ctx.jacobian()
         full, params = _flat_full(jac)
         i_ce, i_kl = jac.names.index("task"), jac.names.index("distill")
         aux = ctx.aux_objectives()
@@ -195,7 +195,6 @@ class CrossBatch(Balancer):
         res = cross_batch_weights(m @ m.T, self.objective, self.alpha)
         raw_by = {"task": res.raw[0], "distill": res.raw[1]}
         pi_by = {"task": res.w[0], "distill": res.w[1]}
-        jac.write_grad(torch.stack([raw_by[n] for n in jac.names]))
         raw = torch.stack([raw_by[n] for n in self.objectives])
         pi = torch.stack([pi_by[n] for n in self.objectives])
         extras = {
@@ -204,4 +203,4 @@ class CrossBatch(Balancer):
             "u_ce": res.u[0].float(), "u_kl": res.u[1].float(),
             "cos_final_ref": torch.tensor(res.cos_final_ref),
         }
-        return StepResult(weights=pi.float(), raw_weights=raw.float(), extras=extras)
+        return Weights(pi, raw, extras)

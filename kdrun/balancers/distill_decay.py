@@ -30,7 +30,7 @@ from typing import Annotated
 
 import torch
 
-from kdrun.balancers.base import Balancer, BalancerConfigError, StepContext, StepResult
+from kdrun.balancers.base import BalancerConfigError, LossWeighting, StepContext, Weights
 from kdrun.config import Ge, Le
 
 
@@ -47,7 +47,7 @@ def decay_weights(step: int, total_steps: int | None, kl_start: float, kl_end: f
     return kl_start + s * (kl_end - kl_start) + beta, ce_start + s * (ce_end - ce_start)
 
 
-class DistillDecay(Balancer):
+class DistillDecay(LossWeighting):
     min_objectives = 2
     max_objectives = 2
 
@@ -73,12 +73,11 @@ class DistillDecay(Balancer):
                 f"balancer DistillDecay needs the objectives 'task' and 'distill', got "
                 f"{', '.join(self.objectives)}.")
 
-    def step(self, ctx: StepContext) -> StepResult:
+    def loss_weights(self, ctx: StepContext) -> Weights:
         w_d, w_t = decay_weights(ctx.step, self.total_steps, self.kl_start, self.kl_end,
                                  self.ce_start, self.ce_end, self.decay_start, self.beta)
-        losses = self.stack(ctx.objectives)
+        like = self.objectives_like(ctx)
         by_name = {"distill": w_d, "task": w_t}
-        w = torch.tensor([by_name[n] for n in self.objectives], dtype=losses.dtype,
-                         device=losses.device)
-        ctx.backward((w * losses).sum())
-        return StepResult(weights=w.float(), raw_weights=w.float())
+        # In the losses' dtype, as the backward uses them: the logged π is the weight actually applied.
+        w = torch.tensor([by_name[n] for n in self.objectives], dtype=like.dtype, device=like.device)
+        return Weights(w, w)

@@ -125,8 +125,8 @@ from typing import Annotated, Literal
 import torch
 from torch import Tensor
 
-from kdrun.balancers.base import Balancer, StepContext, StepResult
-from kdrun.balancers.gradients import log_space
+from kdrun.balancers.base import GradientWeighting, LossWeighting, StepContext, Weights
+from kdrun.balancers.gradients import Jacobian, log_space
 from kdrun.balancers.logit_optim import OptimKind, new_state, optim_update
 from kdrun.balancers.min_norm import DEGENERATE_RTOL, min_norm_weights
 from kdrun.config import Ge, Gt
@@ -181,27 +181,25 @@ def eq18_logit_grad(logits: Tensor, log_losses: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
-class DTOExact(Balancer):
+class DTOExact(GradientWeighting):
     """Eq. 9 on the log-loss Gram matrix, exactly: Theorem 3.1 clipped to the simplex for k = 2, the
     min-norm QP for k ≥ 3 (module doc).
 
     Gradient-level: the forward runs outside DDP's reducer and the rank-averaged Jacobian gives every
-    rank the same π. Stateless."""
-
-    uses_ddp_backward = False
+    rank the same π. Not a :class:`~kdrun.balancers.base.GramWeighting`: its Gram matrix is the
+    log-losses' D G D, which needs the (rank-averaged) losses besides G, and π ≠ the raw weights π/L̃.
+    Stateless."""
 
     def __init__(self, eps: Annotated[float, Gt(0.0)] = 1e-8) -> None:
         super().__init__()
         self.eps = float(eps)
 
-    def step(self, ctx: StepContext) -> StepResult:
-        jac = ctx.jacobian()
+    def jacobian_weights(self, jac: Jacobian, ctx: StepContext) -> Weights:
         losses = ctx.all_reduce_mean(self.stack(ctx.objectives).detach().double()).to(jac.matrix.device)
         g_log = log_space(jac.gram(), losses, self.eps)
         pi = self.weights(g_log).to(losses.device)
         raw = pi / losses.clamp_min(self.eps)
-        jac.write_grad(raw)
-        return StepResult(weights=pi.float(), raw_weights=raw.float(), extras=self.extras(g_log, pi))
+        return Weights(pi, raw, self.extras(g_log, pi))
 
     @staticmethod
     def weights(g_log: Tensor) -> Tensor:
@@ -228,13 +226,11 @@ class DTOExact(Balancer):
                 "degenerate": (~(torch.isfinite(g_log).all() & (diag.max() > 0))).float()}
 
 
-class DTOAmortised(Balancer):
+class DTOAmortised(LossWeighting):
     """The amortised π update (FAMO's, or Eq. 18 as written); loss-level, any k ≥ 2 (module doc).
 
     ``needs_recompute`` is the one flag that depends on the configuration (``update=famo`` with
     ``next_loss=same_batch`` re-evaluates the batch after the step), so it is set per instance."""
-
-    uses_ddp_backward = True
 
     def __init__(
         self,
@@ -280,14 +276,12 @@ class DTOAmortised(Balancer):
 
     # -- step ------------------------------------------------------------------------------------
 
-    def step(self, ctx: StepContext) -> StepResult:
-        losses = self.stack(ctx.objectives)
+    def loss_weights(self, ctx: StepContext) -> Weights:
         mean_losses = self._losses(ctx, ctx.objectives)
         pi = torch.softmax(self.logits.to(mean_losses.device), dim=0)
         w = amortised_raw_weights(pi, mean_losses, self.eps)
-        ctx.backward((w.to(device=losses.device, dtype=losses.dtype) * losses).sum())
         extras = {f"logit/{n}": self.logits[i].float() for i, n in enumerate(self.objectives)}
-        return StepResult(weights=pi.float(), raw_weights=w.float(), extras=extras)
+        return Weights(pi, w, extras)
 
     # -- after the optimiser step ----------------------------------------------------------------
 

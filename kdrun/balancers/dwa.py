@@ -24,7 +24,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from kdrun.balancers.base import Balancer, StepContext, StepResult
+from kdrun.balancers.base import LossWeighting, StepContext, Weights
 from kdrun.config import Ge, Gt
 
 
@@ -34,7 +34,7 @@ def dwa_weights(last: Tensor, before_last: Tensor, temperature: float, eps: floa
     return last.numel() * torch.softmax(r / temperature, dim=0)
 
 
-class DWA(Balancer):
+class DWA(LossWeighting):
     def __init__(
         self,
         temperature: Annotated[float, Gt(0.0)] = 2.0,
@@ -60,11 +60,9 @@ class DWA(Balancer):
                               device=self.avg_last.device)
         return dwa_weights(self.avg_last, self.avg_before_last, self.temperature, self.eps)
 
-    def step(self, ctx: StepContext) -> StepResult:
-        losses = self.stack(ctx.objectives)
-        w = self.current_weights().to(losses.device)
-        ctx.backward((w.to(losses.dtype) * losses).sum())
-        return StepResult(weights=w.float(), raw_weights=w.float())
+    def loss_weights(self, ctx: StepContext) -> Weights:
+        w = self.current_weights().to(self.objectives_like(ctx).device)
+        return Weights(w, w)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:

@@ -16,11 +16,11 @@ from typing import Annotated
 
 import torch
 
-from kdrun.balancers.base import Balancer, BalancerConfigError, StepContext, StepResult
+from kdrun.balancers.base import BalancerConfigError, LossWeighting, StepContext, Weights
 from kdrun.config import Ge
 
 
-class Fixed(Balancer):
+class Fixed(LossWeighting):
     min_objectives = 1
 
     def __init__(
@@ -45,8 +45,6 @@ class Fixed(Balancer):
              for n in self.objectives]
         self.register_buffer("_w", torch.tensor(w, dtype=torch.float32), persistent=False)
 
-    def step(self, ctx: StepContext) -> StepResult:
-        losses = self.stack(ctx.objectives)
-        w = self._w.to(losses.device)
-        ctx.backward((w.to(losses.dtype) * losses).sum())
-        return StepResult(weights=w, raw_weights=w)
+    def loss_weights(self, ctx: StepContext) -> Weights:
+        w = self._w.to(self.objectives_like(ctx).device)
+        return Weights(w, w)

@@ -31,7 +31,7 @@ from typing import Annotated, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from kdrun.balancers.base import Balancer, StepContext, StepResult
+from kdrun.balancers.base import GradientWeighting, StepContext, Weights
 from kdrun.balancers.gradients import Jacobian
 from kdrun.balancers.logit_optim import OptimKind, OptimState, new_state, optim_update
 from kdrun.config import Ge, Gt
@@ -73,9 +73,11 @@ def renormalise(weights: Tensor) -> Tensor:
     return w * (w.numel() / w.sum())
 
 
-class GradNorm(Balancer):
+class GradNorm(GradientWeighting):
+    """Gradient-level although the update is Σ wᵢ(t) gᵢ with w from the state alone: the *next* w needs
+    ‖∇_W Lᵢ‖ of the last shared layer, a slice of the Jacobian (module doc)."""
+
     supports_feature_space = False  # needs parameter gradients (see kdrun.balancers.gradients.FeatureJacobian)
-    uses_ddp_backward = False
 
     def __init__(
         self,
@@ -101,8 +103,7 @@ class GradNorm(Balancer):
         self.register_buffer("initial_losses", torch.ones(k, dtype=torch.float64))
         self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
 
-    def step(self, ctx: StepContext) -> StepResult:
-        jac = ctx.jacobian()
+    def jacobian_weights(self, jac: Jacobian, ctx: StepContext) -> Weights:
         dev = self.task_weights.device
         losses = ctx.all_reduce_mean(self.stack(ctx.objectives).detach().double()).to(dev)
         initial = self.initial_losses if bool(self.has_initial) else losses
@@ -113,14 +114,13 @@ class GradNorm(Balancer):
                           self.optim_exp_avg_sq, self.optim_step, lr=self.lr,
                           weight_decay=self.weight_decay, kind=self.optimizer)
         st = st._replace(param=renormalise(st.param))
-        self._pending = (ctx.step, st, initial.clone())
-        w = self.task_weights.clone()
-        jac.write_grad(w.to(jac.matrix.device))
+        self._pending = (ctx.step, st, initial.clone())  # staged; after_step commits it (contract rule 4)
+        w = self.task_weights.clone().to(jac.matrix.device)
         extras = {}
         for i, n in enumerate(self.objectives):
             extras[f"grad_norm/{n}"] = upd.grad_norms[i].float()
             extras[f"target/{n}"] = upd.targets[i].float()
-        return StepResult(weights=w.float(), raw_weights=w.float(), extras=extras)
+        return Weights(w, w, extras)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:

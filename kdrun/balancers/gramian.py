@@ -47,15 +47,14 @@ from typing import Annotated, Any, Literal
 import torch
 from torch import Tensor
 
-from kdrun.balancers.base import Balancer, StepContext, StepResult
+from kdrun.balancers.base import GramWeighting, StepContext
 from kdrun.balancers.min_norm import min_norm_weights
 from kdrun.config import Ge, Gt
 
 
-class GramianBalancer(Balancer):
-    """Base: w = weighting(G); update Jᵀw. Subclasses implement :meth:`weights_from_gram`."""
-
-    uses_ddp_backward = False
+class GramianBalancer(GramWeighting):
+    """w = weighting(G) for a torchjd ``Weighting`` (or any G → w function) set by the constructor; the
+    update Jᵀw and the loss-scale division are :class:`~kdrun.balancers.base.GramWeighting`'s."""
 
     def _set_weighting(self, weighting: Any) -> None:
         # Not registered as a submodule: torchjd's objects hold no tensors we want in the
@@ -66,13 +65,6 @@ class GramianBalancer(Balancer):
         """Weights (float64, CPU) from the true-scale Gram matrix; pure w.r.t. the module state."""
         with torch.no_grad():
             return self._weighting(gram.detach().double().cpu()).double()
-
-    def step(self, ctx: StepContext) -> StepResult:
-        jac = ctx.jacobian()
-        gram = jac.gram() / (jac.scale * jac.scale)
-        w = self.weights_from_gram(gram, ctx.step).to(jac.matrix.device)
-        jac.write_grad(w)
-        return StepResult(weights=w.float(), raw_weights=w.float())
 
 
 class MGDA(GramianBalancer):

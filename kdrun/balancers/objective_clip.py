@@ -1,4 +1,4 @@
-"""Per-objective gradient clipping around any balancer (DTO-KD Table 4's "gradient clipping" column).
+"""Per-objective gradient clipping around any weighting balancer (DTO-KD Table 4's "gradient clipping" column).
 
 DTO-KD Table 4 (``dto-kd.txt`` line 333): "We also applied gradient clipping as a pre-processing step to
 both objectives to see its impact with and without DTO." The paper gives no formula; kdrun's reading:
@@ -14,9 +14,10 @@ both objectives to see its impact with and without DTO." The paper gives no form
 * "pre-processing": the clip happens *before* balancing — the wrapped balancer sees the clipped
   per-objective gradients (a gradient-level balancer computes its weights from the clipped Jacobian)
   and the update written is Σ wᵢ ĝᵢ. A loss-level balancer (fixed, amortised DTO, FAMO, uncertainty …)
-  still chooses its weights from the losses as it always does; only its backward is replaced:
-  the weights it applied are read back as wᵢ = ∂s/∂Lᵢ of the scalar s it passes to ``ctx.backward``
-  (one tiny autograd call through the weighted sum only), and Σ wᵢ ĝᵢ is written instead.
+  still chooses its weights from the losses as it always does. Either way the wrapper asks the inner
+  method for its weights only (:meth:`~kdrun.balancers.base.WeightedBalancer.step_weights`, the
+  weighting apart from its application, kdrun/balancers/base.py) and writes Σ wᵢ ĝᵢ itself; the inner
+  method's own backward or write never runs.
 
 The trainer's global clip (``trainer.grad_clip``, ViDT's ``--clip_max_norm 0.1``) still applies to the
 combined update afterwards; this wrapper does not replace it.
@@ -31,9 +32,9 @@ gradients; ``balancer/clip/norm/<obj>`` (unclipped ‖gᵢ‖) and ``balancer/cl
 parameter gradient whose norm is clipped. Norms are of the *unscaled* gradients (the fp16 loss scale
 is divided out), so ``max_norm`` means the same with and without GradScaler.
 
-Assumption on the wrapped balancer: the gradient of its backward scalar w.r.t. the model reaches the
-model only through the objectives (true of every kdrun balancer: their state is buffers, never a
-parameter in the autograd graph).
+The wrapped balancer must be a :class:`~kdrun.balancers.base.WeightedBalancer` (every kdrun balancer but
+this one is): its update is Σ wᵢ ∇Lᵢ for weights it can state, which is what makes "weigh the clipped
+gradients instead" well defined.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from kdrun.balancers.base import Balancer, BalancerConfigError, StepContext, StepResult
+from kdrun.balancers.base import Balancer, BalancerConfigError, StepContext, StepResult, WeightedBalancer
 from kdrun.balancers.gradients import FeatureJacobian, Jacobian
 from kdrun.config import Gt
 
@@ -72,20 +73,28 @@ def scale_jacobian(jac: Jacobian, coef: Tensor) -> Jacobian:
     return dataclasses.replace(jac, matrix=jac.matrix * c[:, None], private=private)
 
 
+def _no_backward(loss: Tensor) -> None:
+    raise RuntimeError("objective_clip writes the update itself; the wrapped balancer's weighting must not "
+                       "call ctx.backward")
+
+
 class ObjectiveClip(Balancer):
     """``inner`` with every objective's gradient clipped to ``max_norm`` before balancing (module doc)."""
 
     uses_ddp_backward = False
     supports_feature_space = False
 
-    def __init__(self, inner: Balancer, max_norm: Annotated[float, Gt(0.0)] = 0.1) -> None:
+    def __init__(self, inner: WeightedBalancer, max_norm: Annotated[float, Gt(0.0)] = 0.1) -> None:
         super().__init__()
-        if not isinstance(inner, Balancer):
-            raise BalancerConfigError(f"balancer.inner must be a balancer, got {type(inner).__name__}; pick one "
-                                      "with balancer@balancer.inner=NAME (e.g. fixed or dto).")
         if isinstance(inner, ObjectiveClip):
             raise BalancerConfigError("balancer.inner is itself objective_clip, which would clip twice; pick the "
                                       "balancer to wrap with balancer@balancer.inner=NAME (e.g. fixed or dto).")
+        if not isinstance(inner, WeightedBalancer):
+            what = ("a balancer that writes its own update rather than stating weights"
+                    if isinstance(inner, Balancer) else type(inner).__name__)
+            raise BalancerConfigError(f"balancer.inner must be a weighting balancer (a LossWeighting or "
+                                      f"GradientWeighting of kdrun/balancers/base.py), got {what}; pick one "
+                                      "with balancer@balancer.inner=NAME (e.g. fixed or dto).")
         self.inner = inner
         inner.config_key = "balancer.inner"  # bind's messages name the inner balancer's settings there
         self.max_norm = float(max_norm)
@@ -112,29 +121,20 @@ class ObjectiveClip(Balancer):
 
     def step(self, ctx: StepContext) -> StepResult:
         clipped, norms, coef = self._clipped(ctx.jacobian())
-        names = clipped.names
-        wrote: list[Tensor] = []
-
-        def backward(s: Tensor) -> None:
-            # The weights the loss-level method applied: ∂s/∂Lᵢ (the graph behind Lᵢ is not traversed).
-            objs = [ctx.objectives[n] for n in names]
-            grads = torch.autograd.grad(s, objs, allow_unused=True)
-            w = torch.stack([torch.zeros((), device=s.device) if g is None else g.detach().float()
-                             for g in grads])
-            clipped.write_grad(w)
-            wrote.append(w)
-
         inner_ctx = dataclasses.replace(
-            ctx, backward=backward, jacobian=lambda: clipped,
+            ctx, backward=_no_backward, jacobian=lambda: clipped,
             gradients=lambda objs: self._clipped(ctx.gradients(objs))[0])
-        result = self.inner.step(inner_ctx)
-        w = wrote[-1] if wrote else result.raw_weights if result.raw_weights is not None else result.weights
-        c = coef.to(device=w.device, dtype=torch.float32)
-        extras = dict(result.extras)
-        for i, n in enumerate(names):
+        # The inner method's weights on its (clipped) gradients, in objective order (= the Jacobian's rows,
+        # GradientWeighting's docstring); fp32, the precision write_grad combines in.
+        w = self.inner.step_weights(inner_ctx)
+        raw = w.raw.detach().float().to(clipped.matrix.device)
+        clipped.write_grad(raw)
+        c = coef.to(device=raw.device, dtype=torch.float32)
+        extras = dict(w.extras)
+        for i, n in enumerate(clipped.names):
             extras[f"clip/norm/{n}"] = norms[i].float()
             extras[f"clip/coef/{n}"] = c[i]
-        return StepResult(weights=result.weights, raw_weights=w.float() * c, extras=extras)
+        return StepResult(weights=w.pi.float(), raw_weights=raw * c, extras=extras)
 
     def after_step(self, ctx: StepContext) -> None:
         self.inner.after_step(ctx)

@@ -30,7 +30,7 @@ from typing import Annotated, Literal
 import torch
 from torch import Tensor
 
-from kdrun.balancers.base import Balancer, StepContext, StepResult
+from kdrun.balancers.base import LossWeighting, StepContext, Weights
 from kdrun.balancers.logit_optim import OptimKind, new_state, optim_update
 from kdrun.config import Ge, Gt
 
@@ -41,7 +41,7 @@ def log_variance_grad(log_vars: Tensor, losses: Tensor, eps: float = 1e-8) -> Te
     return 1.0 - torch.exp(-s) * losses.double().to(s.device).clamp_min(eps)
 
 
-class Uncertainty(Balancer):
+class Uncertainty(LossWeighting):
     min_objectives = 1
 
     def __init__(
@@ -63,12 +63,10 @@ class Uncertainty(Balancer):
         for name, t in new_state(k).items():
             self.register_buffer(f"optim_{name}", t)
 
-    def step(self, ctx: StepContext) -> StepResult:
-        losses = self.stack(ctx.objectives)
-        w = torch.exp(-self.log_vars.to(losses.device))
-        ctx.backward((w.to(losses.dtype) * losses).sum())
+    def loss_weights(self, ctx: StepContext) -> Weights:
+        w = torch.exp(-self.log_vars.to(self.objectives_like(ctx).device))
         extras = {f"log_var/{n}": self.log_vars[i].float() for i, n in enumerate(self.objectives)}
-        return StepResult(weights=w.float(), raw_weights=w.float(), extras=extras)
+        return Weights(w, w, extras)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:

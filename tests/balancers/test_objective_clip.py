@@ -209,3 +209,69 @@ def test_set_total_steps_reaches_the_inner_schedule() -> None:
     model = TinyStudent(seed=3)
     res = bal.step(make_ctx(model, 9, make_batch(2)))  # the last step: fully decayed
     torch.testing.assert_close(res.weights, torch.tensor([0.0, 1.0]))  # (distill, task): kl_end, ce_end
+
+
+def _loss_level_options() -> list[str]:
+    """The conf/balancer options whose class is a LossWeighting (read from the YAMLs' _target_)."""
+    import yaml
+    from hydra.utils import get_class
+
+    from kdrun.balancers.base import LossWeighting
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "balancer"
+    return [p.stem for p in sorted(conf.glob("*.yaml"))
+            if issubclass(get_class(yaml.safe_load(p.read_text())["_target_"]), LossWeighting)]
+
+
+LOSS_LEVEL = _loss_level_options()
+
+
+def test_the_loss_level_options_are_found() -> None:
+    assert {"fixed", "fixed_kd", "fixed_mean", "dto", "famo", "uncertainty", "dwa", "distill_decay"} <= set(LOSS_LEVEL)
+    assert not {"dto_exact", "mgda", "objective_clip", "cross_batch"} & set(LOSS_LEVEL)
+
+
+@pytest.mark.parametrize("option", LOSS_LEVEL)
+def test_loss_level_inner_weighs_the_clipped_gradients_as_its_own_backward_weighs_the_raw_ones(option: str) -> None:
+    """The weights objective_clip takes from a loss-level method (its weighting, kdrun/balancers/base.py) are
+    the ones that method's own backward applies, read as ∂s/∂Lᵢ of the scalar s it passes to ctx.backward
+    (what objective_clip did before issue #24); the update is Σ wᵢ cᵢ ∇Lᵢ, cᵢ clip_grad_norm_'s coefficient."""
+    from hydra.utils import instantiate
+
+    from tests.balancers._helpers import NAMES, train_step
+    from tests.conftest import compose_cfg
+
+    inner = instantiate(compose_cfg([f"balancer={option}"]).balancer, _convert_="all")
+    bal = ObjectiveClip(inner, max_norm=0.1)
+    bal.bind(NAMES)
+    bal.set_total_steps(8)
+    model = TinyStudent(seed=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for t in range(3):  # learned states move off their initial values (through the clipped path)
+        train_step(bal, model, opt, t)
+    step = 3
+    per = []
+    for name in NAMES:
+        m = copy.deepcopy(model)
+        for p in m.parameters():
+            p.grad = None
+        m.objectives(make_batch(step))[name].backward()
+        per.append(grads(m))
+    norms = [float(torch.sqrt(sum((g.double() ** 2).sum() for g in d.values()))) for d in per]
+    bal.max_norm = (norms[0] * norms[1]) ** 0.5  # between the two: one gradient clipped, the other not
+    c = clip_coefficients(torch.tensor(norms, dtype=torch.float64), bal.max_norm).tolist()
+    assert min(c) < 1.0 == max(c)
+    # the reference: the inner method's own step, its backward scalar differentiated w.r.t. the objectives
+    twin, twin_model = copy.deepcopy(inner), copy.deepcopy(model)
+    scalars: list[Tensor] = []
+    ref_ctx = make_ctx(twin_model, step, make_batch(step))
+    ref_ctx.backward = scalars.append
+    ref = twin.step(ref_ctx)
+    w = torch.autograd.grad(scalars[0], [ref_ctx.objectives[n] for n in NAMES])
+    opt.zero_grad(set_to_none=True)
+    res = bal.step(make_ctx(model, step, make_batch(step)))
+    for k, p in model.named_parameters():
+        exp = sum(float(wi) * ci * d[k] for wi, ci, d in zip(w, c, per))
+        torch.testing.assert_close(grads(model)[k], exp, rtol=1e-5, atol=1e-7, msg=f"{option}: {k}")
+    torch.testing.assert_close(res.raw_weights, torch.stack(w).float() * torch.tensor(c, dtype=torch.float32))
+    assert torch.equal(res.weights, ref.weights)
