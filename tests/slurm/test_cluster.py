@@ -1,8 +1,8 @@
 """kdrun against a real Slurm: the one-node cluster of scripts/slurm_local.sh (see conftest.py).
 
 Each test runs what the README's SLURM section says, on the digits quick config, and is bounded in time.
-Measured on the 2-core CI machine: sweep ~45 s, sbatch script ~35 s, USR2 requeue ~90 s (30 s of it the
-local cluster's requeue delay), errors ~15 s.
+Measured 2026-12-07 on a busy 2-core machine: sweep 49 s, sbatch script 25 s, USR2 requeue 75-84 s (about
+30 s of it the local cluster's requeue delay), errors 11 s; the module 149 s in CI's slurm phase.
 """
 from __future__ import annotations
 
