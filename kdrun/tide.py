@@ -157,6 +157,17 @@ def _load_detections(detections: Any, data: Mapping[str, Any]) -> Sequence[Mappi
     return check_detections(read_json(detections, "detections file"), detections, ids)
 
 
+@dataclass
+class _Tally:
+    """What the per-image matching collects: the detections' PR points per class (pred id → (score, true
+    positive)), the ground-truth counts, the false negatives, and every error with what would fix it."""
+
+    points: dict[int, dict[int, tuple[float, bool]]] = field(default_factory=lambda: defaultdict(dict))
+    num_gt: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    false_neg: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    errors: list[_Error] = field(default_factory=list)
+
+
 def tide(gt: Any, detections: Sequence[Mapping[str, Any]] | str | os.PathLike, pos_thresh: float = 0.5,
          bg_thresh: float = 0.1, max_dets: int = 100) -> TideResult:
     """TIDE box-error analysis of COCO-json ``detections`` (list or file) against ``gt`` (COCO object,
@@ -169,99 +180,118 @@ def tide(gt: Any, detections: Sequence[Mapping[str, Any]] | str | os.PathLike, p
     preds: dict[int, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
     for i, d in enumerate(detections):
         preds[int(d["image_id"])].append((i, d))
-
-    points: dict[int, dict[int, tuple[float, bool]]] = defaultdict(dict)  # class → pred id → (score, tp)
-    num_gt: dict[int, int] = defaultdict(int)
-    false_neg: dict[int, int] = defaultdict(int)
-    errors: list[_Error] = []
-
+    tally = _Tally()
     for image in [int(im["id"]) for im in data.get("images", [])]:
-        anns = gts.get(image, [])
-        truths = [a for a in anns if not a.get("iscrowd", 0)]
-        ignore = [a for a in anns if a.get("iscrowd", 0)]
-        records = [_GT((image, j), int(a["category_id"])) for j, a in enumerate(truths)]
+        _tally_image(tally, image, gts.get(image, []), preds.get(image, []), pos_thresh, bg_thresh, max_dets)
+    return _summarise(tally, pos_thresh, bg_thresh)
+
+
+def _tally_image(tally: _Tally, image: int, anns: list[dict[str, Any]], preds: list[tuple[int, dict[str, Any]]],
+                 pos_thresh: float, bg_thresh: float, max_dets: int) -> None:
+    """Match one image's detections to its ground truth (TIDE's greedy, score-ordered matching) and record
+    its PR points and errors in ``tally``."""
+    truths = [a for a in anns if not a.get("iscrowd", 0)]
+    ignore = [a for a in anns if a.get("iscrowd", 0)]
+    records = [_GT((image, j), int(a["category_id"])) for j, a in enumerate(truths)]
+    for g in records:
+        tally.num_gt[g.cls] += 1
+    plist = sorted(preds, key=lambda p: -float(p[1]["score"]))[:max_dets]
+    if not plist:
         for g in records:
-            num_gt[g.cls] += 1
-        plist = sorted(preds.get(image, []), key=lambda p: -float(p[1]["score"]))[:max_dets]
-        if not plist:
-            for g in records:
-                false_neg[g.cls] += 1
-                errors.append(_Error("Miss", g.cls, gt=g))
+            tally.false_neg[g.cls] += 1
+            tally.errors.append(_Error("Miss", g.cls, gt=g))
+        return
+    pb = np.array([p[1]["bbox"] for p in plist], dtype=np.float64).reshape(-1, 4)
+    pc = np.array([int(p[1]["category_id"]) for p in plist])
+    gb = np.array([a["bbox"] for a in truths], dtype=np.float64).reshape(-1, 4)
+    gc = np.array([g.cls for g in records])
+    iou = box_iou_xywh(pb, gb)
+    same = pc[:, None] == gc[None, :]
+    used = _match(iou * same, records, pos_thresh)
+    for region in ignore:  # crowd: unmatched predictions of its class inside it are ignored
+        crowd_iou = box_iou_xywh(pb, np.array([region["bbox"]], dtype=np.float64), crowd=True)[:, 0]
+        for i in range(len(plist)):
+            if used[i] is False and crowd_iou[i] > pos_thresh and pc[i] == int(region["category_id"]):
+                used[i] = None
+    gt_used = np.array([g.used for g in records], dtype=bool)[None, :]
+    ious = (iou, iou * same, iou * ~same, iou * same * gt_used)
+    for i, (pid, p) in enumerate(plist):
+        score, c = float(p["score"]), int(pc[i])
+        if used[i] is not None:
+            tally.points[c][pid] = (score, bool(used[i]))
+        if used[i] is True:
             continue
-        pb = np.array([p[1]["bbox"] for p in plist], dtype=np.float64).reshape(-1, 4)
-        pc = np.array([int(p[1]["category_id"]) for p in plist])
-        gb = np.array([a["bbox"] for a in truths], dtype=np.float64).reshape(-1, 4)
-        gc = np.array([g.cls for g in records])
-        iou = box_iou_xywh(pb, gb)
-        same = pc[:, None] == gc[None, :]
-        cls_iou = iou * same
-        used: list[bool | None] = [False] * len(plist)
-        if records:
-            buffer = cls_iou.copy()
-            for i in range(len(plist)):  # greedy matching in score order
-                j = int(np.argmax(buffer[i]))
-                if buffer[i, j] >= pos_thresh:
-                    used[i] = True
-                    records[j].used = True
-                    buffer[:, j] = 0
-        for region in ignore:  # crowd: unmatched predictions of its class inside it are ignored
-            crowd_iou = box_iou_xywh(pb, np.array([region["bbox"]], dtype=np.float64), crowd=True)[:, 0]
-            for i in range(len(plist)):
-                if used[i] is False and crowd_iou[i] > pos_thresh and pc[i] == int(region["category_id"]):
-                    used[i] = None
-        gt_used = np.array([g.used for g in records], dtype=bool)[None, :]
-        noncls_iou = iou * ~same
-        used_cls_iou = iou * same * gt_used
-        for i, (pid, p) in enumerate(plist):
-            score, c = float(p["score"]), int(pc[i])
-            if used[i] is not None:
-                points[c][pid] = (score, bool(used[i]))
-            if used[i] is True:
-                continue
-            err = _Error("", c, pred_id=pid, score=score, ignored=used[i] is None)
-            if not records:
+        err = _Error("", c, pred_id=pid, score=score, ignored=used[i] is None)
+        _classify(err, i, records, ious, pos_thresh, bg_thresh)
+        tally.errors.append(err)
+    for g in records:
+        if not g.used:
+            tally.false_neg[g.cls] += 1
+            if not g.usable:
+                tally.errors.append(_Error("Miss", g.cls, gt=g))
+
+
+def _match(cls_iou: np.ndarray, records: list[_GT], pos_thresh: float) -> list[bool | None]:
+    """Greedy matching in score order: each prediction takes its best same-class ground truth still free
+    at IoU ≥ ``pos_thresh``. Returns per prediction True (matched) / False; marks the matched records."""
+    used: list[bool | None] = [False] * cls_iou.shape[0]
+    if records:
+        buffer = cls_iou.copy()
+        for i in range(cls_iou.shape[0]):
+            j = int(np.argmax(buffer[i]))
+            if buffer[i, j] >= pos_thresh:
+                used[i] = True
+                records[j].used = True
+                buffer[:, j] = 0
+    return used
+
+
+def _classify(err: _Error, i: int, records: list[_GT], ious: tuple[np.ndarray, ...], pos_thresh: float,
+              bg_thresh: float) -> None:
+    """TIDE's error type of the unmatched prediction ``i`` (Loc, Cls, Dupe, Bkg, Both), and its best
+    ground truth (TIDE's BestGTMatch: one fix per ground truth, the best-scoring prediction)."""
+    iou, cls_iou, noncls_iou, used_cls_iou = ious
+    if not records:
+        err.kind = "Bkg"
+    else:
+        j = int(np.argmax(cls_iou[i]))
+        if bg_thresh <= cls_iou[i, j] <= pos_thresh:
+            err.kind, err.gt = "Loc", records[j]
+        else:
+            j = int(np.argmax(noncls_iou[i]))
+            if noncls_iou[i, j] >= pos_thresh:
+                err.kind, err.gt = "Cls", records[j]
+            elif used_cls_iou[i].max() >= pos_thresh:
+                err.kind = "Dupe"
+            elif iou[i].max() <= bg_thresh:
                 err.kind = "Bkg"
             else:
-                j = int(np.argmax(cls_iou[i]))
-                if bg_thresh <= cls_iou[i, j] <= pos_thresh:
-                    err.kind, err.gt = "Loc", records[j]
-                else:
-                    j = int(np.argmax(noncls_iou[i]))
-                    if noncls_iou[i, j] >= pos_thresh:
-                        err.kind, err.gt = "Cls", records[j]
-                    elif used_cls_iou[i].max() >= pos_thresh:
-                        err.kind = "Dupe"
-                    elif iou[i].max() <= bg_thresh:
-                        err.kind = "Bkg"
-                    else:
-                        err.kind = "Both"
-            if err.gt is not None:  # TIDE's BestGTMatch: one fix per ground truth, the best-scoring
-                if err.gt.used:
-                    err.suppressed = True
-                else:
-                    err.gt.usable = True
-                    if err.gt.best_score < score:
-                        err.gt.best_score, err.gt.best_id = score, pid
-            errors.append(err)
-        for g in records:
-            if not g.used:
-                false_neg[g.cls] += 1
-                if not g.usable:
-                    errors.append(_Error("Miss", g.cls, gt=g))
+                err.kind = "Both"
+    if err.gt is not None:
+        if err.gt.used:
+            err.suppressed = True
+        else:
+            err.gt.usable = True
+            if err.gt.best_score < err.score:
+                err.gt.best_score, err.gt.best_id = err.score, err.pred_id
 
-    classes = set(num_gt) | set(points)
 
-    def mean_ap(pts: Mapping[int, Mapping[int, tuple[float, bool]]], ngt: Mapping[int, int]) -> float:
-        keys = [k for k in set(pts) | set(ngt) if len(pts.get(k, {})) or ngt.get(k, 0) != 0]
-        if not keys:
-            return 0.0
-        return float(np.mean([average_precision(list(pts.get(k, {}).values()), ngt.get(k, 0)) for k in keys]))
+def _mean_ap(pts: Mapping[int, Mapping[int, tuple[float, bool]]], ngt: Mapping[int, int]) -> float:
+    keys = [k for k in set(pts) | set(ngt) if len(pts.get(k, {})) or ngt.get(k, 0) != 0]
+    if not keys:
+        return 0.0
+    return float(np.mean([average_precision(list(pts.get(k, {}).values()), ngt.get(k, 0)) for k in keys]))
+
+
+def _summarise(tally: _Tally, pos_thresh: float, bg_thresh: float) -> TideResult:
+    """AP, and for each error type the AP once those errors are fixed (ΔAP), as TIDE reports them."""
+    classes = set(tally.num_gt) | set(tally.points)
 
     def fix(condition: Callable[[_Error], bool], transform: Callable[[float, bool], tuple[float, bool]] | None = None,
             remove_false_negatives: bool = False) -> float:
-        ngt = {k: num_gt.get(k, 0) for k in classes}
+        ngt = {k: tally.num_gt.get(k, 0) for k in classes}
         new: dict[int, dict[int, tuple[float, bool]]] = defaultdict(dict)
-        for e in errors:
+        for e in tally.errors:
             item = e.fixed() if condition(e) else e.original()
             if item is None:
                 continue
@@ -271,21 +301,21 @@ def tide(gt: Any, detections: Sequence[Mapping[str, Any]] | str | os.PathLike, p
                 continue
             new[c][e.pred_id] = transform(*dp) if transform else dp
         for c in classes:  # the true positives stay
-            for pid, (score, tp) in points.get(c, {}).items():
+            for pid, (score, tp) in tally.points.get(c, {}).items():
                 if tp:
                     new[c][pid] = transform(score, tp) if transform else (score, tp)
         if remove_false_negatives:
-            for c, n in false_neg.items():
+            for c, n in tally.false_neg.items():
                 ngt[c] = ngt.get(c, 0) - n
-        return mean_ap(new, ngt)
+        return _mean_ap(new, ngt)
 
-    ap = mean_ap(points, num_gt)
+    ap = _mean_ap(tally.points, tally.num_gt)
     main = {kind: max(fix(lambda e, k=kind: e.kind == k) - ap, 0.0) for kind in MAIN_ERRORS}
     special = {
         "FalsePos": fix(lambda e: False, transform=lambda s, tp: (1.0, True) if tp else (0.0, False)) - ap,
         "FalseNeg": fix(lambda e: False, remove_false_negatives=True) - ap,
     }
-    counts = {kind: sum(e.kind == kind for e in errors) for kind in MAIN_ERRORS}
+    counts = {kind: sum(e.kind == kind for e in tally.errors) for kind in MAIN_ERRORS}
     return TideResult(ap, main, special, counts, pos_thresh, bg_thresh)
 
 
