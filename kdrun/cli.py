@@ -122,135 +122,154 @@ def hydra_error_message(e: BaseException) -> Optional[str]:
 
 def run_train(argv: list[str]) -> None:
     """``kdrun train``: one process, N local workers (``trainer.devices=N``), or one rank of a job that
-    torchrun/srun started (then every rank runs this; see :func:`kdrun.distributed.launch_env`).
-
-    Errors: a user error raised in the task (also one that ``instantiate`` wrapped) is reported as one
-    paragraph, exit 2. Hydra would catch what goes wrong *before* the task (composition, the run
-    directory) and print its own text, exit 1; HYDRA_FULL_ERROR=1 is Hydra's documented switch to let
-    those propagate instead, so it is set around Hydra (not inside the task, whose environment, workers
-    included, stays the user's) and they are reported here, exit 2."""
-    import shutil
-    import tempfile
-
+    torchrun/srun started (then every rank runs this; see :func:`kdrun.distributed.launch_env`). Hydra
+    composes the config and calls :func:`train_task`; :class:`Failures` handles what goes wrong."""
     import hydra
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from kdrun import distributed as D
-
-    full = full_traceback_requested()
-    try:
-        env = D.launch_env()
-    except ConfigError as e:
-        report(e, full)
-    joined = env is not None and env.world_size > 1
-    scratch: str | None = None
-    if joined and env is not None and env.rank != 0:
-        # Every rank runs Hydra, but only rank 0's output directory is the run directory (it is
-        # broadcast below). Hydra writes nothing into a run directory (conf/config.yaml: no .hydra/, no
-        # log file) and only creates it if missing, so the other ranks point it at the temp directory,
-        # which exists: no per-rank ${now:...} directory beside the run, and nothing for a kill -9 to
-        # leave behind. A sweep (-m) writes multirun.yaml, so there a scratch directory is used,
-        # removed at exit.
-        argv = [*argv, f"hydra.run.dir={tempfile.gettempdir()}", "hydra.output_subdir=null"]
-        if any(a in ("-m", "--multirun") for a in argv):
-            scratch = tempfile.mkdtemp(prefix=f"kdrun-rank{env.rank}-")
-            argv.append(f"hydra.sweep.dir={scratch}/sweep")
-
-    task_failed = False  # an exception escaped the task function (not Hydra's own setup)
+    failures = Failures(full_traceback_requested())
+    argv, scratch = rank_argv(argv, failures)
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
-    def _main(cfg: DictConfig) -> float | None:
-        nonlocal task_failed
+    def _app(cfg: DictConfig) -> float | None:
+        with failures.in_task():
+            return train_task(cfg)
+
+    sys.argv = ["kdrun train", *argv]
+    with failures.in_command(scratch):
+        _app()
+
+
+class Failures:
+    """Everything ``kdrun train`` does when something fails, in one place (lightning-hydra-template's
+    ``utils.task_wrapper``): a user error is one paragraph, exit 2, and a refused or failed command leaves
+    no trace (:mod:`kdrun.run_guard`).
+
+    Hydra catches what goes wrong *before* the task (composition, the run directory) and prints its own
+    text, exit 1; ``HYDRA_FULL_ERROR=1`` is Hydra's documented switch to let those propagate instead, so
+    it is set around Hydra (:meth:`in_command`; not inside the task, whose environment, workers included,
+    stays the user's) and they are reported here, exit 2. Inside the task (:meth:`in_task`) a user error,
+    also one that ``instantiate`` wrapped, is reported as one paragraph; anything else is a bug and keeps
+    its traceback (:attr:`task_failed` stops :meth:`in_command` from reading it as Hydra's)."""
+
+    def __init__(self, full_traceback: bool) -> None:
+        self.full = full_traceback
+        self.task_failed = False  # an exception escaped the task function (not Hydra's own setup)
+
+    @contextlib.contextmanager
+    def in_task(self) -> Iterator[None]:
+        from kdrun.launch import WorkerFailed
+
         try:
-            with _env("HYDRA_FULL_ERROR", "1" if full else None):
-                return _task(cfg)
-        except Exception:
-            task_failed = True
-            raise
-
-    def _task(cfg: DictConfig) -> float | None:
-        import copy
-
-        from omegaconf import OmegaConf
-
-        from kdrun.config import TrainerConfig, validate
-        from kdrun.engine import train
-        from kdrun.launch import WorkerFailed, check_devices, launch_train, resolve_devices
-
-        try:
-            run_dir = Path(HydraConfig.get().runtime.output_dir)
-            run_guard.note_job_dir(run_dir)
-            record = run_guard.hydra_record(cfg)  # .hydra/, written when the run starts
-            checked = copy.deepcopy(cfg)
-            validate(checked)  # fail before any process starts
-            t = TrainerConfig(**OmegaConf.to_container(checked.trainer, resolve=True))
-            # Read the environment here, not before Hydra: under hydra/launcher=submitit_slurm this
-            # function runs in each SLURM task on the compute nodes, not in the submitting process.
-            job_env = D.launch_env()
-            if job_env is not None and job_env.world_size > 1:
-                check_devices(t.devices)  # the value must be valid, but the launcher decided the count
-                D.init_process_group(D.device_type(t.accelerator), job_env)  # once per process
-                run_dir = Path(D.broadcast_object(str(run_dir)))
-                if D.is_main() and t.devices not in (1, "auto", job_env.local_world_size):
-                    print(f"[kdrun] note: trainer.devices={t.devices} is ignored: {job_env.source} started "
-                          f"{job_env.world_size} processes, and kdrun joins them.", file=sys.stderr, flush=True)
-                results = train(cfg, run_dir, record)
-            else:
-                dev, nproc = resolve_devices(t.accelerator, t.devices)
-                if nproc > 1:
-                    results = launch_train(checked, run_dir, nproc, dev, t.preempt_signals, t.preempt_grace_s,
-                                           record)
-                else:
-                    results = train(cfg, run_dir, record)
-        except WorkerFailed as e:
+            with _env("HYDRA_FULL_ERROR", "1" if self.full else None):
+                yield
+        except WorkerFailed as e:  # the workers reported their error themselves
             if str(e):
                 print(f"kdrun: error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
         except Exception as e:
             user = find_user_error(e)
             if user is None:
+                self.task_failed = True
                 raise
-            report(user, full)
-        if results.get("finished"):
-            return say_finished(results)
-        if results.get("preempted"):
-            # An orderly stop: the checkpoint is written. Exiting here (not returning) also ends a
-            # multirun sweep, whose remaining jobs belong to the same preempted allocation.
-            if D.is_main():
-                print(f"\nkdrun: stopped by {results['preempted']} after step {results['steps']}; "
-                      f"checkpoint {results['checkpoint']}.\n  continue with trainer.resume=auto "
-                      f"(and the same hydra.run.dir={results['run_dir']})", flush=True)
-            raise SystemExit(results["exit_code"])
-        if D.is_main():
-            from kdrun.console_log import CONSOLE_LOG, tee_console
+            report(user, self.full)
 
-            # the summary belongs in the run's cli.log too (train() wrote the rest of it)
-            with tee_console(run_dir, enabled=(run_dir / CONSOLE_LOG).is_file()):
-                summarise(results, multirun_dir(HydraConfig.get()))
-        return results["final"][results["primary_metric"]]
+    @contextlib.contextmanager
+    def in_command(self, scratch: str | None) -> Iterator[None]:
+        import shutil
 
-    sys.argv = ["kdrun train", *argv]
-    run_guard.begin()  # what exists before Hydra creates the output directories (kdrun.run_guard)
-    succeeded = False
-    try:
-        with _env("HYDRA_FULL_ERROR", "1"):
-            _main()
-        succeeded = True
-    except Exception as e:
-        message = None if full or task_failed else hydra_error_message(e)
-        if message is None:
+        from kdrun import distributed as D
+
+        run_guard.begin()  # what exists before Hydra creates the output directories
+        succeeded = False
+        try:
+            with _env("HYDRA_FULL_ERROR", "1"):
+                yield
+            succeeded = True
+        except Exception as e:
+            message = None if self.full or self.task_failed else hydra_error_message(e)
+            if message is None:
+                raise
+            fail(message)
+        except SystemExit as e:
+            succeeded = e.code in (0, None)  # an orderly stop after a signal exits 0 too
             raise
-        fail(message)
-    except SystemExit as e:
-        succeeded = e.code in (0, None)  # an orderly stop after a signal exits 0 too
-        raise
-    finally:
-        if not succeeded:
-            run_guard.undo()  # a refused or failed command leaves no stub directory behind
-        D.destroy_process_group()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            if not succeeded:
+                run_guard.undo()  # a refused or failed command leaves no stub directory behind
+            D.destroy_process_group()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def rank_argv(argv: list[str], failures: Failures) -> tuple[list[str], str | None]:
+    """``argv`` for this process, and a scratch directory to remove at exit (or None).
+
+    Under torchrun/srun every rank runs Hydra, but only rank 0's output directory is the run directory
+    (it is broadcast later). Hydra writes nothing into a run directory (conf/config.yaml: no .hydra/, no
+    log file) and only creates it if missing, so the other ranks point it at the temp directory, which
+    exists: no per-rank ${now:...} directory beside the run, and nothing for a kill -9 to leave behind. A
+    sweep (-m) writes multirun.yaml, so there a scratch directory is used."""
+    import tempfile
+
+    from kdrun import distributed as D
+
+    try:
+        env = D.launch_env()
+    except ConfigError as e:
+        report(e, failures.full)
+    if env is None or env.world_size <= 1 or env.rank == 0:
+        return argv, None
+    argv = [*argv, f"hydra.run.dir={tempfile.gettempdir()}", "hydra.output_subdir=null"]
+    scratch = None
+    if any(a in ("-m", "--multirun") for a in argv):
+        scratch = tempfile.mkdtemp(prefix=f"kdrun-rank{env.rank}-")
+        argv.append(f"hydra.sweep.dir={scratch}/sweep")
+    return argv, scratch
+
+
+def train_task(cfg: Any) -> float | None:
+    """The Hydra task of ``kdrun train``, one per job of a sweep: validate → train where the job runs
+    (:func:`kdrun.launch.dispatch`) → say how it ended. Returns the final primary metric (what a Hydra
+    sweeper optimises)."""
+    import copy
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from kdrun.config import TrainerConfig, validate
+    from kdrun.launch import dispatch
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_guard.note_job_dir(run_dir)
+    record = run_guard.hydra_record(cfg)  # .hydra/, written when the run starts
+    checked = copy.deepcopy(cfg)
+    validate(checked)  # fail before any process starts
+    settings = TrainerConfig(**OmegaConf.to_container(checked.trainer, resolve=True))
+    results = dispatch(cfg, checked, settings, run_dir, record)
+    return report_end(results, multirun_dir(HydraConfig.get()))
+
+
+def report_end(results: dict, sweep_dir: str | None) -> float | None:
+    """How the run ended, on the main rank: finished before (nothing done), stopped by a signal (exits,
+    which also ends a sweep whose remaining jobs belong to the same preempted allocation), or the summary
+    (also into the run's cli.log)."""
+    from kdrun import distributed as D
+    from kdrun.console_log import CONSOLE_LOG, tee_console
+
+    if results.get("finished"):
+        return say_finished(results)
+    if results.get("preempted"):
+        if D.is_main():
+            print(f"\nkdrun: stopped by {results['preempted']} after step {results['steps']}; "
+                  f"checkpoint {results['checkpoint']}.\n  continue with trainer.resume=auto "
+                  f"(and the same hydra.run.dir={results['run_dir']})", flush=True)
+        raise SystemExit(results["exit_code"])
+    if D.is_main():
+        run_dir = Path(results["run_dir"])
+        with tee_console(run_dir, enabled=(run_dir / CONSOLE_LOG).is_file()):
+            summarise(results, sweep_dir)
+    return results["final"][results["primary_metric"]]
 
 
 def say_finished(results: dict) -> float | None:

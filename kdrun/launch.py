@@ -276,6 +276,33 @@ def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, sign
     return json.loads(results.read_text())
 
 
+def dispatch(cfg: DictConfig, checked: DictConfig, settings: Any, run_dir: Path,
+             record: dict[str, str]) -> dict[str, Any]:
+    """Train ``cfg`` where this process stands, the one place that decides it: join the job that
+    torchrun/srun started (every rank runs this), start ``trainer.devices`` local workers, or train
+    alone. ``checked``: ``cfg`` validated and resolved (what the workers read); ``settings``: its
+    ``TrainerConfig``; ``record``: the ``.hydra/`` files written when the run starts. The results."""
+    from kdrun.engine import train
+
+    # Read the environment here, not before Hydra: under hydra/launcher=submitit_slurm this runs in each
+    # SLURM task on the compute nodes, not in the submitting process.
+    job_env = D.launch_env()
+    if job_env is not None and job_env.world_size > 1:
+        check_devices(settings.devices)  # the value must be valid, but the job decided the count
+        D.init_process_group(D.device_type(settings.accelerator), job_env,  # once per process
+                             join_timeout_s=settings.dist_timeout_s)
+        run_dir = Path(D.broadcast_object(str(run_dir)))
+        if D.is_main() and settings.devices not in (1, "auto", job_env.local_world_size):
+            print(f"[kdrun] note: trainer.devices={settings.devices} is ignored: {job_env.source} started "
+                  f"{job_env.world_size} processes, and kdrun joins them.", file=sys.stderr, flush=True)
+        return train(cfg, run_dir, record)
+    dev, nproc = resolve_devices(settings.accelerator, settings.devices)
+    if nproc > 1:
+        return launch_train(checked, run_dir, nproc, dev, settings.preempt_signals, settings.preempt_grace_s,
+                            record)
+    return train(cfg, run_dir, record)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m kdrun.launch CONFIG RUN_DIR DEVICE_TYPE THREADS [RECORD]``: the worker program."""
     cfg_path, run_dir, dev_type, threads, *record = (sys.argv[1:] if argv is None else argv)

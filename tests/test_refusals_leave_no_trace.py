@@ -197,3 +197,21 @@ def test_a_switch_that_cannot_apply_is_one_paragraph(tmp_path: Path, kdrun: Call
     for n in needles:
         assert n in err, (n, err)
     assert not (tmp_path / "run").exists()  # refused: no directory
+
+
+def test_ctrl_c_while_the_cli_is_imported_is_one_line() -> None:
+    """The console entry imports kdrun.cli inside its try: SIGINT before kdrun.cli is even loaded (the
+    signal is sent first, then the import runs) is one line and 130, not an import traceback."""
+    script = ("import os, signal\n"
+              "from kdrun.__main__ import entry\n"
+              "import builtins\n"
+              "real = builtins.__import__\n"
+              "def interrupt_cli(name, *a, **k):\n"
+              "    if name == 'kdrun.cli':\n"
+              "        os.kill(os.getpid(), signal.SIGINT)\n"
+              "    return real(name, *a, **k)\n"
+              "builtins.__import__ = interrupt_cli\n"
+              "entry()\n")
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert (p.returncode, p.stderr) == (130, "kdrun: interrupted (Ctrl-C).\n"), p.stderr

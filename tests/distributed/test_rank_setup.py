@@ -4,6 +4,7 @@ limits its intra-op threads."""
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 import sys
 import time
@@ -96,3 +97,18 @@ def test_workers_restarted_by_torchrun_max_restarts_join_again(tmp_path: Path) -
     assert p.returncode == 0, p.stderr[-3000:]
     assert "rank 0 attempt 1 done" in p.stdout and "rank 1 attempt 1 done" in p.stdout
     assert "2 ranks (torchrun); intra-op threads per rank: 1 (OMP_NUM_THREADS=1)" in p.stdout
+
+
+def test_the_cli_passes_trainer_dist_timeout_s_to_the_join(tmp_path: Path) -> None:
+    """The wiring: `kdrun train trainer.dist_timeout_s=2` as rank 1 of an srun job whose rank 0 never
+    started fails after ~2 s with the one-paragraph join error, not after the 300 s default."""
+    env = {**os.environ, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    start = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "kdrun.cli", "train", "+debug=quick", "trainer.accelerator=cpu",
+                        "trainer.dist_timeout_s=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "within trainer.dist_timeout_s=2 s" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert time.monotonic() - start < 60
