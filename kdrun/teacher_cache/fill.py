@@ -1,79 +1,27 @@
-"""The teacher-output cache: the frozen teacher's outputs for every (training image, view), computed once and
-read back instead of running the teacher (issue #16).
-
-With a finite-view augmentation (:mod:`kdrun.data.views`: the CIFAR protocol's crop + flip = 162 views
-per image) the frozen teacher has only ``N × V`` possible outputs on the training set. A balancer sweep
-(balancers × seeds on one teacher and one protocol) pays the teacher forward — about half of a
-resnet56 → resnet20 step — in every run; with the cache it is paid once.
-
-**Layout.** A directory holding ``meta.json`` (the key, the array table with shapes, dtypes and sha256
-checksums, and provenance) and one ``.npy`` file per array, memory-mapped, shaped ``[N, V, *sample_shape]``:
-``logits.npy`` and ``tap.<name>.npy`` for every feature tap a loss reads. The fill writes into
-``<dir>.partial/`` and renames it to ``<dir>`` only after every array is written and checksummed, so a
-killed fill never looks like a cache.
-
-**The key** (:class:`CacheKey`) names everything the outputs depend on: the teacher (its class, its
-``state_dict`` hash, its config), the training data (content hash of the raw images and labels), the
-transform (every step's repr and the view geometry), the taps, the storage dtype, and the conditions of
-the teacher call (device type, precision, memory format) — on CPU, fp32 convolutions differ in the last
-bits between contiguous and channels_last inputs, so a cache filled in another format is not what the
-live teacher would produce. :meth:`TeacherCache.open` compares the key field by field and raises
-:class:`CacheError` naming every field that differs; a missing, truncated or corrupted array file
-(size or sha256 mismatch) is an error too. Nothing is ever silently refilled or reused.
-
-**Concurrent runs.** Runs of a sweep that start together and need the same missing cache do not race:
-creating ``<dir>.partial/`` is atomic, so exactly one of them fills it while the others wait
-(:func:`wait_for_fill`) and then open the finished cache. The filling process touches
-``<dir>.partial/heartbeat`` every few seconds; a partial fill whose heartbeat has stopped for
-:data:`FILL_STALE_AFTER_S` was killed, and the waiting run stops with an error naming the directory to
-delete (never deleting it itself).
-
-**Exactness.** ``dtype="fp32"`` stores the teacher's outputs exactly (a bf16 or fp16 output is widened
-losslessly) and :meth:`TeacherCache.get` returns them in the live teacher's output dtype, so losses are
-bit-identical to the live teacher when the fill ran under the same conditions (the key's ``compute``
-field) and the teacher's kernels give a sample the same bits wherever it sits in a batch — the fill
-measures that (:func:`batch_invariant`, ``meta.json`` ``info.batch_invariant``, :attr:`TeacherCache.exact`);
-when they do not, cached and live outputs differ by float rounding only. (The batch size did not
-change resnet56's per-sample fp32 CPU result between batches 16, 64 and 256, but batch 1 did, so the
-fill pads its last batch to full size and records its batch size in ``meta.json``'s provenance.)
-The fill renders every view of an image at once (:meth:`kdrun.data.views.FiniteViewPipeline.render_all`:
-pre-processing, pad, ToTensor and Normalize once per image instead of once per view, bit-identical to the
-per-view render) when the steps after the crop are pixel-wise, else view by view; ``meta.json``
-``info.fill_render`` says which, ``info.fill_views_per_s`` how fast it went.
-``dtype="fp16"`` halves the disk size; each value is rounded to nearest fp16, so
-``|cached − live| ≤ 2⁻¹¹·|live| + 2⁻²⁵`` (unit roundoff; the second term covers fp16 subnormals), and a
-value outside fp16's range (|x| > 65504) is an error at fill time.
-"""
+"""Filling a cache: :class:`CacheBuilder` (plan, create ``<dir>.partial/`` atomically, fill a slice of the
+images, finalize), :func:`build_cache` (all of it in one process), :func:`wait_for_fill` (another process's
+fill, told from a killed one by its heartbeat) and :func:`batch_invariant` (whether the cache can be exact)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from kdrun.config import ConfigError
-from kdrun.data.views import NUMPY_DTYPES, ContinuousAugmentationError, ViewDataset
+from kdrun.data.views import NUMPY_DTYPES, ViewDataset
 from kdrun.models.taps import ModelOutput
+from kdrun.teacher_cache.key import STORAGE, CacheError, CacheKey, file_sha256
+from kdrun.teacher_cache.store import ArraySpec, TeacherCache, output_arrays
 
-FORMAT_VERSION = 1
-STORAGE = {"fp32": np.float32, "fp16": np.float16}
 DEFAULT_MAX_TAP_BYTES = 16 * 2**30  # a feature tap larger than this is refused (spatial maps: pool them)
-FP16_REL_TOL = 2.0 ** -11
-FP16_ABS_TOL = 2.0 ** -25
-
-
-class CacheError(ConfigError):
-    """A cache that cannot be used: missing, incomplete, stale (key mismatch), truncated or corrupted.
-    A :class:`~kdrun.config.ConfigError` (a ``ValueError``): the CLI shows the message, exit status 2."""
 
 
 class CacheBusy(CacheError):
@@ -103,196 +51,6 @@ def unusable_dir(path: str | os.PathLike) -> str | None:
                 return f"{parent} is not writable by this user"
             return None
     return None
-
-
-# -- fingerprints -------------------------------------------------------------------------------------
-
-
-def _sha256_bytes(chunks: Iterable[bytes]) -> str:
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(c)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    with open(path, "rb") as f:
-        return _sha256_bytes(iter(lambda: f.read(chunk), b""))
-
-
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def teacher_fingerprint(model: nn.Module, config: str = "") -> dict[str, str]:
-    """The teacher's identity: class, sha256 over its ``state_dict`` (names, dtypes, shapes and bytes of
-    every parameter and buffer, in name order) and its config (e.g. the resolved ``teacher.model`` node)."""
-    sd = model.state_dict()
-
-    def chunks() -> Iterable[bytes]:
-        for name in sorted(sd):
-            t = sd[name]
-            yield f"{name}|{t.dtype}|{tuple(t.shape)}|".encode()
-            yield _tensor_bytes(t)
-
-    return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "state_sha256": _sha256_bytes(chunks()),
-            "config": config}
-
-
-def _array_bytes(a: Any) -> bytes:
-    if isinstance(a, Tensor):
-        return _tensor_bytes(a)
-    arr = np.ascontiguousarray(np.asarray(a))
-    return f"{arr.dtype}|{arr.shape}|".encode() + arr.tobytes()
-
-
-def dataset_fingerprint(ds: Dataset) -> dict[str, Any]:
-    """The training data's identity: class, length and a sha256 of its raw content. Data sets that hold
-    their images in memory (torchvision's CIFAR: ``data`` + ``targets``) are hashed from those arrays;
-    any other data set from every raw sample (image bytes and label), one pass over the data.
-
-    ``ds`` is a :class:`ViewDataset` or a torchvision-style data set; the *raw* samples are hashed, so
-    the transform is not part of this (it is the key's ``transform`` field)."""
-    base = ds.base if isinstance(ds, ViewDataset) else ds
-    raw = ds.raw if isinstance(ds, ViewDataset) else ds
-    n = len(base)  # type: ignore[arg-type]
-    cls = f"{type(base).__module__}.{type(base).__qualname__}"
-    if getattr(base, "data", None) is not None and getattr(base, "targets", None) is not None:
-        digest = _sha256_bytes([_array_bytes(base.data), _array_bytes(base.targets)])  # type: ignore[attr-defined]
-        how = "data+targets"
-    else:
-        def chunks() -> Iterable[bytes]:
-            for i in range(n):
-                img, y = raw[i][:2]
-                yield _array_bytes(img if isinstance(img, Tensor) else np.asarray(img))
-                yield _array_bytes(np.asarray(y))
-        digest, how = _sha256_bytes(chunks()), "samples"
-    return {"class": cls, "len": n, "sha256": digest, "hashed": how}
-
-
-# -- the key ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CacheKey:
-    """Everything the cached outputs depend on (module doc). ``compute`` is the live teacher call's
-    conditions: ``{"device": "cpu"|"cuda"|..., "precision": ..., "channels_last": bool}``."""
-
-    teacher: dict[str, str]
-    dataset: dict[str, Any]
-    transform: dict[str, Any]
-    taps: tuple[str, ...]
-    dtype: Literal["fp32", "fp16"]
-    compute: dict[str, Any]
-    version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        if self.dtype not in STORAGE:
-            raise CacheError(f"teacher.cache.dtype={self.dtype!r} is not one of {', '.join(STORAGE)}")
-        self.taps = tuple(sorted(self.taps))
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps({**asdict(self), "taps": list(self.taps)}))
-
-    def digest(self) -> str:
-        """sha256 of the canonical key JSON: the default directory name, so runs with one key share one cache."""
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
-
-    def differences(self, other: dict[str, Any]) -> list[str]:
-        """``field: cached … ≠ wanted …`` for every top-level field that differs from ``other`` (JSON)."""
-        mine = self.to_json()
-
-        def short(v: Any) -> str:
-            s = json.dumps(v, sort_keys=True)
-            return s if len(s) <= 160 else s[:157] + "..."
-
-        return [f"{k}: cache has {short(other.get(k))}, this run needs {short(mine[k])}"
-                for k in mine if mine[k] != other.get(k)]
-
-
-def make_key(teacher_model: nn.Module, dataset: ViewDataset, taps: Sequence[str], dtype: str,
-             compute: dict[str, Any], teacher_config: str = "") -> CacheKey:
-    """The key of ``teacher_model``'s outputs on ``dataset`` (a :class:`ViewDataset`)."""
-    if not isinstance(dataset, ViewDataset):
-        raise ContinuousAugmentationError("the teacher cache needs a ViewDataset (kdrun.data.views), which "
-                                          "reports the view each sample was drawn with.")
-    pipe = dataset.pipeline
-    return CacheKey(teacher=teacher_fingerprint(teacher_model, teacher_config), dataset=dataset_fingerprint(dataset),
-                    transform=pipe.describe() if pipe is not None else {}, taps=tuple(taps),
-                    dtype=dtype, compute=dict(compute))  # type: ignore[arg-type]
-
-
-def default_dir(root: str | os.PathLike, key: CacheKey) -> Path:
-    """``<root>/<first 16 hex digits of the key digest>``: every run with the same key finds the same cache."""
-    return Path(os.path.expanduser(str(root))) / key.digest()[:16]
-
-
-def refuse_mixup(mixup: Any) -> None:
-    """Mixup/cutmix make the teacher's input continuous: no finite set of views exists."""
-    if mixup is not None:
-        raise ContinuousAugmentationError(
-            "the data set applies mixup/cutmix, which mixes random pairs with random weights: the teacher's "
-            "input is not one of a finite set of views, so its outputs cannot be cached. Use teacher.cache=null.")
-
-
-# -- the on-disk arrays -------------------------------------------------------------------------------
-
-
-def _array_name(tap: str) -> str:
-    return "logits" if tap == "logits" else f"tap.{tap}"
-
-
-def _npy_layout(path: Path) -> tuple[list[int], np.dtype, int]:
-    """(shape, dtype, expected file size) from an ``.npy`` file's header (the data follow the header)."""
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-        except (ValueError, OSError, SyntaxError) as e:
-            raise CacheError(f"{path}: unreadable .npy header ({e}); delete and refill the cache.") from None
-        offset = f.tell()
-    if fortran:
-        raise CacheError(f"{path}: Fortran-ordered array; this is not a kdrun cache file.")
-    dt = np.dtype(dtype)
-    return [int(d) for d in shape], dt, offset + int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-
-
-@dataclass
-class ArraySpec:
-    name: str
-    shape: list[int]            # [N, V, *sample]
-    dtype: str                  # storage (numpy) dtype name
-    out_dtype: str              # the live teacher's output dtype (torch), what get() returns
-    sha256: str = ""
-
-    @property
-    def file(self) -> str:
-        return f"{self.name}.npy"
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise CacheError(f"unknown output dtype {name!r} in the cache's meta.json")
-    return dt
-
-
-def _outputs(out: ModelOutput, taps: Sequence[str]) -> dict[str, Tensor]:
-    got = {"logits": out.logits}
-    for tp in taps:
-        if tp == "logits":
-            continue
-        if tp not in out.features:
-            raise CacheError(f"the teacher's output has no tap {tp!r} (it has {', '.join(out.features) or 'none'}); "
-                             "build the teacher with the taps the loss terms read.")
-        got[_array_name(tp)] = out.features[tp]
-    return got
 
 
 class _Pairs(Dataset):
@@ -356,9 +114,6 @@ def _flat_targets(rows: range, v: int, k0: int, k1: int) -> slice | np.ndarray:
     return np.asarray(rows)[k // v] * v + k % v
 
 
-# -- building -----------------------------------------------------------------------------------------
-
-
 class CacheBuilder:
     """Creates ``<path>.partial/``, fills it, and :meth:`finalize` turns it into the cache at ``path``.
 
@@ -388,7 +143,7 @@ class CacheBuilder:
              prepare: Callable[[Tensor], Tensor], max_tap_bytes: int = DEFAULT_MAX_TAP_BYTES) -> dict[str, ArraySpec]:
         """The arrays: shapes from one probe call on image 0 (views 0 and 1: batch 1 can differ)."""
         x = torch.stack([dataset.render(0, v % dataset.num_views) for v in range(2)])
-        outs = _outputs(teacher(prepare(x)), key.taps)
+        outs = output_arrays(teacher(prepare(x)), key.taps)
         n, v, store = len(dataset), dataset.num_views, STORAGE[key.dtype]
         specs = {name: ArraySpec(name, [n, v, *t.shape[1:]], np.dtype(store).name, str(t.dtype))
                  for name, t in outs.items()}
@@ -483,7 +238,7 @@ class CacheBuilder:
             if b < batch_size:  # the last batch: pad to full size (batch 1 can differ in the last bits)
                 x = torch.cat([x, x[:1].expand(batch_size - b, *x.shape[1:])])
             target = _flat_targets(rows, v, k0, k0 + b)
-            for name, t in _outputs(teacher(prepare(x)), self.key.taps).items():
+            for name, t in output_arrays(teacher(prepare(x)), self.key.taps).items():
                 a = t[:b].detach().float().cpu().numpy()
                 with np.errstate(over="ignore"):  # an overflow is reported just below
                     s = a.astype(store)
@@ -522,15 +277,6 @@ class CacheBuilder:
         os.replace(tmp, self.partial / "meta.json")
         os.replace(self.partial, self.path)
         return TeacherCache.open(self.path, self.key, verify="size")
-
-
-def cache_state(path: str | os.PathLike) -> Literal["ready", "busy", "missing"]:
-    """``ready``: a finished cache is at ``path`` (not yet checked against a key); ``busy``: only its
-    ``.partial`` fill exists (in progress, or killed: :func:`wait_for_fill`); ``missing``: neither."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return "ready"
-    return "busy" if path.with_name(path.name + ".partial").exists() else "missing"
 
 
 def _last_progress(partial: Path) -> float | None:
@@ -586,9 +332,9 @@ def batch_invariant(teacher: Callable[[Tensor], ModelOutput], dataset: ViewDatas
     n, v = len(dataset), dataset.num_views
     x = prepare(torch.stack([dataset.render((7 * k) % n, (5 * k + 1) % v) for k in range(b)]))
     perm = torch.randperm(b, generator=torch.Generator().manual_seed(0))
-    full = _outputs(teacher(x), taps)
-    permuted = _outputs(teacher(x[perm.to(x.device)]), taps)
-    half = _outputs(teacher(x[: b // 2]), taps)
+    full = output_arrays(teacher(x), taps)
+    permuted = output_arrays(teacher(x[perm.to(x.device)]), taps)
+    half = output_arrays(teacher(x[: b // 2]), taps)
     return all(torch.equal(full[k][perm.to(full[k].device)], permuted[k]) and torch.equal(full[k][: b // 2], half[k])
                for k in full)
 
@@ -610,89 +356,3 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, unit="view", smoothing=0.05)
-
-
-# -- lookup -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TeacherCache:
-    """A filled cache, memory-mapped read-only. ``get(index, view)`` is the teacher's output for those
-    samples, in the live teacher's output dtype, on ``device``."""
-
-    path: Path
-    meta: dict[str, Any]
-    arrays: dict[str, np.memmap] = field(default_factory=dict)
-    specs: dict[str, ArraySpec] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike, key: CacheKey, verify: Literal["full", "size"] = "full") -> "TeacherCache":
-        """Open the cache at ``path`` for ``key``; :class:`CacheError` if it is missing, incomplete, stale or
-        damaged. ``verify="full"`` checks every file's sha256 (a few seconds per GiB), ``"size"`` only sizes."""
-        path = Path(path)
-        meta_file = path / "meta.json"
-        if not meta_file.is_file():
-            partial = path.with_name(path.name + ".partial")
-            why = (f"a fill was started under {partial} but never finished (killed, or another run is filling "
-                   "it right now: wait for it); if no run is filling it, delete it and refill"
-                   if partial.exists() else "build it with `kdrun cache-teacher` (or teacher.cache.fill=true)")
-            raise CacheError(f"no teacher cache at {path}: {why}.")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CacheError(f"{meta_file} is not valid JSON ({e}): the cache is damaged; "
-                             "delete and refill it.") from None
-        diff = key.differences(meta.get("key", {}))
-        if diff:
-            raise CacheError(f"the teacher cache at {path} does not match this run (stale or for another job); "
-                             "delete it or point teacher.cache.dir elsewhere. Differences: " + "; ".join(diff))
-        specs = {n: ArraySpec(**a) for n, a in meta["arrays"].items()}
-        arrays = {}
-        for name, s in specs.items():
-            f = path / s.file
-            if not f.is_file():
-                raise CacheError(f"teacher cache {path}: array file {s.file} is missing; delete and refill the cache.")
-            shape, dtype, want = _npy_layout(f)
-            if shape != s.shape or dtype != np.dtype(s.dtype):
-                raise CacheError(f"teacher cache {path}: {s.file} holds {dtype}{shape}, meta.json says "
-                                 f"{s.dtype}{s.shape}; delete and refill.")
-            size = f.stat().st_size
-            if size != want:
-                raise CacheError(f"teacher cache {path}: {s.file} has {size} bytes, expected {want} "
-                                 f"(shape {s.shape}, {s.dtype}): truncated or overwritten; delete and refill.")
-            if verify == "full" and file_sha256(f) != s.sha256:
-                raise CacheError(f"teacher cache {path}: {s.file} fails its sha256 checksum (corrupted); "
-                                 "delete and refill the cache.")
-            arrays[name] = np.load(f, mmap_mode="r")
-        return cls(path, meta, arrays, specs)
-
-    @property
-    def exact(self) -> bool:
-        """fp32 storage of a batch-invariant teacher (:func:`batch_invariant`): bit-identical to the live one."""
-        info = self.meta.get("info", {})
-        return self.meta["key"]["dtype"] == "fp32" and bool(info.get("batch_invariant", False))
-
-    @property
-    def num_images(self) -> int:
-        return self.specs["logits"].shape[0]
-
-    @property
-    def num_views(self) -> int:
-        return self.specs["logits"].shape[1]
-
-    def _gather(self, name: str, i: np.ndarray, v: np.ndarray, device: torch.device | str | None) -> Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(self.arrays[name][i, v]))
-        return t.to(device=device, dtype=_torch_dtype(self.specs[name].out_dtype), non_blocking=True)
-
-    def get(self, index: Tensor | Sequence[int], view: Tensor | Sequence[int],
-            device: torch.device | str | None = None) -> ModelOutput:
-        """The teacher's ``ModelOutput`` for samples ``index`` drawn with views ``view`` (1-D, same length)."""
-        i = torch.as_tensor(index).detach().cpu().long().numpy()
-        v = torch.as_tensor(view).detach().cpu().long().numpy()
-        if i.shape != v.shape or i.ndim != 1:
-            raise ValueError(f"index and view must be 1-D of one length, got {i.shape} and {v.shape}")
-        if i.size and (i.min() < 0 or i.max() >= self.num_images or v.min() < 0 or v.max() >= self.num_views):
-            raise IndexError(f"(index, view) outside the cache's {self.num_images} images × {self.num_views} views")
-        logits = self._gather("logits", i, v, device)
-        feats = {n.removeprefix("tap."): self._gather(n, i, v, device) for n in self.arrays if n != "logits"}
-        return ModelOutput(logits, feats)
