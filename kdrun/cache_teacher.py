@@ -3,10 +3,12 @@ before a sweep of runs that share it (:mod:`kdrun.teacher_cache`).
 
 Takes exactly the overrides ``kdrun train`` would get (``+recipe=...``, ``teacher=...``, ``dataset.root=...``,
 ``trainer.channels_last=...``; ``teacher.cache={...}`` for non-default cache settings, which is turned on
-with its defaults when the config leaves it ``null``) and builds what the run's cache key is made of the
-way the run builds it (:func:`kdrun.engine.build.build`'s order from the seed: data, task, loss terms with
-their teacher taps, the teacher), so a run with the same overrides finds the cache — and a run that would
-not (another teacher, data, transform, taps or call conditions) is refused by the key check, never misled.
+with its defaults when the config leaves it ``null``) and builds what the run's cache key is made of with
+the run's own code: :func:`kdrun.engine.build.build_teacher_side` (the start of every build, from the seed:
+data, task, loss terms with their teacher taps, the teacher), then the cache through
+:func:`kdrun.teacher_cache.orchestrate.open_run_cache`, as the run opens it. So a run with the same
+overrides finds the cache — and a run that would not (another teacher, data, transform, taps or call
+conditions) is refused by the key check, never misled.
 
 Exit status: 0 when the cache is filled now or was already up to date; 2 when it cannot be used (a cache
 at the key's directory that does not match or is damaged, a fill left unfinished, a continuous
@@ -17,35 +19,18 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 
+from kdrun.compose import compose_train_config
 from kdrun.config import ConfigError, TrainerConfig, teacher_cache_config, validate
-
-
-def compose_train_config(argv: list[str]) -> DictConfig:
-    """The composed ``kdrun train`` config for these overrides (Hydra's compose API, same ``conf/``)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    from kdrun.cli import config_dir
-
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return compose(config_name="config", overrides=list(argv))
-    except HydraException as e:  # unknown option/key: Hydra's own message, first paragraph
-        raise ConfigError(f"cannot compose the config from {' '.join(argv) or 'no overrides'}: "
-                          f"{str(e).strip().splitlines()[0]}") from None
 
 
 def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
     """Fill or check the cache for the training config of ``argv``; returns what :func:`main` prints."""
-    from hydra.utils import instantiate
-
-    from kdrun.data.views import ViewDataset
-    from kdrun.engine.build import build_distill, build_teacher, cache_key_and_path, fill_or_wait
-    from kdrun.engine.runtime import pick_device, seed_everything, set_backend_flags
+    from kdrun.engine.build import build_teacher_side
+    from kdrun.engine.runtime import pick_device, set_backend_flags
     from kdrun.engine.teacher import check_teacher_weights, needs_fit
-    from kdrun.teacher_cache import TeacherCache, refuse_mixup
+    from kdrun.teacher_cache.orchestrate import open_run_cache
 
     cfg = compose_train_config(argv)
     if cfg.get("teacher") is None:
@@ -64,20 +49,13 @@ def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
     device = pick_device(t.accelerator)
     set_backend_flags(t, device)
     seed = int(t.seed if t.seed is not None else cfg.get("seed", 0))
-    # build()'s order from the seed, up to the teacher (a teacher without a checkpoint is drawn here).
-    seed_everything(seed)
-    data = instantiate(cfg.dataset, _convert_="all")
-    instantiate(cfg.task, _convert_="all")
-    distill, _ = build_distill(cfg)
-    teacher = build_teacher(cfg, t, distill, device)
-    assert teacher is not None
-    refuse_mixup(data.mixup)
-    train_set = ViewDataset(data.train)
-    key, path = cache_key_and_path(cfg, t, conf, teacher, train_set, device)
+    # The run's build from the seed up to the teacher (a teacher without a checkpoint is drawn there).
+    side = build_teacher_side(cfg, t, device, seed)
+    assert side.teacher is not None
     # The command fills whatever teacher.cache.fill says (that key is for runs); another process's fill is
-    # waited for.
-    filled = fill_or_wait(path, key, conf, t, teacher, train_set, device, progress, fill_missing=True)
-    cache = TeacherCache.open(path, key, verify=conf.verify)  # CacheError: stale, damaged or unfinished
+    # waited for. CacheError: a stale, damaged or unfinished cache.
+    got = open_run_cache(cfg, t, conf, side.data, side.teacher, device, progress=progress, fill_missing=True)
+    cache, path, filled = got.cache, got.path, got.filled
     size = sum(s.nbytes for s in cache.specs.values())
     return {"path": str(path), "filled": filled, "bytes": size, "images": cache.num_images,
             "views": cache.num_views, "arrays": {n: s.shape for n, s in cache.specs.items()},

@@ -18,18 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from kdrun import run_guard
+# config_dir lives in kdrun.compose, which cache_teacher imports too without importing the CLI; the tests and
+# scripts still take it from here.
+from kdrun.compose import config_dir
 from kdrun.config import ConfigError, unknown_key_message
 from kdrun.errors import fail, find_user_error, full_traceback_requested, report
-
-def config_dir() -> Path:
-    """``conf/`` beside the package (editable install or source checkout)."""
-    here = Path(__file__).resolve().parent
-    env = os.environ.get("KDRUN_CONFIG_DIR")
-    for cand in ([Path(env)] if env else []) + [here.parent / "conf", here / "conf"]:
-        if (cand / "config.yaml").is_file():
-            return cand
-    raise SystemExit("kdrun: cannot find the config directory (conf/) beside the package; install kdrun "
-                     "from a source checkout with `pip install -e .` or set KDRUN_CONFIG_DIR.")
 
 
 @contextlib.contextmanager

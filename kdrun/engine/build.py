@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from kdrun import distributed as D
 from kdrun.balancers.base import Balancer
-from kdrun.config import TeacherCacheConfig, TrainerConfig, teacher_cache_config, warn_once
+from kdrun.config import TrainerConfig, teacher_cache_config
 from kdrun.data.base import DataModule
 from kdrun.data.loaders import Loaders, collate_fn, make_loaders
 from kdrun.engine.runtime import seed_everything, sync_batchnorm
@@ -31,8 +29,8 @@ from kdrun.engine.trainable import Trainable, freeze_bn_stats
 from kdrun.losses.base import DataInfo, DistillLoss
 from kdrun.models.build import CheckpointError, build_model
 from kdrun.models.taps import ModelOutput, Tapped
-from kdrun.teacher_cache import (CacheBuilder, CacheBusy, CacheError, TeacherCache, cache_state, default_dir,
-                                 make_key, refuse_mixup, wait_for_fill)
+from kdrun.teacher_cache import TeacherCache
+from kdrun.teacher_cache.orchestrate import build_teacher_cache
 
 
 @dataclass
@@ -88,6 +86,32 @@ def build_teacher(cfg: DictConfig, t: TrainerConfig, distill: dict[str, DistillL
     return Teacher(model, device, t.precision if t.teacher_precision == "same" else t.teacher_precision)
 
 
+@dataclass
+class TeacherSide:
+    """The start of every build: the parts the teacher's outputs depend on (its weights, when it has no
+    checkpoint, are drawn from the seed after the data, the task and the loss terms; its taps come from the
+    terms), built in :func:`build`'s order. ``kdrun cache-teacher`` builds exactly this, so the cache key it
+    computes is the run's."""
+
+    data: DataModule
+    task: Any
+    distill: dict[str, DistillLoss]
+    weights: dict[str, float]
+    teacher: Teacher | None
+
+
+def build_teacher_side(cfg: DictConfig, t: TrainerConfig, device: torch.device, seed: int) -> TeacherSide:
+    """Seed, then data, task, loss terms and the frozen teacher, in the order every build uses. The
+    teacher's cache is opened later by the caller (:mod:`kdrun.teacher_cache.orchestrate`): a run keys it on
+    its train loader's data set, and those loaders need parts built after this (the balancer)."""
+    seed_everything(seed)
+    data: DataModule = instantiate(cfg.dataset, _convert_="all")
+    task = instantiate(cfg.task, _convert_="all")
+    distill, weights = build_distill(cfg)
+    teacher = build_teacher(cfg, t, distill, device)
+    return TeacherSide(data, task, distill, weights, teacher)
+
+
 def build_student(cfg: DictConfig, t: TrainerConfig, distill: dict[str, DistillLoss],
                   device: torch.device) -> Tapped:
     taps = [tp for d in distill.values() for tp in d.student_taps]
@@ -124,108 +148,6 @@ def setup_terms(distill: dict[str, DistillLoss], data: DataModule, task: Any, st
         d.setup(shapes(s0), shapes(t0))
 
 
-def cache_root(conf: TeacherCacheConfig) -> str:
-    """``teacher.cache.dir``, by default ``$KDRUN_CACHE/teacher_outputs`` (``~/.cache/kdrun`` without it)."""
-    return conf.dir or os.path.join(os.environ.get("KDRUN_CACHE", "~/.cache/kdrun"), "teacher_outputs")
-
-
-def cache_compute(t: TrainerConfig, teacher: Teacher, device: torch.device) -> dict[str, Any]:
-    """The conditions of the live teacher call, part of the cache key (kdrun.teacher_cache module doc)."""
-    return {"device": device.type, "precision": teacher.precision, "channels_last": bool(t.channels_last)}
-
-
-def teacher_input(t: TrainerConfig, device: torch.device) -> Any:
-    """What KDStep.to_device does to a batch before the teacher sees it (device, memory format)."""
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
-    return prepare
-
-
-def cache_key_and_path(cfg: DictConfig, t: TrainerConfig, conf: TeacherCacheConfig, teacher: Teacher,
-                       train_set: Any, device: torch.device) -> tuple[Any, Path]:
-    """The cache key of this run's teacher outputs (teacher weights and config, training data, transform,
-    taps, storage dtype, call conditions) and the directory it names."""
-    key = make_key(teacher.model.model, train_set, teacher.model.taps, conf.dtype,
-                   cache_compute(t, teacher, device), OmegaConf.to_yaml(cfg.teacher.model, resolve=True))
-    return key, default_dir(cache_root(conf), key)
-
-
-def fill_cache(path: Path, key: Any, conf: TeacherCacheConfig, t: TrainerConfig, teacher: Teacher,
-               train_set: Any, device: torch.device, progress: bool) -> bool:
-    """Fill the cache at ``path``: rank 0 creates it, every rank fills a contiguous slice of the images,
-    rank 0 checksums and moves it into place (ranks must share the file system: one node, or a shared
-    ``teacher.cache.dir``). False: another process created the fill first (``CacheBusy``; every rank
-    returns at once and the caller waits for it)."""
-    prepare = teacher_input(t, device)
-    # Every rank plans (one probe forward): a tap too large to cache fails on every rank, not only rank 0.
-    specs = CacheBuilder.plan(key, train_set, teacher, prepare, int(conf.max_tap_gib * 2**30))
-    builder: CacheBuilder | None = None
-    if D.is_main():
-        try:
-            builder = CacheBuilder.create(path, key, specs)
-        except CacheBusy:
-            pass
-    # Also the barrier between rank 0's create and the other ranks' attach.
-    if not D.broadcast_object(builder is not None if D.is_main() else None):
-        return False
-    builder = builder or CacheBuilder.attach(path, key)
-    n, r, w = len(train_set), D.rank(), D.world_size()
-    per = -(-n // w)
-    bs = conf.fill_batch_size or t.val_batch_size or 2 * t.batch_size
-    builder.fill(teacher, train_set, bs, prepare, rows=range(min(n, r * per), min(n, (r + 1) * per)),
-                 progress=progress)
-    D.barrier()
-    if D.is_main():
-        builder.finalize({"world_size": w})
-    else:
-        builder.arrays.clear()
-    D.barrier()
-    return True
-
-
-def fill_or_wait(path: Path, key: Any, conf: TeacherCacheConfig, t: TrainerConfig, teacher: Teacher,
-                 train_set: Any, device: torch.device, progress: bool, fill_missing: bool) -> bool:
-    """Make sure a finished cache is at ``path`` (not yet checked against ``key``): fill it when it is
-    missing and ``fill_missing`` (every rank takes part), or wait while another process fills it. True:
-    this process filled it."""
-    # Rank 0 decides and tells the others: a rank that looked for itself could find rank 0's fresh
-    # .partial, skip the fill and then fail (or leave rank 0 waiting at the fill's barrier).
-    state = D.broadcast_object(cache_state(path) if D.is_main() else None)
-    filled = False
-    if state == "missing":
-        if not fill_missing:
-            raise CacheError(f"no teacher cache at {path} and teacher.cache.fill=false; build it with "
-                             "`kdrun cache-teacher` (same overrides as this run) or set teacher.cache.fill=true.")
-        filled = fill_cache(path, key, conf, t, teacher, train_set, device, progress)
-        state = "ready" if filled else "busy"  # busy: another run of the sweep created the fill first
-    if state == "busy":
-        # Another process is filling it (kdrun.teacher_cache "Concurrent runs"); a killed fill is an error.
-        # Every rank waits on the file system: no collective runs for as long as the other fill takes.
-        wait_for_fill(path, say=(lambda m: print(m, flush=True)) if D.is_main() else None)
-    return filled
-
-
-def build_teacher_cache(cfg: DictConfig, t: TrainerConfig, data: DataModule, teacher: Teacher | None,
-                        train_set: Any, device: torch.device, progress: bool = False) -> TeacherCache | None:
-    """The teacher-output cache of this run (``teacher.cache``), opened and checked against this run's key;
-    filled first when it does not exist and ``teacher.cache.fill`` (every rank takes part). A stale,
-    mismatched, damaged or half-filled cache is an error, never refilled or used. ``None``: cache off."""
-    conf = teacher_cache_config(cfg)
-    if conf is None or teacher is None:
-        return None
-    refuse_mixup(data.mixup)
-    key, path = cache_key_and_path(cfg, t, conf, teacher, train_set, device)
-    fill_or_wait(path, key, conf, t, teacher, train_set, device, progress and D.is_main(), conf.fill)
-    cache = TeacherCache.open(path, key, verify=conf.verify)
-    if not cache.exact:
-        warn_once(f"the teacher cache at {path} is not bit-exact ("
-                  + ("fp16 storage" if conf.dtype == "fp16" else
-                     "the teacher's kernels are not batch-invariant on this device")
-                  + "): cached outputs differ from the live teacher's by float rounding.")
-    return cache
-
-
 def wrap(trainable: Trainable, t: TrainerConfig, device: torch.device) -> nn.Module:
     """SyncBatchNorm and DDP (only the Trainable: the frozen teacher never is), then torch.compile."""
     model: nn.Module = trainable
@@ -247,11 +169,8 @@ def wrap(trainable: Trainable, t: TrainerConfig, device: torch.device) -> nn.Mod
 
 def build(cfg: DictConfig, t: TrainerConfig, device: torch.device, seed: int) -> Parts:
     """Build every part in a fixed order from ``seed``; the per-rank stream starts at the end."""
-    seed_everything(seed)
-    data: DataModule = instantiate(cfg.dataset, _convert_="all")
-    task = instantiate(cfg.task, _convert_="all")
-    distill, weights = build_distill(cfg)
-    teacher = build_teacher(cfg, t, distill, device)
+    side = build_teacher_side(cfg, t, device, seed)
+    data, task, distill, weights, teacher = side.data, side.task, side.distill, side.weights, side.teacher
     student = build_student(cfg, t, distill, device)
     groups = task.objective_groups(distill)
     balancer: Balancer = instantiate(cfg.balancer, _convert_="all")

@@ -172,7 +172,7 @@ def test_fill_false_and_a_leftover_partial_fill_are_errors(tmp_path: Path) -> No
     t = TrainerConfig(**cfg.trainer)
     from unittest import mock
 
-    import kdrun.engine.build as B
+    import kdrun.teacher_cache.orchestrate as B
 
     real = B.cache_key_and_path
     seen: dict[str, Path] = {}
@@ -196,7 +196,7 @@ def test_a_run_that_loses_the_race_to_fill_waits_for_the_winner(tmp_path: Path) 
     waits for the other's fill and then trains on that cache."""
     from unittest import mock
 
-    import kdrun.engine.build as B
+    import kdrun.teacher_cache.orchestrate as B
 
     first = tmp_path / "first"
     run(cached(tmp_path / "cache", "trainer.max_steps=1"), first)  # the winner: its cache is in place
@@ -223,7 +223,7 @@ def test_refused_configs_name_the_problem(extra: list[str], keys: dict[str, str]
 
 def test_mixup_is_refused(tmp_path: Path) -> None:
     from kdrun.data.views import ContinuousAugmentationError
-    from kdrun.engine import build as B
+    from kdrun.teacher_cache import orchestrate as B
 
     data = tiny_cifar()
     data.mixup = lambda x, y: (x, y)
