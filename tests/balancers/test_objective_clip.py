@@ -212,15 +212,16 @@ def test_set_total_steps_reaches_the_inner_schedule() -> None:
 
 
 def _loss_level_options() -> list[str]:
-    """The conf/balancer options whose class is a LossWeighting (read from the YAMLs' _target_)."""
-    import yaml
+    """The conf/balancer options whose class is a LossWeighting (the composed option's _target_: a named
+    option may take it from the option it builds on, `defaults: [fixed, _self_]`)."""
     from hydra.utils import get_class
 
     from kdrun.balancers.base import LossWeighting
+    from tests.conftest import compose_cfg
 
     conf = Path(__file__).resolve().parents[2] / "conf" / "balancer"
     return [p.stem for p in sorted(conf.glob("*.yaml"))
-            if issubclass(get_class(yaml.safe_load(p.read_text())["_target_"]), LossWeighting)]
+            if issubclass(get_class(compose_cfg([f"balancer={p.stem}"]).balancer._target_), LossWeighting)]
 
 
 LOSS_LEVEL = _loss_level_options()
