@@ -11,10 +11,9 @@ import torch
 os.environ.setdefault("KDRUN_CACHE", str(Path(__file__).resolve().parent / ".cache"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from kdrun.cli import config_dir  # noqa: E402
+from kdrun.compose import compose_config, config_dir  # noqa: E402
 
 CONF = config_dir()
 
@@ -24,9 +23,9 @@ QUICK = ["+debug=quick", "trainer.accelerator=cpu"]
 
 
 def compose_cfg(overrides: list[str] = ()) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return cfg
+    """The ``kdrun train`` config for ``overrides``, composed by kdrun's own function (Hydra's exceptions
+    pass through: tests assert on them)."""
+    return compose_config(overrides)
 
 
 def run(overrides: list[str], run_dir: Path) -> dict[str, Any]:

@@ -148,6 +148,15 @@ def setup_terms(distill: dict[str, DistillLoss], data: DataModule, task: Any, st
         d.setup(shapes(s0), shapes(t0))
 
 
+def build_trainable(distill: dict[str, DistillLoss], weights: dict[str, float], data: DataModule, task: Any,
+                    student: Tapped, teacher: Teacher | None, steps_per_epoch: int,
+                    device: torch.device) -> Trainable:
+    """What DDP wraps: the student and the loss terms, every term bound and set up first (:func:`setup_terms`),
+    so that the optimiser sees the projectors' parameters."""
+    setup_terms(distill, data, task, student, teacher, steps_per_epoch, device)
+    return Trainable(student, distill, weights, task).to(device)
+
+
 def wrap(trainable: Trainable, t: TrainerConfig, device: torch.device) -> nn.Module:
     """SyncBatchNorm and DDP (only the Trainable: the frozen teacher never is), then torch.compile."""
     model: nn.Module = trainable
@@ -188,8 +197,7 @@ def build(cfg: DictConfig, t: TrainerConfig, device: torch.device, seed: int) ->
     planned = steps_per_epoch * t.epochs
     total_steps = planned if t.max_steps < 0 else min(t.max_steps, planned)
     balancer.set_total_steps(total_steps)
-    setup_terms(distill, data, task, student, teacher, steps_per_epoch, device)
-    trainable = Trainable(student, distill, weights, task).to(device)
+    trainable = build_trainable(distill, weights, data, task, student, teacher, steps_per_epoch, device)
     if D.is_dist() and t.sync_batchnorm:
         trainable = sync_batchnorm(trainable, device)  # type: ignore[assignment]
     model = wrap(trainable, t, device)

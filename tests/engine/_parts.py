@@ -1,18 +1,27 @@
 """A tiny KD setup around the real :class:`kdrun.engine.step.KDStep`: conv student and teacher on 8×8
 images, the real Classification task, KL plus a projected-feature term (its projector is a private
-parameter of the distill objective; the classifier is private to the task), CPU, fp32."""
+parameter of the distill objective; the classifier is private to the task), CPU, fp32. The step is put
+together by the engine's own functions (loaders, term bind/setup, the step from the parts), so what a test
+checks is what a run does."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 from kdrun.balancers.base import Balancer
+from kdrun.checkpoint import TrainState
+from kdrun.config import TrainerConfig
+from kdrun.data.base import DataModule
+from kdrun.data.loaders import make_loaders
+from kdrun.engine.build import Parts, build_trainable
+from kdrun.engine.run import make_step as engine_make_step
 from kdrun.engine.step import KDStep, StepSettings
 from kdrun.engine.teacher import Teacher
-from kdrun.engine.trainable import Trainable
 from kdrun.losses.base import DistillLoss
 from kdrun.losses.kl import KL
 from kdrun.models.taps import ModelOutput, Tapped
@@ -68,28 +77,54 @@ def batches(n: int, size: int = 8, seed: int = 0) -> list[tuple[Tensor, Tensor]]
             for _ in range(n)]
 
 
+def tiny_data(mixup: Callable[[Any, Any], Any] | None = None) -> DataModule:
+    """The first batch of :func:`batches` as the training set (one step per epoch): what the terms are
+    bound to and probed with (:func:`kdrun.engine.build.setup_terms`)."""
+    x, y = batches(1)[0]
+    train = TensorDataset(x, y)
+    return DataModule(train=train, val=train, num_classes=CLASSES, in_chans=3, image_size=8, mixup=mixup)
+
+
+def trainer_for(s: StepSettings) -> tuple[TrainerConfig, Any]:
+    """The ``trainer`` and ``logger`` settings from which the engine derives the step settings ``s``
+    (:func:`kdrun.engine.run.make_step`); one batch of 8 per epoch, no loader workers."""
+    t = TrainerConfig(epochs=1, batch_size=8, num_workers=0, accelerator="cpu", grad_clip=s.grad_clip,
+                      max_nonfinite_streak=s.max_nonfinite_streak, channels_last=s.channels_last,
+                      grad_space="features" if s.grad_feature is not None else "params",
+                      grad_feature=s.grad_feature or TrainerConfig.grad_feature,
+                      # StepSettings types these as str; the step accepts exactly TrainerConfig's choices
+                      precision=s.precision, nonfinite=s.nonfinite, jacobian=s.jacobian)  # type: ignore[arg-type]
+    cfg = OmegaConf.create({"logger": {"log_every": s.log_every, "grad_stats_every": s.grad_stats_every}})
+    return t, cfg
+
+
 def make_step(balancer: Balancer, *, extra: dict[str, DistillLoss] | None = None, lr: float = 0.1,
               momentum: float = 0.9, mixup: Callable[[Any, Any], Any] | None = None,
-              settings: StepSettings | None = None, aux: Callable[[], Any] | None = None) -> KDStep:
+              settings: StepSettings | None = None) -> KDStep:
+    """The engine's step (:func:`kdrun.engine.run.make_step`) over the tiny parts: the terms bound to the
+    data and the teacher and set up from a probe batch by the engine's own builder, ``settings`` reached
+    through the ``trainer``/``logger`` settings a run would have, SGD(lr, momentum) with a 1/(1+s) schedule."""
+    settings = settings or StepSettings()
+    t, cfg = trainer_for(settings)
     task = Classification()
     distill: dict[str, DistillLoss] = {"kl": KL(temperature=4.0), "feat": ProjectedL2(), **(extra or {})}
     teacher = Teacher(Tapped(TinyNet(6, seed=1), ["pre_logits"]), CPU, "fp32")
     student = Tapped(TinyNet(5, seed=2), ["pre_logits"])
-    x0 = batches(1)[0][0]
-    with torch.no_grad():
-        s0, t0 = student(x0), teacher(x0)
-    shape = lambda o: {"logits": o.logits.shape[1:], **{k: v.shape[1:] for k, v in o.features.items()}}  # noqa: E731
-    for d in distill.values():
-        d.setup(shape(s0), shape(t0))
-    trainable = Trainable(student, distill, {}, task)
+    data = tiny_data(mixup)
     groups = task.objective_groups(distill)
     balancer.bind(tuple(groups))
+    loaders = make_loaders(data, t, 0, CPU, aux=balancer.needs_aux_batch, task=task)
+    steps_per_epoch = len(loaders.train)
+    trainable = build_trainable(distill, {}, data, task, student, teacher, steps_per_epoch, CPU)
     opt = torch.optim.SGD(trainable.parameters(), lr=lr, momentum=momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    return KDStep(model=trainable, trainable=trainable, teacher=teacher, task=task, groups=groups,
-                  balancer=balancer, optimizer=opt, scheduler=sched,
-                  scaler=torch.amp.GradScaler("cpu", enabled=False), device=CPU,
-                  settings=settings or StepSettings(), mixup=mixup, aux=aux)
+    parts = Parts(t=t, device=CPU, seed=0, data=data, task=task, teacher=teacher, student=student,
+                  trainable=trainable, model=trainable, groups=groups, balancer=balancer, loaders=loaders,
+                  optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                  steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs)
+    step = engine_make_step(parts, cfg, TrainState())  # type: ignore[arg-type]
+    assert step.s == settings, (step.s, settings)  # the engine read the settings asked for
+    return step
 
 
 def trained_state(step: KDStep) -> dict[str, Tensor]:
