@@ -18,6 +18,7 @@ from kdrun.projectors.linear import Linear
 from kdrun.projectors.mlp import MLP
 from kdrun.projectors.orthogonal import Orthogonal
 from kdrun.projectors.subspace import Subspace
+from tests.conftest import compose_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECTOR_YAMLS = sorted((REPO / "conf" / "projector").glob("*.yaml"))
@@ -174,7 +175,7 @@ def test_identity_requires_equal_dims() -> None:
 
 @pytest.mark.parametrize("path", PROJECTOR_YAMLS, ids=lambda p: p.stem)
 def test_projector_yaml_instantiates_with_exact_keys(path: Path) -> None:
-    node = OmegaConf.load(path)
+    node = compose_cfg([f"projector={path.stem}"]).projector  # a named option: its base + what differs
     assert node.get("_partial_") is True
     validate_target_node(f"projector[{path.stem}]", node)
     factory = instantiate(node)
