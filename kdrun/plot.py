@@ -6,18 +6,22 @@ Writes PNGs:
 
 * ``gradient_dynamics.png`` — DTO-KD Fig. 1 / MoKD Fig. 3: the conflict score ⟨g_distill, g_task⟩
   (``grad/conflict``) over iterations and the dominance ‖g_distill‖/‖g_task‖ (``grad/dominance``) on a
-  log scale, one line per run;
-* ``pi.png`` — DTO-KD Fig. 3 / MoKD App. C.3: the balancer's weight π of every objective (``pi/<name>``)
-  over training, one panel per run;
-* ``val_top1.png`` — val top-1 per epoch (``val/top1``), the runs overlaid.
+  log scale;
+* ``pi.png`` — DTO-KD Fig. 3 / MoKD App. C.3: the balancer's weight π (``pi/<name>``) over training, one
+  panel per objective;
+* ``val_top1.png`` — val top-1 per epoch (``val/top1``).
 
 A RUN_DIR without ``metrics.jsonl`` is searched recursively (a Hydra multirun directory plots all its
-jobs). The figures are described by :func:`figure_data`, a pure function of the logged scalars
-(:func:`series`), and only :func:`draw` touches matplotlib, so the tests check exactly what is plotted.
+jobs). Runs are grouped by what was swept (:func:`kdrun.sweep.group_runs`: the override keys whose values
+differ between the runs; seeds are the replicates): every figure draws one line per setting, the mean over
+its seeds (geometric on the dominance's log axis) with a min–max band, in the same colour and dash in
+every figure. Legends name the swept values (``balancer=dto``, ``balancer.alpha_distill=0.1``), never
+directory names; what all runs share and the seeds are the title. Panels keep one size and the legend sits
+below them, so a figure of 60 runs is as readable as one of 9.
 
-Legends name runs by their recipe, balancer and seed (Hydra's recorded choices, else the saved config),
-only the facts that differ between the plotted runs; what they share is the figure's title. A damaged
-log (truncated by a kill, binary, lines of another format) is read as far as it is usable, with a warning
+The figures are described by :func:`figure_data`, a pure function of the logged scalars (:func:`series`),
+and only :func:`draw` touches matplotlib, so the tests check exactly what is plotted. A damaged log
+(truncated by a kill, binary, lines of another format) is read as far as it is usable, with a warning
 saying how many lines were skipped; with nothing usable the command prints one paragraph and exits 2.
 """
 from __future__ import annotations
@@ -25,10 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kdrun.sweep import Sweep, order_key, group_runs
 
 Series = tuple[list[int], list[float]]
 
@@ -127,94 +135,47 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def _load(path: Path) -> Any:
-    """A YAML/JSON file's content, or None when it is missing or unreadable."""
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
+def _seeds_text(seeds: list[str]) -> str:
+    """``seed 0``, ``seeds 0, 1, 2``, or ``3 runs`` when they have no seed."""
+    real = sorted((s for s in seeds if s), key=order_key)
+    if len(real) < len(seeds):
+        return f"{len(seeds)} run{'s' if len(seeds) > 1 else ''}"
+    return f"seed {real[0]}" if len(real) == 1 else f"seeds {', '.join(real)}"
 
 
-def _node(d: Any, *keys: str) -> Any:
-    for k in keys:
-        d = d.get(k) if isinstance(d, dict) else None
-    return d
+# More settings than this of one swept key: the legend says the key once, as its title, and each entry
+# its value (60 entries of ``balancer.alpha_distill=0.1`` would need a legend taller than the panels).
+SHORT_LEGEND_AFTER = 10
 
 
-FACT_KEYS = ("recipe", "balancer", "distill", "student", "teacher", "row", "column", "seed")
+def legend_title(sweep: Sweep) -> str | None:
+    """The key of a one-key sweep of many settings (its entries are then the values alone), else None."""
+    return sweep.keys[0] if len(sweep.keys) == 1 and len(sweep.groups) > SHORT_LEGEND_AFTER else None
 
 
-def _facts(run_dir: Path) -> dict[str, str]:
-    """What tells runs apart: the recipe and balancer options Hydra recorded (``.hydra/hydra.yaml``,
-    runtime.choices), else what the engine's saved config (``config.yaml``, or results.json's copy) says:
-    the balancer's class, distill terms, models, paper cell and seed."""
-    cfg = _load(run_dir / "config.yaml")
-    if not isinstance(cfg, dict):
-        cfg = _node(_load(run_dir / "results.json"), "config")
-    cfg = cfg if isinstance(cfg, dict) else {}
-    choices = _node(_load(run_dir / ".hydra" / "hydra.yaml"), "hydra", "runtime", "choices") or {}
-
-    def model(role: str) -> str:
-        node = _node(cfg, role, "model") or {}
-        return str(node.get("model_name") or str(node.get("_target_", "")).rsplit(".", 1)[-1])
-
-    out: dict[str, str] = {}
-    if choices.get("recipe"):
-        out["recipe"] = str(choices["recipe"])
-    balancer = choices.get("balancer")
-    if not balancer and isinstance(cfg.get("balancer"), dict):
-        b = cfg["balancer"]
-        balancer = str(b.get("_target_", "")).rsplit(".", 1)[-1] + (f"({b['mode']})" if b.get("mode") else "")
-    if balancer:
-        out["balancer"] = str(balancer)
-    if cfg:
-        distill = cfg.get("distill")
-        out["distill"] = "+".join(distill) if isinstance(distill, dict) and distill else "none"
-        out["student"] = model("student")
-        out["teacher"] = model("teacher") if cfg.get("teacher") else "none"
-        paper = cfg.get("paper") if isinstance(cfg.get("paper"), dict) else {}
-        if paper.get("row") is not None:
-            out["row"], out["column"] = str(paper.get("row")), str(paper.get("column"))
-        if cfg.get("seed") is not None:
-            out["seed"] = str(cfg["seed"])
+def legend_labels(sweep: Sweep) -> list[str]:
+    """One legend entry per group: the swept values (``balancer=dto``), never a directory name. When the
+    groups' seeds differ, each entry says its own (the title cannot)."""
+    same = len({tuple(g.seeds) for g in sweep.groups}) == 1
+    short = legend_title(sweep) is not None
+    out = []
+    for g in sweep.groups:
+        label = g.setting[0][1] if short else g.label
+        out.append(label if same else f"{label} ({_seeds_text(g.seeds)})")
     return out
 
 
-def _describe(facts: dict[str, str], keys: list[str]) -> str:
-    return " ".join(facts[k] if k in ("recipe", "balancer") else f"{k}={facts[k]}" for k in keys if k in facts)
-
-
-def _identity(facts: dict[str, str]) -> list[str]:
-    """The facts that name one run on their own: the recipe (or the model pair) + balancer + seed."""
-    if "recipe" in facts:
-        return ["recipe", "balancer", "seed"]
-    return ["student", "teacher", "balancer", "distill", "seed"]
-
-
-def run_labels(run_dirs: list[Path]) -> dict[Path, str]:
-    """Legend labels from the runs' configs (never the time-of-day directory names): the facts that differ
-    between the runs, e.g. ``dto seed=1`` for a balancer x seed sweep of one recipe; a single run (or runs
-    that differ in no fact) is named by its recipe, balancer and seed. Runs that still share a label get
-    their directory name appended."""
-    facts = {d: _facts(d) for d in run_dirs}
-    keys = [k for k in FACT_KEYS if len({f.get(k) for f in facts.values()}) > 1]
-    labels = {d: _describe(f, keys) if keys else _describe(f, _identity(f)) for d, f in facts.items()}
-    labels = {d: lab or d.name for d, lab in labels.items()}
-    if len(set(labels.values())) < len(labels):
-        labels = {d: f"{labels[d]} ({d.name})" if labels[d] != d.name else d.name for d in run_dirs}
-    return labels
-
-
-def common_label(run_dirs: list[Path]) -> str:
-    """What all the runs share (recipe, balancer, seed, ... that do not differ): a figure title."""
-    facts = [_facts(d) for d in run_dirs]
-    if not facts:
-        return ""
-    same = [k for k in FACT_KEYS if all(k in f for f in facts) and len({f[k] for f in facts}) == 1]
-    shown = [k for k in same if k in _identity(facts[0])] or same
-    return _describe(facts[0], shown)
+def figure_title(sweep: Sweep) -> str:
+    """What all runs share, and how their seeds are drawn: ``recipe=quickstart; lines: mean over seeds 0,
+    1, 2, bands: min-max``."""
+    parts = [sweep.shared_label] if sweep.shared_label else []
+    if len({tuple(g.seeds) for g in sweep.groups}) == 1:
+        seeds = sweep.groups[0].seeds
+        many = len(seeds) > 1
+        parts.append(f"lines: mean over {_seeds_text(seeds)}, bands: min–max" if many else _seeds_text(seeds))
+    elif any(len(g.runs) > 1 for g in sweep.groups):
+        parts.append("lines: mean over each setting's seeds, bands: min–max")
+    return "; ".join(p for p in parts if p)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,9 +186,12 @@ def common_label(run_dirs: list[Path]) -> str:
 class Line2D:
     label: str
     x: list[float]
-    y: list[float]
+    y: list[float]            # a group's mean over its runs (one run: its values)
+    lo: list[float] | None = None  # the band: min and max over the runs at each x (None: one run only)
+    hi: list[float] | None = None
+    color: str | None = None
     linestyle: str = "-"
-    linewidth: float = 1.2
+    linewidth: float = 1.5
 
 
 @dataclass
@@ -241,53 +205,89 @@ class Panel:
     shade_below: str | None = None  # label of the region under `hline` (the conflict side)
 
 
-def _finite(xs: list[int], ys: list[float], positive: bool = False) -> tuple[list[float], list[float]]:
+def _finite(xs: list[int] | list[float], ys: list[float], positive: bool = False) -> tuple[list[float], list[float]]:
     # Non-finite points cannot be drawn; on a log axis neither can values <= 0.
     keep = [(float(x), y) for x, y in zip(xs, ys) if math.isfinite(y) and (y > 0 or not positive)]
     return [x for x, _ in keep], [y for _, y in keep]
 
 
-# π lines of one run often coincide (fixed weights 0.5/0.5, π at its start): each objective gets its own
-# dash pattern, drawn thinner on top of the previous, so every one stays visible.
-PI_STYLES = [("-", 2.6), ("--", 1.6), (":", 1.6), ("-.", 1.2)]
+def aggregate(curves: list[tuple[list[float], list[float]]], geometric: bool = False
+              ) -> tuple[list[float], list[float], list[float] | None, list[float] | None]:
+    """``(x, mean, lo, hi)`` of several runs' curves: at every x that any run logged, the mean over the runs
+    that logged it (geometric for a log-scale quantity: the middle of the band on that axis) and the
+    min/max band. One curve comes back as it is, without a band."""
+    curves = [c for c in curves if c[0]]
+    if not curves:
+        return [], [], None, None
+    if len(curves) == 1:
+        return list(curves[0][0]), list(curves[0][1]), None, None
+    at: dict[float, list[float]] = {}
+    for xs, ys in curves:
+        for x, y in zip(xs, ys):
+            at.setdefault(x, []).append(y)
+    xs = sorted(at)
+    if geometric:
+        mean = [math.exp(statistics.fmean(math.log(v) for v in at[x])) for x in xs]
+    else:
+        mean = [statistics.fmean(at[x]) for x in xs]
+    return xs, mean, [min(at[x]) for x in xs], [max(at[x]) for x in xs]
 
 
-def figure_data(run_dirs: list[Path]) -> dict[str, list[Panel]]:
-    """``{png name: panels}`` for the runs; a figure without any data is left out."""
-    data = {d: series(d) for d in run_dirs}
-    labels = run_labels(run_dirs)
+# A group's stroke: ten colours, and a dash pattern that changes with the colour cycle (20 distinct
+# strokes); the dashed ones are drawn thinner, so lines that coincide (fixed weights 0.5/0.5 in two
+# settings) stay visible one over the other.
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf"]
+DASHES = [("-", 2.4), ("--", 1.9), ("-.", 1.6), (":", 1.6)]
+
+
+def group_style(i: int) -> tuple[str, str, float]:
+    """(colour, linestyle, linewidth) of the i-th group, the same in every figure."""
+    dash, width = DASHES[i % len(DASHES)]
+    return COLORS[i % len(COLORS)], dash, width
+
+
+def figure_data(run_dirs: list[Path], sweep: Sweep | None = None) -> dict[str, list[Panel]]:
+    """``{png name: panels}`` for the runs, one line per group of :func:`kdrun.sweep.group_runs` (the mean
+    over its seeds, with a min–max band); a figure without any data is left out."""
+    sweep = sweep or group_runs(run_dirs)
+    data = {d: series(d) for g in sweep.groups for d in g.runs}
+    labels = legend_labels(sweep)
+    replicated = any(len(g.runs) > 1 for g in sweep.groups)
     conflict = Panel("Gradient conflict ⟨g_distill, g_task⟩ (< 0: the objectives conflict)", "iteration",
                      "conflict score", hline=0.0, shade_below="conflict (< 0)")
-    dominance = Panel("Gradient dominance ‖g_distill‖ / ‖g_task‖ (> 1: distillation dominates)", "iteration",
+    dominance = Panel("Gradient dominance ‖g_distill‖ / ‖g_task‖ (> 1: distillation dominates)"
+                      + ("; lines: geometric mean" if replicated else ""), "iteration",
                       "dominance (log scale)", yscale="log", hline=1.0)
     val = Panel("Validation top-1", "epoch", "val top-1 (%)")
-    pis = []
-    for d in run_dirs:
-        s = data[d]
-        if "grad/conflict" in s:
-            conflict.lines.append(Line2D(labels[d], *_finite(*s["grad/conflict"])))
-        if "grad/dominance" in s:
-            dominance.lines.append(Line2D(labels[d], *_finite(*s["grad/dominance"], positive=True)))
-        if "val/top1" in s:
-            steps, top1 = s["val/top1"]
-            epoch = dict(zip(*s.get("val/epoch", ([], []))))
-            # Epochs from the val rows; a log without them (older runs) falls back to 1, 2, ...
-            xs = [epoch.get(st, float(i + 1)) for i, st in enumerate(steps)]
-            val.lines.append(Line2D(labels[d], *_finite(xs, list(top1))))
-        pi_tags = sorted(t for t in s if t.startswith("pi/"))
-        if pi_tags:
-            lines = []
-            for i, t in enumerate(pi_tags):
-                style, width = PI_STYLES[i % len(PI_STYLES)]
-                lines.append(Line2D(t.removeprefix("pi/"), *_finite(*s[t]), linestyle=style, linewidth=width))
-            pis.append(Panel(f"Objective weights π: {labels[d]}", "iteration", "π", lines))
+    objectives = sorted({t.removeprefix("pi/") for s in data.values() for t in s if t.startswith("pi/")})
+    pis = {o: Panel(f"Objective weight π of {o}", "iteration", f"π ({o})") for o in objectives}
+
+    def val_curve(s: dict[str, Series]) -> tuple[list[float], list[float]]:
+        steps, top1 = s["val/top1"]
+        epoch = dict(zip(*s.get("val/epoch", ([], []))))
+        # Epochs from the val rows; a log without them (older runs) falls back to 1, 2, ...
+        return _finite([epoch.get(st, float(i + 1)) for i, st in enumerate(steps)], list(top1))
+
+    def add(panel: Panel, i: int, curves: list[tuple[list[float], list[float]]], geometric: bool = False) -> None:
+        x, y, lo, hi = aggregate(curves, geometric)
+        if x:  # a group whose values were all non-finite draws nothing
+            color, dash, width = group_style(i)
+            panel.lines.append(Line2D(labels[i], x, y, lo, hi, color, dash, width))
+
+    for i, g in enumerate(sweep.groups):
+        runs = [data[d] for d in g.runs]
+        add(conflict, i, [_finite(*s["grad/conflict"]) for s in runs if "grad/conflict" in s])
+        add(dominance, i, [_finite(*s["grad/dominance"], positive=True) for s in runs if "grad/dominance" in s],
+            geometric=True)
+        add(val, i, [val_curve(s) for s in runs if "val/top1" in s])
+        for o, panel in pis.items():
+            add(panel, i, [_finite(*s[f"pi/{o}"]) for s in runs if f"pi/{o}" in s])
     out = {}
-    for p in (conflict, dominance, val, *pis):
-        p.lines = [line for line in p.lines if line.x]  # a run whose values were all non-finite
     if conflict.lines or dominance.lines:
         out["gradient_dynamics.png"] = [p for p in (conflict, dominance) if p.lines]
-    if any(p.lines for p in pis):
-        out["pi.png"] = [p for p in pis if p.lines]
+    if any(p.lines for p in pis.values()):
+        out["pi.png"] = [p for p in pis.values() if p.lines]
     if val.lines:
         out["val_top1.png"] = [val]
     return out
@@ -296,29 +296,82 @@ def figure_data(run_dirs: list[Path]) -> dict[str, list[Panel]]:
 # ---------------------------------------------------------------------------------------------------
 # Drawing.
 
+# Every panel gets the same size whatever the number of runs: runs become lines (grouped by setting),
+# never panels, and the one legend goes below the panels, growing by a row per few settings.
+PANEL_SIZE = (5.4, 3.3)  # inches
+DPI = 120
+LEGEND_FONT = 8.0
 
-def draw(panels: list[Panel], title: str | None = None) -> Any:
-    """A matplotlib Figure with one axis per panel (Agg backend: no display needed)."""
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` wrapped to the width it is drawn in (~0.55 em per character in DejaVu Sans), breaking at
+    its "; " clauses first so that a clause stays on one line where it can."""
+    chars = max(20, int(width_in * 72 / (fontsize * 0.55)))
+    if len(text) <= chars:
+        return text
+    lines: list[str] = []
+    for clause in text.split("; "):
+        if lines and len(lines[-1]) + 2 + len(clause) <= chars:
+            lines[-1] += "; " + clause
+        else:
+            if lines:
+                lines[-1] += ";"
+            lines += textwrap.wrap(clause, chars) or [""]
+    return "\n".join(lines)
+
+
+def _legend_shape(labels: list[str], width_in: float) -> tuple[int, int]:
+    """(columns, rows) of the legend: as many columns of the longest label as fit the figure's width."""
+    if not labels:
+        return 1, 0
+    col_in = 0.65 + max(map(len, labels)) * LEGEND_FONT * 0.55 / 72  # the handle and padding, then text
+    cols = max(1, min(len(labels), int(width_in // col_in)))
+    return cols, math.ceil(len(labels) / cols)
+
+
+def draw(panels: list[Panel], title: str | None = None, legend_title: str | None = None) -> Any:
+    """A matplotlib Figure: the panels in a grid of fixed-size axes, the title above them (constrained
+    layout keeps it clear of the first panel) and one legend for all the panels below them (Agg backend:
+    no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.ticker import LogFormatter, MaxNLocator
 
-    ncols = 2 if len(panels) == 2 else 1
+    class PlainLogFormatter(LogFormatter):
+        # LogFormatter's choice of which ticks to label (every minor tick only on a short range, so the
+        # labels never collide), written as plain numbers (0.5, 2, 30) rather than 3×10⁰.
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    ncols = 2 if len(panels) == 4 else min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 3.8 * nrows), squeeze=False)
+    width = PANEL_SIZE[0] * ncols
+    entries: dict[str, Line2D] = {}
+    for p in panels:
+        for line in p.lines:
+            entries.setdefault(line.label, line)
+    lcols, lrows = _legend_shape(list(entries), width)
+    lrows += 1 if legend_title and lrows else 0
+    title = _wrap(title or "", width, 11)
+    legend_h = 0.3 + 0.2 * lrows if lrows else 0.0
+    height = PANEL_SIZE[1] * nrows + legend_h + (0.25 * (title.count("\n") + 1) if title else 0.0)
+    fig = plt.figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, p in zip(axes.flat, panels):
         for line in p.lines:
             few = len(line.x) < 30  # a short run: show the points themselves
-            ax.plot(line.x, line.y, label=line.label, linewidth=line.linewidth, linestyle=line.linestyle,
-                    marker="o" if few else None, markersize=3 if few else None)
+            ax.plot(line.x, line.y, label=line.label, color=line.color, linewidth=line.linewidth,
+                    linestyle=line.linestyle, marker="o" if few else None, markersize=3 if few else None)
+            if line.lo is not None and line.hi is not None:
+                ax.fill_between(line.x, line.lo, line.hi, color=line.color, alpha=0.15, linewidth=0)
         if p.hline is not None:
             ax.axhline(p.hline, color="0.6", linewidth=0.8, linestyle="--")
         ax.set_yscale(p.yscale)
-        if p.yscale == "log":  # plain numbers (0.5, 2, 3) rather than 3×10⁰ on a short log range
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        if p.yscale == "log":
+            ax.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+            ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         if p.shade_below is not None and p.hline is not None:
             lo, hi = ax.get_ylim()
             if lo < p.hline:  # shade and name the conflict side when the data reach it
@@ -328,17 +381,19 @@ def draw(panels: list[Panel], title: str | None = None) -> Any:
             ax.set_ylim(lo, hi)
         # Iterations and epochs are counts: integer ticks (a 2-epoch run otherwise gets 1.0, 1.2, ... 2.0).
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(p.title, fontsize=10)
+        ax.set_title(_wrap(p.title, PANEL_SIZE[0], 9.5), fontsize=9.5)
         ax.set_xlabel(p.xlabel)
         ax.set_ylabel(p.ylabel)
         ax.grid(alpha=0.3)
-        if p.lines:
-            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    if entries:
+        handles = [matplotlib.lines.Line2D([], [], color=e.color, linestyle=e.linestyle, linewidth=e.linewidth)
+                   for e in entries.values()]
+        fig.legend(handles, list(entries), loc="outside lower center", ncol=lcols, fontsize=LEGEND_FONT,
+                   frameon=False, title=legend_title, title_fontsize=LEGEND_FONT + 1)
     return fig
 
 
@@ -347,12 +402,13 @@ def write_figures(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    title = common_label(run_dirs)
+    sweep = group_runs(run_dirs)
+    title = figure_title(sweep)
     written = []
-    for name, panels in figure_data(run_dirs).items():
-        fig = draw(panels, title)
+    for name, panels in figure_data(run_dirs, sweep).items():
+        fig = draw(panels, title, legend_title(sweep))
         path = out_dir / name
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=DPI)
         plt.close(fig)
         written.append(path)
     return written

@@ -1,7 +1,9 @@
-"""``kdrun tables``: lay finished runs out as the papers' tables, next to the published numbers.
+"""``kdrun tables``: lay finished runs out as the papers' tables, next to the published numbers, or as a
+sweep, one row per setting of what the runs vary; with the uncertainty of every mean.
 
     kdrun tables --table cifar100 [--metric final|best] [--seeds all|0,1,2] [--duplicates error|newest|oldest]
-                 [--format markdown|latex|csv] RUNS_DIR...
+                 [--baseline ROW|COLUMN|none] [--format markdown|latex|csv] RUNS_DIR...
+    kdrun tables SWEEP_DIR... [--by KEY,...] [--baseline ROW|none] [--metric final|best] ...
 
 Every ``results.json`` under the given directories (searched recursively) is read; its resolved config's
 ``paper`` node (``{table, row, column, also: [{table, row, column}, ...]}``, set by the recipes) says
@@ -28,6 +30,16 @@ Which number of a run a table shows is its *metrics*: ``results.json[final|best]
 run) keeps one cell per (row, column) — one group of runs — and shows every metric of it: rendered in
 the papers' layout, one block of rows per column with the metrics as the table's columns. Negative
 values (COCO's −1 for an area range without ground truth) count as missing.
+
+Uncertainty: every cell also shows the 95 % confidence interval of its mean (:func:`t_interval`,
+Student's t with n − 1 degrees of freedom; none for n < 2), and every cell its difference to the
+baseline's cell paired by seed (:func:`paired_difference`: d_s = x_s − b_s over the seeds both ran, mean
+and t-interval of d, i.e. a paired t-test). The baseline (:func:`resolve_baseline`) is a paper table's
+``kd`` row when it has one, a sweep's first row, or ``--baseline``.
+
+Without ``--table`` the runs are one sweep (:func:`sweep_table`): the override keys whose values differ
+between them make the rows (:func:`kdrun.sweep.group_runs`; ``--by`` chooses the row keys, the other
+swept keys then make the columns), seeds are the replicates, the value is the runs' primary metric.
 
 A cell averages one value per seed. Two runs of one cell with the same seed (the same run copied, or
 re-run, into two of the directories given) would count that seed twice and shrink the spread, so they are
@@ -99,6 +111,9 @@ class TableDef:
     # published numbers and their sources, per (row, column, metric key)
     numbers: dict[tuple[str, str, str], float] = field(default_factory=dict)
     number_sources: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    # False for a sweep's table (:func:`sweep_table`): no paper numbers, cells show kdrun's alone
+    from_paper: bool = True
+    note: str = ""                  # what the rows are (a sweep's grouping), printed in the legend
 
     def paper_for(self, key: str) -> dict[tuple[str, str], float]:
         """The paper's numbers of one metric, per (row, column)."""
@@ -242,10 +257,13 @@ class Run:
     results: dict[str, Any]
     # cells this run does not count in: it duplicates another run's seed there (--duplicates newest|oldest)
     dropped: frozenset[tuple[str, str, str]] = frozenset()
+    # the cells of a sweep's table (:func:`sweep_table`) the run is placed in; None: its config's paper cells
+    claims: tuple[tuple[str, str, str], ...] | None = None
 
     @property
     def cells(self) -> list[tuple[str, str, str]]:
-        return [c for c in paper_cells(self.results.get("config") or {}) if c not in self.dropped]
+        claimed = paper_cells(self.results.get("config") or {}) if self.claims is None else self.claims
+        return [c for c in claimed if c not in self.dropped]
 
     @property
     def seed(self) -> int | None:
@@ -344,7 +362,8 @@ def resolve_duplicates(table: TableDef, runs: list[Run], policy: str = "error") 
                 drop.setdefault(id(r), set()).add(cell)
                 notes.append(f"cell ({cell[1]}, {cell[2]}) seed {seed}: counting {keep.path} (--duplicates "
                              f"{policy}), not {r.path}")
-    out = [Run(r.path, r.results, r.dropped | frozenset(drop[id(r)])) if id(r) in drop else r for r in runs]
+    out = [Run(r.path, r.results, r.dropped | frozenset(drop[id(r)]), r.claims) if id(r) in drop else r
+           for r in runs]
     return out, notes
 
 
@@ -461,14 +480,14 @@ def top1(results: dict[str, Any], metric: str) -> float | None:
     return value(results.get(metric), TOP1)
 
 
-def collect(table: TableDef, runs: list[Run], metric: str, m: Metric | None = None
-            ) -> dict[tuple[str, str], list[float]]:
-    """kdrun's values of metric ``m`` (default: the table's first) per (row, column) of ``table``: one
-    per run (seed) that claims the cell; for ``from_teacher`` rows, the distinct teacher values measured
-    by the runs of the column (every run of a column evaluates the same pretrained teacher, so they are
-    one measurement, not n)."""
+def collect_seeded(table: TableDef, runs: list[Run], metric: str, m: Metric | None = None
+                   ) -> dict[tuple[str, str], list[tuple[int | None, float]]]:
+    """kdrun's values of metric ``m`` (default: the table's first) per (row, column) of ``table``, each with
+    the seed of its run: one per run (seed) that claims the cell; for ``from_teacher`` rows, the distinct
+    teacher values measured by the runs of the column, without a seed (every run of a column evaluates
+    the same pretrained teacher, so they are one measurement, not n)."""
     m = m or table.metrics[0]
-    values: dict[tuple[str, str], list[float]] = {}
+    values: dict[tuple[str, str], list[tuple[int | None, float]]] = {}
     teacher_rows = [r.id for r in table.rows if r.from_teacher]
     for run in runs:
         for t, row, col in run.cells:
@@ -476,14 +495,73 @@ def collect(table: TableDef, runs: list[Run], metric: str, m: Metric | None = No
                 continue
             v = value(run.results.get(metric), m)
             if v is not None:
-                values.setdefault((row, col), []).append(v)
+                values.setdefault((row, col), []).append((run.seed, v))
             tv = value(run.results.get("teacher"), m)
             if tv is not None:
                 for tr in teacher_rows:
                     vals = values.setdefault((tr, col), [])
-                    if round(float(tv), 6) not in {round(x, 6) for x in vals}:
-                        vals.append(float(tv))
+                    if round(float(tv), 6) not in {round(x, 6) for _, x in vals}:
+                        vals.append((None, float(tv)))
     return values
+
+
+def collect(table: TableDef, runs: list[Run], metric: str, m: Metric | None = None
+            ) -> dict[tuple[str, str], list[float]]:
+    """The values of :func:`collect_seeded` without their seeds."""
+    return {cell: [v for _, v in vals] for cell, vals in collect_seeded(table, runs, metric, m).items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics: the 95 % confidence interval of a mean, and paired differences by seed.
+
+CONFIDENCE = 0.95
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """The ``confidence`` interval of the mean of ``values`` with Student's t: mean ± t(1 − α/2, n − 1) ·
+    s/√n, s the sample standard deviation. It treats the values as independent draws of one normal
+    quantity (the seeds of one setting). None for n < 2 (no spread to estimate); identical values give
+    the zero-width interval [mean, mean]."""
+    n = len(values)
+    if n < 2:
+        return None
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A cell's paired difference to its baseline cell: mean and interval of d_s = x_s − b_s over the seeds
+    s both cells have (n of them); ``mean`` None when they share no seed."""
+
+    mean: float | None
+    ci: tuple[float, float] | None
+    n: int
+    baseline: bool = False  # the baseline cell itself
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval says the difference is more than seed noise (at the 95 % level)."""
+        return self.ci is not None and (self.ci[0] > 0 or self.ci[1] < 0)
+
+
+BASELINE_CELL = Paired(None, None, 0, baseline=True)
+
+
+def paired_difference(x: Sequence[tuple[int | None, float]], b: Sequence[tuple[int | None, float]]) -> Paired:
+    """The paired difference of two cells' per-seed values: runs that share a seed are paired (same seed
+    = same initialisation and data order, which is what pairing removes from the comparison); seeds that
+    only one cell has, and runs without a seed, take no part. Equivalent to a paired t-test
+    (scipy.stats.ttest_rel) over the common seeds: the interval excludes 0 exactly when its p < 0.05."""
+    xs, bs = dict((s, v) for s, v in x if s is not None), dict((s, v) for s, v in b if s is not None)
+    common = sorted(set(xs) & set(bs))
+    d = [xs[s] - bs[s] for s in common]
+    if not d:
+        return Paired(None, None, 0)
+    return Paired(statistics.fmean(d), t_interval(d), len(d))
 
 
 @dataclass
@@ -492,6 +570,7 @@ class Cell:
     mean: float | None
     std: float | None  # sample std (n - 1); None for n < 2
     n: int
+    ci: tuple[float, float] | None = None  # 95 % t-interval of the mean; None for n < 2 and aggregates
 
     @property
     def delta(self) -> float | None:
@@ -502,14 +581,15 @@ def summarise(values: list[float], paper: float | None) -> Cell:
     if not values:
         return Cell(paper, None, None, 0)
     return Cell(paper, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None,
-                len(values))
+                len(values), t_interval(values))
 
 
 def build_cells(table: TableDef, runs: list[Run], metric: str, key: str | None = None
                 ) -> dict[tuple[str, str], Cell]:
     """Every cell of ``table`` for the metric ``key`` (default: the table's first), aggregates included
     (mean of the kdrun means of the averaged cells, only when all of them have runs; n is then the
-    smallest n among them)."""
+    smallest n among them; no interval). A ``from_teacher`` row gets no interval either: its values are
+    one teacher measured again, not seeds."""
     m = next((x for x in table.metrics if x.key == key), None) if key else table.metrics[0]
     if m is None:
         raise TableError(f"table {table.name} has no metric {key!r}")
@@ -517,6 +597,10 @@ def build_cells(table: TableDef, runs: list[Run], metric: str, key: str | None =
     paper = table.paper_for(m.key)
     cells = {(r.id, c.id): summarise(vals.get((r.id, c.id), []), paper.get((r.id, c.id)))
              for r in table.rows for c in table.columns}
+    for r in table.rows:
+        if r.from_teacher:
+            for c in table.columns:
+                cells[(r.id, c.id)].ci = None
     plain_rows = [r.id for r in table.rows if not r.aggregate]
     plain_cols = [c.id for c in table.columns if not c.aggregate]
     for r in table.rows:
@@ -536,6 +620,58 @@ def build_cells(table: TableDef, runs: list[Run], metric: str, key: str | None =
     return cells
 
 
+NONE = "none"
+
+
+def resolve_baseline(table: TableDef, name: str | None) -> tuple[str, str] | None:
+    """``("row", id)`` or ``("column", id)`` of the baseline the paired differences compare with, or None.
+
+    ``name`` None: the default, the row ``kd`` (Hinton KD) of a paper table that has one, the first row of
+    a sweep's table (the sweep's first value, e.g. ``balancer=fixed_mean``); ``none``: no comparison; else
+    a row, or a column (tables whose columns are the methods, cifar100_dynamic_mtl), by id or label."""
+    if name is None:
+        if not table.from_paper:
+            return ("row", table.rows[0].id) if table.rows else None
+        return ("row", "kd") if any(r.id == "kd" for r in table.rows) else None
+    if name == NONE:
+        return None
+    for kind, lines in (("row", table.rows), ("column", table.columns)):
+        for line in lines:
+            if name in (line.id, line.label):
+                if line.aggregate or line.reference:
+                    raise TableError(f"--baseline {name!r}: that {kind} of table {table.name} has no runs of its "
+                                     f"own (an average or a paper-only line); name a row with runs")
+                return kind, line.id
+    raise TableError(f"--baseline {name!r}: table {table.name} has no such row or column; its rows are "
+                     f"{', '.join(r.id for r in table.rows)} and its columns {', '.join(c.id for c in table.columns)} "
+                     f"(or --baseline none for no comparison)")
+
+
+def build_paired(table: TableDef, runs: list[Run], metric: str, key: str | None,
+                 baseline: tuple[str, str] | None) -> dict[tuple[str, str], Paired | None]:
+    """Every cell's :func:`paired_difference` to its baseline cell (the baseline row's cell of the same
+    column, or the baseline column's cell of the same row); None where it does not apply: averages,
+    paper-only and teacher lines, or no baseline."""
+    m = next((x for x in table.metrics if x.key == key), None) if key else table.metrics[0]
+    out: dict[tuple[str, str], Paired | None] = {(r.id, c.id): None for r in table.rows for c in table.columns}
+    if baseline is None or m is None:
+        return out
+    vals = collect_seeded(table, runs, metric, m)
+    kind, ident = baseline
+    for r in table.rows:
+        if r.aggregate or r.reference or r.from_teacher:
+            continue
+        for c in table.columns:
+            if c.aggregate or c.reference:
+                continue
+            base = (ident, c.id) if kind == "row" else (r.id, ident)
+            if base == (r.id, c.id):
+                out[base] = BASELINE_CELL
+            elif (r.id, c.id) in vals and base in vals:
+                out[(r.id, c.id)] = paired_difference(vals[(r.id, c.id)], vals[base])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Rendering.
 
@@ -546,15 +682,26 @@ def _f(v: float | None, signed: bool = False) -> str:
     return f"{v:+.2f}" if signed else f"{v:.2f}"
 
 
-def cell_text(cell: Cell, latex: bool = False) -> str:
-    """``paper / mean ± std (n) / Δ``; blanks for what is missing."""
+def kdrun_text(cell: Cell, latex: bool = False) -> str:
+    """``mean ± std (n=3) [lo, hi]``: the seeds' mean, sample std and count, and the 95 % interval of the
+    mean (``[n/a]`` for a single run, nothing for an average of cells)."""
     pm = r"\,$\pm$\," if latex else " ± "
     if cell.mean is None:
-        kd = BLANK
-    elif cell.std is None:
-        kd = f"{cell.mean:.2f} (n={cell.n})"
-    else:
-        kd = f"{cell.mean:.2f}{pm}{cell.std:.2f} (n={cell.n})"
+        return BLANK
+    text = f"{cell.mean:.2f}" + ("" if cell.std is None else f"{pm}{cell.std:.2f}") + f" (n={cell.n})"
+    if cell.ci is not None:
+        text += f" [{cell.ci[0]:.2f}, {cell.ci[1]:.2f}]"
+    elif cell.n < 2:
+        text += " [n/a]"
+    return text
+
+
+def cell_text(cell: Cell, latex: bool = False, paper: bool = True) -> str:
+    """``paper / mean ± std (n) [95 % CI] / Δ``; blanks for what is missing. ``paper`` False (a sweep's
+    table): kdrun's part alone."""
+    kd = kdrun_text(cell, latex)
+    if not paper:
+        return kd.replace(BLANK, "--") if latex else kd
     delta = _f(cell.delta, signed=True)
     if latex:
         delta = delta.replace("-", "$-$") if delta != BLANK else "--"
@@ -562,7 +709,23 @@ def cell_text(cell: Cell, latex: bool = False) -> str:
     return f"{_f(cell.paper)} / {kd} / {delta}"
 
 
+def paired_text(p: Paired | None, latex: bool = False) -> str:
+    """``+0.30 [-0.20, +0.80] (n=3)``: the mean per-seed difference to the baseline, its 95 % interval
+    (``[n/a]`` with one common seed) and the number of common seeds; ``baseline`` for the baseline itself."""
+    if p is None:
+        text = BLANK
+    elif p.baseline:
+        text = "baseline"
+    elif p.mean is None:
+        text = f"{BLANK} (no common seed)"
+    else:
+        ci = f"[{p.ci[0]:+.2f}, {p.ci[1]:+.2f}]" if p.ci is not None else "[n/a]"
+        text = f"{p.mean:+.2f} {ci} (n={p.n})"
+    return text.replace("-", "$-$").replace(BLANK, "--") if latex else text
+
+
 Cells = dict[str, dict[tuple[str, str], Cell]]  # metric key -> (row, column) -> cell
+PairedCells = dict[str, dict[tuple[str, str], Paired | None]]  # metric key -> (row, column) -> difference
 
 
 def _what(table: TableDef) -> str:
@@ -583,19 +746,40 @@ class Legend:
     title: str
     note: str   # what the cells show: metric and its convention, seeds, run counts
     seeds: str  # the seeds counted ("0, 1, 2" or "all")
+    baseline: str = ""  # the line the paired differences compare with ("row KD"), "" for none
+
+
+STATS_NOTE = ("[a, b] = 95 % confidence interval of the mean (Student's t with n − 1 degrees of freedom: "
+              "mean ± t·s/√n; n/a for n < 2)")
+
+
+def _baseline_label(table: TableDef, baseline: tuple[str, str] | None) -> str:
+    if baseline is None:
+        return ""
+    kind, ident = baseline
+    line = next(x for x in (table.rows if kind == "row" else table.columns) if x.id == ident)
+    return line.label if not table.from_paper else f"{kind} {line.label}"
+
+
+def paired_note(table: TableDef, baseline: tuple[str, str] | None) -> str:
+    """The sentence that says how the paired differences are made."""
+    if baseline is None:
+        return ""
+    same = "column" if baseline[0] == "row" else "row"
+    return (f" Δ vs {_baseline_label(table, baseline)}: for each seed s that a cell and the baseline's cell of "
+            f"the same {same} both ran, d_s = cell_s − baseline_s (same seed = same initialisation and data "
+            f"order); mean of d [95 % t-interval of d] (n = common seeds), a paired t-test: an interval that "
+            f"excludes 0 is more than seed noise at the 5 % level.")
 
 
 def legend(table: TableDef, metric: str, n_runs: int, seeds: tuple[int, ...] | None = None,
-           left_out: Sequence[Run] = (), seeds_given: bool = False) -> Legend:
+           left_out: Sequence[Run] = (), seeds_given: bool = False,
+           baseline: tuple[str, str] | None = None) -> Legend:
     """The title and the note printed above a table."""
     when, paren = METRICS[metric]
-    src = f" ({table.convention_source})" if table.convention_source else ""
-    if metric == table.convention:
-        conv = f"the paper's convention{src}"
-    else:
-        conv = f"--metric {metric}, NOT the paper's convention: it reports {table.convention}{src}"
     if seeds is None:
-        seed_txt = "seeds: every run" + (" (--seeds all)" if seeds_given else " (this table declares none)")
+        seed_txt = "seeds: every run" + (" (--seeds all)" if seeds_given else
+                                         " (this table declares none)" if table.from_paper else "")
     else:
         how = "--seeds" if seeds_given else "declared by this table" + (
             f": {table.seeds_source}" if table.seeds_source else "")
@@ -603,10 +787,21 @@ def legend(table: TableDef, metric: str, n_runs: int, seeds: tuple[int, ...] | N
     if left_out:
         seed_txt += (f"; {len(left_out)} run(s) of other seeds ({_seed_list(r.seed for r in left_out)}) "
                      f"left out, --seeds all counts them")
-    note = (f"metric: kdrun {when} {_what(table)} {paren}, {conv}; paper: {table.metric}. "
-            f"{seed_txt}. Cell: paper / kdrun mean ± std over seeds (n runs) / Δ = kdrun − paper; "
-            f"{BLANK} = none. {n_runs} run(s) matched this table.")
-    return Legend(table.title, note, ALL if seeds is None else _seed_list(seeds))
+    if table.from_paper:
+        src = f" ({table.convention_source})" if table.convention_source else ""
+        if metric == table.convention:
+            conv = f"the paper's convention{src}"
+        else:
+            conv = f"--metric {metric}, NOT the paper's convention: it reports {table.convention}{src}"
+        what = f"metric: kdrun {when} {_what(table)} {paren}, {conv}; paper: {table.metric}."
+        cell = f"paper / kdrun mean ± std over seeds (n runs) [95 % CI] / Δ = kdrun − paper"
+    else:
+        other = "best" if metric == "final" else "final"
+        what = f"metric: {when} {_what(table)} {paren} (--metric {other} for the other). {table.note}"
+        cell = "mean ± std over seeds (n runs) [95 % CI]"
+    note = (f"{what} {seed_txt}. Cell: {cell}; {STATS_NOTE}; {BLANK} = none."
+            f"{paired_note(table, baseline)} {n_runs} run(s) matched this table.")
+    return Legend(table.title, note, ALL if seeds is None else _seed_list(seeds), _baseline_label(table, baseline))
 
 
 def _layout(table: TableDef) -> tuple[list[str], list[tuple[str, Line, Line | None]]]:
@@ -619,22 +814,46 @@ def _layout(table: TableDef) -> tuple[list[str], list[tuple[str, Line, Line | No
             [(f"{c.label}: {r.label}", r, c) for c in table.columns for r in table.rows])
 
 
-def _line_cells(table: TableDef, cells: Cells, r: Line, c: Line | None) -> list[Cell]:
+def _line_cells(table: TableDef, cells: dict[str, dict[tuple[str, str], Any]], r: Line, c: Line | None) -> list[Any]:
     if c is None:  # one metric: the row across the columns
         k = table.metrics[0].key
         return [cells[k][(r.id, col.id)] for col in table.columns]
     return [cells[m.key][(r.id, c.id)] for m in table.metrics]  # several: (row, column) across the metrics
 
 
-def render_markdown(table: TableDef, cells: Cells, metric: str, info: Legend) -> str:
+def _has_paired(paired: PairedCells | None) -> bool:
+    # Only a table with at least one pair of runs shows differences (a table without runs stays the paper's).
+    return bool(paired) and any(p is not None and p.n > 0 for d in paired.values() for p in d.values())
+
+
+def _one_cell(table: TableDef) -> bool:
+    # A table of one column and one metric (a sweep's): the difference fits as a second column.
+    return len(table.columns) == 1 and len(table.metrics) == 1
+
+
+def render_markdown(table: TableDef, cells: Cells, metric: str, info: Legend, paired: PairedCells | None = None
+                    ) -> str:
     title, note = info.title, info.note
     header, body = _layout(table)
+    beside = _has_paired(paired) and _one_cell(table)
+    extra = [f"Δ vs {info.baseline} (paired by seed) [95 % CI]"] if beside else []
     lines = [f"**{title}**", "", note, ""]
-    lines.append("| | " + " | ".join(header) + " |")
-    lines.append("|---" * (len(header) + 1) + "|")
+    lines.append("| | " + " | ".join(header + extra) + " |")
+    lines.append("|---" * (len(header) + len(extra) + 1) + "|")
     for label, r, c in body:
         label += " *(paper only)*" if r.reference else ""
-        lines.append(f"| {label} | " + " | ".join(cell_text(x) for x in _line_cells(table, cells, r, c)) + " |")
+        texts = [cell_text(x, paper=table.from_paper) for x in _line_cells(table, cells, r, c)]
+        if beside:
+            texts += [paired_text(x) for x in _line_cells(table, paired, r, c)]  # type: ignore[arg-type]
+        lines.append(f"| {label} | " + " | ".join(texts) + " |")
+    if _has_paired(paired) and not beside:
+        lines += ["", f"**Paired difference to {info.baseline}** (by seed): mean [95 % CI] (n common seeds)", "",
+                  "| | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+        for label, r, c in body:
+            if r.reference:
+                continue
+            lines.append(f"| {label} | " + " | ".join(paired_text(x) for x in _line_cells(table, paired, r, c))
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -644,13 +863,14 @@ def _tex(s: str) -> str:
             .replace("—", "--").replace("−", "$-$"))
 
 
-def render_latex(table: TableDef, cells: Cells, metric: str, info: Legend) -> str:
-    title, note = info.title, info.note
-    header, body = _layout(table)
-    lines = [f"% {title}", f"% {note}", r"\begin{tabular}{l" + "c" * len(header) + "}", r"\toprule",
+def _latex_body(table: TableDef, header: list[str], body: list[tuple[str, Line, Line | None]],
+                text: Any, skip_reference: bool = False) -> list[str]:
+    lines = [r"\begin{tabular}{l" + "c" * len(header) + "}", r"\toprule",
              " & ".join(["Method", *(_tex(h) for h in header)]) + r" \\", r"\midrule"]
     previous = None
     for label, r, c in body:
+        if skip_reference and r.reference:
+            continue
         if len(table.metrics) > 1:  # a block per column, headed by its label (the papers' detection layout)
             if c is not previous:
                 if previous is not None:
@@ -658,30 +878,59 @@ def render_latex(table: TableDef, cells: Cells, metric: str, info: Legend) -> st
                 lines.append(rf"\multicolumn{{{len(header) + 1}}}{{l}}{{\emph{{{_tex(c.label)}}}}} \\")
             label, previous = r.label, c
         label = _tex(label) + (r"$^\dagger$" if r.reference else "")
-        lines.append(" & ".join([label, *(cell_text(x, latex=True) for x in _line_cells(table, cells, r, c))])
-                     + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}",
-              r"% cell: paper / kdrun mean $\pm$ std (n) / $\Delta$; $^\dagger$ paper-only row"]
+        lines.append(" & ".join([label, *text(r, c)]) + r" \\")
+    return lines + [r"\bottomrule", r"\end{tabular}"]
+
+
+def render_latex(table: TableDef, cells: Cells, metric: str, info: Legend, paired: PairedCells | None = None) -> str:
+    title, note = info.title, info.note
+    header, body = _layout(table)
+    beside = _has_paired(paired) and _one_cell(table)
+
+    def text(r: Line, c: Line | None) -> list[str]:
+        out = [cell_text(x, latex=True, paper=table.from_paper) for x in _line_cells(table, cells, r, c)]
+        return out + ([paired_text(x, latex=True) for x in _line_cells(table, paired, r, c)]  # type: ignore[arg-type]
+                      if beside else [])
+
+    extra = [f"Δ vs {info.baseline} [95 % CI]"] if beside else []
+    what = "paper / kdrun mean $\\pm$ std (n) [95\\,\\% CI] / $\\Delta$" if table.from_paper else \
+        "mean $\\pm$ std (n) [95\\,\\% CI]"
+    lines = [f"% {title}", f"% {note}", *_latex_body(table, header + extra, body, text),
+             rf"% cell: {what}; $^\dagger$ paper-only row"]
+    if _has_paired(paired) and not beside:
+        lines += [f"% Paired difference to {info.baseline} (by seed): mean [95 % CI] (n common seeds)",
+                  *_latex_body(table, header, body, lambda r, c: [paired_text(x, latex=True) for x in
+                                                                  _line_cells(table, paired, r, c)],  # type: ignore
+                               skip_reference=True)]
     return "\n".join(lines) + "\n"
 
 
-def render_csv(table: TableDef, cells: Cells, metric: str, info: Legend) -> str:
+def _num(v: float | None, fmt: str = ".4f") -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def render_csv(table: TableDef, cells: Cells, metric: str, info: Legend, paired: PairedCells | None = None) -> str:
     """One line per (row, column, metric key); ``key`` is the results.json key, values already scaled;
-    ``metric`` is final|best, ``convention`` the paper's, ``seeds`` the seeds that were counted."""
+    ``metric`` is final|best, ``convention`` the paper's, ``seeds`` the seeds that were counted;
+    ``ci_low``/``ci_high`` the 95 % t-interval of the mean; ``baseline`` the line the paired differences
+    compare with, ``diff_*`` the paired difference to it (``diff_n`` common seeds)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["table", "metric", "convention", "seeds", "row", "row_label", "column", "column_label", "key",
-                "paper", "kdrun_mean", "kdrun_std", "n", "delta", "source"])
+                "paper", "kdrun_mean", "kdrun_std", "n", "delta", "source", "ci_low", "ci_high", "baseline",
+                "diff_mean", "diff_ci_low", "diff_ci_high", "diff_n"])
     for r in table.rows:
         for c in table.columns:
             for m in table.metrics:
                 cell = cells[m.key][(r.id, c.id)]
-                w.writerow([table.name, metric, table.convention, info.seeds, r.id, r.label, c.id, c.label, m.key,
-                            "" if cell.paper is None else f"{cell.paper:.2f}",
-                            "" if cell.mean is None else f"{cell.mean:.4f}",
-                            "" if cell.std is None else f"{cell.std:.4f}", cell.n,
-                            "" if cell.delta is None else f"{cell.delta:.4f}",
-                            table.number_sources.get((r.id, c.id, m.key), "")])
+                p = (paired or {}).get(m.key, {}).get((r.id, c.id))
+                diff = ["", "", "", ""] if p is None or p.baseline else \
+                    [_num(p.mean), _num(p.ci[0] if p.ci else None), _num(p.ci[1] if p.ci else None), p.n]
+                w.writerow([table.name, metric, table.convention if table.from_paper else "", info.seeds, r.id,
+                            r.label, c.id, c.label, m.key, _num(cell.paper, ".2f"), _num(cell.mean),
+                            _num(cell.std), cell.n, _num(cell.delta), table.number_sources.get((r.id, c.id, m.key), ""),
+                            _num(cell.ci[0] if cell.ci else None), _num(cell.ci[1] if cell.ci else None),
+                            info.baseline if p is not None else "", *diff])
     return buf.getvalue()
 
 
@@ -698,22 +947,25 @@ def counted_runs(table: TableDef, runs: list[Run], seeds: Sequence[int] | str | 
 
 
 def render(table: TableDef, runs: list[Run], metric: str | None = None, fmt: str = "markdown",
-           seeds: Sequence[int] | str | None = None, duplicates: str = "error") -> str:
+           seeds: Sequence[int] | str | None = None, duplicates: str = "error", baseline: str | None = None) -> str:
     """The whole table as text, from the runs (already loaded) and a definition. ``metric`` None = the
     table's convention; ``seeds`` None = the table's declared seeds, ``"all"`` = every run; ``duplicates``:
-    :func:`resolve_duplicates`' policy."""
+    :func:`resolve_duplicates`' policy; ``baseline``: :func:`resolve_baseline`'s name (None: the default)."""
     metric = table.convention if metric is None else metric
     if metric not in METRICS:
         raise TableError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
     if fmt not in RENDERERS:
         raise TableError(f"--format {fmt!r}: choose one of {', '.join(RENDERERS)}")
+    base = resolve_baseline(table, baseline)
     kept, left_out, used, dropped = counted_runs(table, runs, seeds, duplicates)
     cells = {m.key: build_cells(table, kept, metric, m.key) for m in table.metrics}
-    note = legend(table, metric, len(kept), used, left_out, seeds_given=seeds is not None)
+    paired = {m.key: build_paired(table, kept, metric, m.key, base) for m in table.metrics}
+    note = legend(table, metric, len(kept), used, left_out, seeds_given=seeds is not None,
+                  baseline=base if _has_paired(paired) else None)
     if dropped:
         note = Legend(note.title, note.note + f" {len(dropped)} duplicate run(s) of a counted seed left out "
-                      f"(--duplicates {duplicates}).", note.seeds)
-    return RENDERERS[fmt](table, cells, metric, note)
+                      f"(--duplicates {duplicates}).", note.seeds, note.baseline)
+    return RENDERERS[fmt](table, cells, metric, note, paired if note.baseline else None)
 
 
 def parse_seeds(text: str | None) -> Sequence[int] | str | None:
@@ -736,37 +988,127 @@ def unplaced(table: TableDef, runs: list[Run]) -> list[Run]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# A sweep's table: one row per setting of what the runs vary.
+
+SWEEP = "sweep"
+
+
+def _primary(runs: list[Run]) -> Metric:
+    """The runs' primary metric (results.json ``primary_metric``; the most common one): top-1 as it is,
+    COCO's AP × 100 (pycocotools gives 0..1, as the detection tables print it)."""
+    keys = [r.results.get("primary_metric") for r in runs if isinstance(r.results.get("primary_metric"), str)]
+    key = max(set(keys), key=keys.count) if keys else "top1"
+    if key == "top1":
+        return Metric("top1", "top-1 (%)", 1.0)
+    return Metric(key, f"{key} (x100)", 100.0) if key.startswith("AP") else Metric(key, key, 1.0)
+
+
+def sweep_table(runs: list[Run], by: list[str] | None = None) -> tuple[TableDef, list[Run]]:
+    """A table of ``runs`` as one sweep (:func:`kdrun.sweep.group_runs`: the override keys whose values
+    differ between the runs; seeds are the replicates) of the runs' primary metric. Rows: one per setting
+    of the swept keys, or of the keys ``by``; the swept keys not in ``by`` then make the columns (``--by
+    balancer`` on a balancer × distill sweep: a row per balancer, a column per distill), so that a cell
+    never mixes settings. Returns the table and the runs, each placed in its cell."""
+    from kdrun.sweep import SweepError, group_runs
+
+    paths = [r.path for r in runs]
+    try:
+        full = group_runs(paths)
+        rows_sweep = group_runs(paths, by)
+    except SweepError as e:
+        raise TableError(str(e)) from None
+    col_keys = [k for k in full.keys if k not in rows_sweep.keys]
+    cols_sweep = group_runs(paths, col_keys) if col_keys else None
+    metric = _primary(runs)
+
+    def lines(groups: list[Any]) -> tuple[list[Line], dict[Path, str]]:
+        out: list[Line] = []
+        of: dict[Path, str] = {}
+        for g in groups:
+            ident = g.label if all(g.label != x.id for x in out) else f"{g.label} ({len(out)})"
+            out.append(Line(ident, ident))
+            of.update((p, ident) for p in g.runs)
+        return out, of
+
+    rows, row_of = lines(rows_sweep.groups)
+    if cols_sweep is None:
+        columns, col_of = [Line("value", metric.label)], {p: "value" for p in paths}
+    else:
+        columns, col_of = lines(cols_sweep.groups)
+    grouped = " × ".join(rows_sweep.keys + col_keys)
+    shared = full.shared_label
+    title = (f"Sweep of {grouped}" if grouped else "Runs") + (f": {shared}" if shared else "")
+    if by is not None:
+        how = f"rows by {', '.join(by)} (--by)" + (f", columns by {', '.join(col_keys)}" if col_keys else "")
+    elif full.source == "overrides":
+        how = (f"a row per setting of {grouped} (what differs between the runs' overrides)"
+               if grouped else "one row: no setting but the seed differs between the runs")
+    else:
+        how = (f"a row per {grouped} (what differs between the runs' saved configs; no .hydra/overrides.yaml)"
+               if grouped else "one row: no fact but the seed differs between the runs")
+    note = (f"Rows: {how}; seeds (seed, trainer.seed) are the replicates"
+            + (f"; shared by every run: {shared}." if shared else "."))
+    table = TableDef(SWEEP, title, metric.label, rows, columns, [metric], convention="final", seeds=None,
+                     from_paper=False, note=note)
+    placed = [Run(r.path, r.results, r.dropped, ((SWEEP, row_of[r.path], col_of[r.path]),)) for r in runs]
+    return table, placed
+
+
+# ---------------------------------------------------------------------------------------------------
 # Command line.
 
 
 def main(argv: list[str] | None = None) -> int:
     """``kdrun tables``; returns the exit status (0 ok, 2 bad usage)."""
     p = argparse.ArgumentParser(prog="kdrun tables", description="Lay results.json files out as the papers' "
-                                "tables: paper number / kdrun mean ± std (n seeds) / delta per cell.")
+                                "tables (--table: paper number / kdrun mean ± std (n seeds) [95 percent CI] / delta "
+                                "per "
+                                "cell), or, without --table, as a sweep: one row per setting of what the runs "
+                                "vary; each with its paired difference to a baseline row by seed.")
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="directories searched recursively for results.json")
-    p.add_argument("--table", required=True, help="table name (imagenet, cifar100, cifar100_dynamic, "
+    p.add_argument("--table", default=None, help="table name (imagenet, cifar100, cifar100_dynamic, "
                    "cifar100_dynamic_mtl, coco, coco_teachers, coco_ablation_dto_kd, coco_ablation_mokd, or one of "
-                   "--definitions)")
+                   "--definitions). Without it: the runs as a sweep")
+    p.add_argument("--by", default=None, help="sweep (no --table): comma-separated override keys that make the "
+                   "rows, e.g. balancer; the other swept keys then make the columns (default: a row per setting "
+                   "of every key whose value differs between the runs; seed and trainer.seed are the replicates)")
+    p.add_argument("--baseline", default=None, help="the row (or column) every cell is compared with, paired by "
+                   "seed, by id or label; 'none' for no comparison. Default: the row kd of a paper table, the "
+                   "first row of a sweep")
     p.add_argument("--metric", default=None, choices=sorted(METRICS), help="final: the last epoch's values; "
                    "best: the values of the epoch with the best primary metric (top-1 or AP). Default: the "
-                   "table's paper convention (CIFAR/ImageNet best, COCO final)")
+                   "table's paper convention (CIFAR/ImageNet best, COCO final); final for a sweep")
     p.add_argument("--seeds", default=None, help="'all' or comma-separated seeds to count (default: the seeds the "
-                   "table declares, e.g. 0,1,2 for cifar100 and 0-4 for the cross-batch tables)")
+                   "table declares, e.g. 0,1,2 for cifar100 and 0-4 for the cross-batch tables; all for a sweep)")
     p.add_argument("--duplicates", default="error", choices=DUPLICATES, help="two runs of one cell with the same "
                    "seed: error (default; names both directories), or count only the newest/oldest results.json")
     p.add_argument("--format", default="markdown", choices=sorted(RENDERERS))
     p.add_argument("--definitions", default=None, help="table definitions YAML (default: kdrun/paper_numbers.yaml)")
     a = p.parse_args(argv)
     try:
-        defs = load_definitions(a.definitions)
-        if a.table not in defs:
-            raise TableError(f"unknown table {a.table!r}; valid tables are {', '.join(defs)}")
         missing = [d for d in a.runs if not Path(d).exists()]
+        if a.table is not None:
+            if a.by is not None:
+                raise TableError("--by groups the rows of a sweep's table; a paper table (--table) has its rows "
+                                 "from the recipes. Drop --table to table the runs as a sweep, or drop --by")
+            defs = load_definitions(a.definitions)
+            if a.table not in defs:
+                raise TableError(f"unknown table {a.table!r}; valid tables are {', '.join(defs)}")
         if missing:
             raise TableError(f"no such directory: {', '.join(missing)}")
         runs = find_runs(a.runs)
-        table = defs[a.table]
-        text = render(table, runs, a.metric, a.format, parse_seeds(a.seeds), a.duplicates)
+        if a.table is None:
+            if not runs:
+                raise TableError(f"no usable results.json under {', '.join(a.runs)}, so there is no sweep to table "
+                                 "(a run writes it when it finishes); pass the sweep's directory, or --table NAME "
+                                 "for a paper table")
+            by = [k.strip() for k in a.by.split(",") if k.strip()] if a.by is not None else None
+            if by is not None and not by:
+                raise TableError(f"--by {a.by!r}: give comma-separated override keys, e.g. --by balancer")
+            table, runs = sweep_table(runs, by)
+        else:
+            table = defs[a.table]
+        text = render(table, runs, a.metric, a.format, parse_seeds(a.seeds), a.duplicates, a.baseline)
     except TableError as e:
         print(f"kdrun tables: error: {e}", file=sys.stderr)
         return 2
@@ -775,6 +1117,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdrun tables: {line}", file=sys.stderr)
     for line in blank_reasons(table, kept, table.convention if a.metric is None else a.metric):
         print(f"kdrun tables: {line}", file=sys.stderr)
+    if a.table is None:
+        sys.stdout.write(text)
+        return 0
     bad = unplaced(table, runs)
     if bad:
         print(f"kdrun tables: {len(bad)} run(s) name cells that table {a.table} does not have, e.g. "

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kdrun import plot
+from kdrun.sweep import SweepError, group_runs
 from tests.conftest import QUICK, event_scalars, run
 
 
@@ -50,18 +51,19 @@ def test_figure_data_is_the_logged_data(runs: list[Path]) -> None:
     assert set(figs) == {"gradient_dynamics.png", "pi.png", "val_top1.png"}
     conflict, dominance = figs["gradient_dynamics.png"]
     assert dominance.yscale == "log"
-    for i, d in enumerate(runs):
+    pi = {p.title.rsplit(" ", 1)[-1]: p for p in figs["pi.png"]}  # a panel per objective
+    assert set(pi) == {"distill", "task"}
+    for i, d in enumerate(runs):  # one run per balancer: each line is that run's values, without a band
         tb = event_scalars(d)
         assert conflict.lines[i].x == [float(st) for st, _ in tb["grad/conflict"]]
         assert conflict.lines[i].y == approx([v for _, v in tb["grad/conflict"]])
         assert dominance.lines[i].y == approx([v for _, v in tb["grad/dominance"]])  # all > 0 here
-        pi = {line.label: line for line in figs["pi.png"][i].lines}
-        assert set(pi) == {"distill", "task"}
-        assert pi["task"].y == approx([v for _, v in tb["pi/task"]])
+        assert pi["task"].lines[i].y == approx([v for _, v in tb["pi/task"]])
         val = figs["val_top1.png"][0].lines[i]
         assert val.x == [1.0, 2.0] and val.y == approx([v for _, v in tb["val/top1"]])
+        assert conflict.lines[i].lo is None and val.hi is None
     # The DTO balancer moves π; the fixed one keeps its weights.
-    assert len(set(figs["pi.png"][0].lines[0].y)) > 1 and len(set(figs["pi.png"][1].lines[0].y)) == 1
+    assert len(set(pi["distill"].lines[0].y)) > 1 and len(set(pi["distill"].lines[1].y)) == 1
 
 
 def test_draw_hands_exactly_that_data_to_matplotlib(runs: list[Path]) -> None:
@@ -98,20 +100,25 @@ def test_main_writes_non_empty_pngs(runs: list[Path], tmp_path: Path, capsys: py
 
 
 def fake_run(d: Path, balancer: str | None, seed: int, recipe: str | None = "quickstart",
-             rows: list[str] | None = None) -> Path:
+             rows: list[str] | None = None, overrides: list[str] | None = None) -> Path:
+    """A run directory as kdrun writes one: config.yaml, metrics.jsonl and, for a CLI run (``balancer``
+    given), Hydra's record: the group choices and, when given, the command-line overrides."""
     import json
 
     import yaml
 
     d.mkdir(parents=True)
-    cfg = {"seed": seed, "balancer": {"_target_": "kdrun.balancers.fixed.Fixed"}, "distill": {"kl": {}},
-           "student": {"model": {"_target_": "kdrun.models.convnet.convnet_s"}},
-           "teacher": {"model": {"_target_": "kdrun.models.convnet.convnet_l"}}, "paper": {"row": None}}
+    cfg = {"seed": seed, "balancer": {"_target_": "kdrun.balancers.fixed.Fixed", "alpha_distill": 0.5},
+           "distill": {"kl": {}}, "student": {"model": {"_target_": "kdrun.models.convnet.convnet_s"}},
+           "teacher": {"model": {"_target_": "kdrun.models.convnet.convnet_l"}}, "paper": {"row": None},
+           "trainer": {"seed": None}}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     if balancer is not None:  # what Hydra records for a CLI run
         choices = {"balancer": balancer, **({"recipe": recipe} if recipe else {})}
         (d / ".hydra").mkdir()
         (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+        if overrides is not None:
+            (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if rows is None:
         rows = [json.dumps({"kind": "train", "step": s, "grad/conflict": -0.1 * s, "pi/distill": 0.5,
                             "pi/task": 0.5}) for s in (1, 2, 3)]
@@ -120,40 +127,235 @@ def fake_run(d: Path, balancer: str | None, seed: int, recipe: str | None = "qui
     return d
 
 
+def labels(dirs: list[Path]) -> list[str]:
+    return plot.legend_labels(group_runs(dirs))
+
+
 def test_legends_name_the_runs_not_the_time_of_day(tmp_path: Path) -> None:
+    # Without overrides.yaml (older runs): the facts of Hydra's choices and the saved config.
     a = fake_run(tmp_path / "21-04-07", "dto", 0)
     b = fake_run(tmp_path / "21-09-55", "fixed_mean", 0)
-    assert plot.run_labels([a, b]) == {a: "dto", b: "fixed_mean"}  # only what differs
-    assert plot.common_label([a, b]) == "quickstart seed=0"        # the rest: the figure's title
-    assert plot.run_labels([a]) == {a: "quickstart dto seed=0"}    # one run: recipe, balancer, seed
+    assert labels([a, b]) == ["dto", "fixed_mean"]                         # only what differs
+    assert plot.figure_title(group_runs([a, b])) == "quickstart; seed 0"  # the rest: the figure's title
+    assert labels([a]) == ["quickstart dto"] and plot.figure_title(group_runs([a])) == "quickstart dto; seed 0"
     c = fake_run(tmp_path / "0_dto_seed1", "dto", 1)
-    assert plot.run_labels([a, b, c]) == {a: "dto seed=0", b: "fixed_mean seed=0", c: "dto seed=1"}
+    # dto has seeds 0 and 1, fixed_mean seed 0: each entry says its own seeds.
+    assert labels([a, b, c]) == ["dto (seeds 0, 1)", "fixed_mean (seed 0)"]
     # Without Hydra's record (runs made through the Python API): the saved config's facts.
     e = fake_run(tmp_path / "api", None, 2)
-    assert plot.run_labels([e]) == {e: "student=convnet_s teacher=convnet_l Fixed distill=kl seed=2"}
-    # Identical runs still get distinct labels.
-    f = fake_run(tmp_path / "again", "dto", 0)
-    labels = plot.run_labels([a, f])
-    assert len(set(labels.values())) == 2 and all("dto" in v for v in labels.values())
+    assert labels([e]) == ["student=convnet_s teacher=convnet_l Fixed distill=kl"]
+    # Runs with the overrides Hydra saved: the swept override values, key=value.
+    sweep = [fake_run(tmp_path / f"sw/{i}_{bal}_seed{s}", bal, s, overrides=["+recipe=quickstart", f"balancer={bal}",
+                                                                            f"seed={s}"])
+             for i, (bal, s) in enumerate((b, s) for b in ("fixed_mean", "dto") for s in (0, 1))]
+    assert labels(sweep) == ["balancer=fixed_mean", "balancer=dto"]
+    assert plot.figure_title(group_runs(sweep)) == "recipe=quickstart; lines: mean over seeds 0, 1, bands: min–max"
 
 
-def test_coinciding_pi_lines_are_drawn_distinguishably(tmp_path: Path) -> None:
+def test_sweep_groups_by_what_the_overrides_vary(tmp_path: Path) -> None:
+    def job(i: int, *overrides: str, balancer: str = "fixed") -> Path:
+        seed = next((o.split("=")[1] for o in overrides if o.startswith(("seed=", "trainer.seed="))), "0")
+        return fake_run(tmp_path / f"{i}_job", balancer, int(seed), overrides=["+recipe=quickstart", *overrides])
+
+    # 12 jobs: Hydra numbers them in launch order (10 and 11 sort after 9), alphas not in numeric order.
+    dirs = [job(i, f"balancer.alpha_distill={a}", f"seed={s}")
+            for i, (a, s) in enumerate((a, s) for a in ("0.9", "0.1", "0.5", "0.25") for s in (0, 1, 2))]
+    sw = group_runs(dirs[::-1])  # the order given does not matter
+    assert [g.label for g in sw.groups] == [f"balancer.alpha_distill={a}" for a in ("0.1", "0.25", "0.5", "0.9")]
+    assert sw.keys == ["balancer.alpha_distill"] and sw.replicates == ["seed"]
+    assert [g.seeds for g in sw.groups] == [["0", "1", "2"]] * 4
+    assert sw.groups[3].runs == dirs[0:3] and sw.shared == [("recipe", "quickstart")]
+    # A key one run does not override takes that run's value: Hydra's group choice, else its config's.
+    plain = job(20, "seed=0", balancer="fixed_mean")
+    dto = job(21, "balancer=dto", "seed=0", balancer="dto")
+    assert labels([plain, dto]) == ["balancer=fixed_mean", "balancer=dto"]
+    alpha = job(22, "balancer.alpha_distill=0.1", "seed=0")
+    assert labels([plain, alpha]) == ["balancer.alpha_distill=0.1", "balancer.alpha_distill=0.5"]  # numeric order
+    # trainer.seed is a replicate axis too; everything else that differs is a line.
+    tr = [job(30 + s, "distill=kl", f"trainer.seed={s}") for s in (0, 1)] + [job(32, "distill=dkd", "trainer.seed=0")]
+    sw = group_runs(tr)
+    assert [g.label for g in sw.groups] == ["distill=kl", "distill=dkd"] and sw.replicates == ["trainer.seed"]
+    assert [g.seeds for g in sw.groups] == [["0", "1"], ["0"]]
+    # --by (what kdrun tables offers): the rows by a chosen key; an unknown key names the ones there are.
+    assert [g.label for g in group_runs(dirs, by=["seed"]).groups] == ["seed=0", "seed=1", "seed=2"]
+    with pytest.raises(SweepError, match="--by nope: no run has that key; the keys that differ between these "
+                                         "runs are balancer.alpha_distill, seed"):
+        group_runs(dirs, by=["nope"])
+
+
+def _metrics(conflict: dict[int, float], dominance: dict[int, float], val: list[float]) -> list[str]:
+    import json
+
+    rows = [json.dumps({"kind": "train", "step": s, "grad/conflict": c, "pi/task": 0.5, "pi/distill": 0.5,
+                        **({"grad/dominance": dominance[s]} if s in dominance else {})}) for s, c in conflict.items()]
+    return rows + [json.dumps({"kind": "val", "step": 10 * e, "epoch": e, "val/top1": v}) for e, v in enumerate(val, 1)]
+
+
+def test_a_line_is_the_mean_over_seeds_with_a_min_max_band(tmp_path: Path) -> None:
+    import numpy as np
+    from scipy.stats import gmean
+
+    rng = np.random.default_rng(0)
+    conflicts = rng.normal(size=(3, 5))
+    dominances = np.exp(rng.normal(size=(3, 5)))
+    vals = 90 + rng.normal(size=(3, 2))
+    dirs = []
+    for s in range(3):
+        # seed 2 logged steps 1-3 only (a run cut short): steps 4-5 are the mean of seeds 0 and 1
+        steps = range(1, 6) if s < 2 else range(1, 4)
+        rows = _metrics({t: float(conflicts[s, t - 1]) for t in steps}, {t: float(dominances[s, t - 1]) for t in steps},
+                        list(vals[s]))
+        dirs.append(fake_run(tmp_path / f"{s}_dto_seed{s}", "dto", s, rows=rows,
+                             overrides=["+recipe=quickstart", "balancer=dto", f"seed={s}"]))
+    figs = plot.figure_data(dirs)
+    (conflict, dominance), (val,) = figs["gradient_dynamics.png"], figs["val_top1.png"]
+    (line,) = conflict.lines
+    assert line.label == "recipe=quickstart balancer=dto" and line.x == [1.0, 2.0, 3.0, 4.0, 5.0]
+    want = [conflicts[:, t].mean() for t in range(3)] + [conflicts[:2, t].mean() for t in (3, 4)]
+    assert line.y == pytest.approx(want, rel=1e-12)
+    assert line.lo == pytest.approx([conflicts[:3 if t < 3 else 2, t].min() for t in range(5)], rel=1e-12)
+    assert line.hi == pytest.approx([conflicts[:3 if t < 3 else 2, t].max() for t in range(5)], rel=1e-12)
+    # dominance is drawn on a log axis: its middle is the geometric mean, the band is still min-max
+    (dom,) = dominance.lines
+    assert dom.y == pytest.approx([gmean(dominances[:3 if t < 3 else 2, t]) for t in range(5)], rel=1e-12)
+    assert dom.lo == pytest.approx([dominances[:3 if t < 3 else 2, t].min() for t in range(5)], rel=1e-12)
+    assert "geometric mean" in dominance.title
+    assert val.lines[0].x == [1.0, 2.0] and val.lines[0].y == pytest.approx(vals.mean(axis=0), rel=1e-12)
+    assert val.lines[0].hi == pytest.approx(vals.max(axis=0), rel=1e-12)
+
+
+def test_same_values_in_two_settings_stay_visible(tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    figs = plot.figure_data([fake_run(tmp_path / "r", "fixed_mean", 0)])
-    (panel,) = figs["pi.png"]
-    assert [line.y for line in panel.lines] == [[0.5] * 3, [0.5] * 3]  # the same values ...
-    styles = {(line.linestyle, line.linewidth) for line in panel.lines}
-    assert len(styles) == 2                                           # ... two different strokes
-    fig = plot.draw(panel and [panel])
+    # fixed and fixed_mean both keep π = 0.5: the two lines coincide.
+    dirs = [fake_run(tmp_path / f"{i}_{b}", b, 0, overrides=[f"balancer={b}"])
+            for i, b in enumerate(("fixed", "fixed_mean"))]
+    figs = plot.figure_data(dirs)
+    task = figs["pi.png"][1]
+    assert [line.y for line in task.lines] == [[0.5] * 3, [0.5] * 3]             # the same values ...
+    strokes = {(line.color, line.linestyle, line.linewidth) for line in task.lines}
+    assert len(strokes) == 2 and len({s[1] for s in strokes}) == 2            # ... in two strokes and dashes,
+    assert task.lines[0].linewidth > task.lines[1].linewidth                  # the later one thinner, on top
+    # and every figure draws a setting in the same stroke
+    for panels in figs.values():
+        for p in panels:
+            assert [(ln.color, ln.linestyle) for ln in p.lines] == [(ln.color, ln.linestyle) for ln in task.lines]
+    fig = plot.draw(figs["pi.png"])
     try:
-        drawn = fig.axes[0].get_lines()
-        assert {ln.get_linestyle() for ln in drawn if ln.get_label() in ("distill", "task")} == {"-", "--"}
-        assert all(ln.get_marker() == "o" for ln in drawn if ln.get_label() in ("distill", "task"))  # short run
+        drawn = [ln for ln in fig.axes[1].get_lines() if ln.get_label() in ("balancer=fixed", "balancer=fixed_mean")]
+        assert [ln.get_linestyle() for ln in drawn] == ["-", "--"]
+        assert all(ln.get_marker() == "o" for ln in drawn)  # a short run: its points are shown
     finally:
         plt.close(fig)
     conflict = figs["gradient_dynamics.png"][0]
     assert "< 0" in conflict.title and conflict.shade_below and conflict.hline == 0.0
+
+
+def fake_sweep(root: Path, settings: int, seeds: int, steps: int = 40) -> list[Path]:
+    """A sweep of ``settings`` alphas × ``seeds`` seeds with the metrics of a real one: conflicts around 0,
+    dominance over two decades, π per objective, five val epochs."""
+    import numpy as np
+
+    rng = np.random.default_rng(settings * 100 + seeds)
+    dirs = []
+    for i in range(settings):
+        alpha = f"{(i + 1) / (settings + 1):.3g}"
+        for s in range(seeds):
+            dom = {t: float(np.exp(rng.normal(np.log(0.3 + 10 * i / settings), 0.3))) for t in range(1, steps + 1)}
+            rows = _metrics({t: float(np.exp(-t / 10) - 0.2 + rng.normal(0, 0.1)) for t in range(1, steps + 1)}, dom,
+                            [90 + e + i / 10 + float(rng.normal(0, 0.3)) for e in range(5)])
+            dirs.append(fake_run(root / f"{len(dirs)}_fixed_seed{s}", "fixed", s, rows=rows, overrides=[
+                "+recipe=quickstart", f"balancer.alpha_distill={alpha}", f"seed={s}"]))
+    return dirs
+
+
+def layout_problems(fig: object, title: str) -> list[str]:
+    """What makes a drawn figure unreadable: the title or the legend over a panel, panels over each other,
+    tick labels of one axis over each other, panels squeezed below 4.5 x 2.5 in of plotting area."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()  # type: ignore[attr-defined]
+    r = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    axes = [ax for ax in fig.axes if ax.get_visible()]  # type: ignore[attr-defined]
+    boxes = [ax.get_tightbbox(r) for ax in axes]  # the panel with its title, labels and tick labels
+    out = []
+    (sup,) = [t for t in fig.findobj(Text) if t.get_text().split() == title.split()]  # type: ignore[attr-defined]
+    out += [f"title over panel {i}" for i, b in enumerate(boxes) if sup.get_window_extent(r).overlaps(b)]
+    for leg in fig.legends:  # type: ignore[attr-defined]
+        out += [f"legend over panel {i}" for i, b in enumerate(boxes) if leg.get_window_extent(r).overlaps(b)]
+        lb = leg.get_window_extent(r)
+        if lb.x0 < 0 or lb.y0 < 0 or lb.x1 > fig.bbox.width or lb.y1 > fig.bbox.height:  # type: ignore[attr-defined]
+            out.append("legend outside the figure")
+    out += [f"panels {i} and {j} overlap" for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    for i, ax in enumerate(axes):
+        w, h = ax.bbox.width / fig.dpi, ax.bbox.height / fig.dpi  # type: ignore[attr-defined]
+        if w < 4.5 or h < 2.5:  # inches: 540 x 300 px of plotting area in the 120-dpi PNG
+            out.append(f"panel {i} is {w:.2f} x {h:.2f} in")
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            lo, hi = sorted(axis.get_view_interval())
+            labels = [t.label1.get_window_extent(r) for t in axis.get_major_ticks() + axis.get_minor_ticks()
+                      if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi]
+            out += [f"panel {i}: {name} tick labels collide" for a in range(len(labels)) for b in range(a)
+                    if labels[a].overlaps(labels[b])][:1]
+    return out
+
+
+@pytest.mark.parametrize("settings, seeds", [(3, 3), (20, 1), (20, 3), (60, 1)])
+def test_figures_stay_readable_for_many_runs(settings: int, seeds: int, tmp_path: Path) -> None:
+    """9, 20 and 60 runs (and 60 settings of one run each): every figure keeps its panel size, its title
+    and legend off the panels, and tick labels apart; the PNG stays within a screen-sized bound."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    dirs = fake_sweep(tmp_path / "sweep", settings, seeds)
+    sweep = group_runs(dirs)
+    assert len(sweep.groups) == settings
+    if settings > 10:  # one key of many settings: said once, as the legend's title; entries are its values
+        assert plot.legend_title(sweep) == "balancer.alpha_distill"
+        assert plot.legend_labels(sweep)[:2] == [f"{1 / (settings + 1):.3g}", f"{2 / (settings + 1):.3g}"]
+    else:
+        assert plot.legend_title(sweep) is None and plot.legend_labels(sweep)[0] == "balancer.alpha_distill=0.25"
+    title = plot.figure_title(sweep)
+    for name, panels in plot.figure_data(dirs, sweep).items():
+        fig = plot.draw(panels, title, plot.legend_title(sweep))
+        try:
+            assert layout_problems(fig, title) == [], name
+        finally:
+            plt.close(fig)
+    out = tmp_path / "figs"
+    assert plot.main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    for png in out.glob("*.png"):
+        w, h = Image.open(png).size
+        # 2 panels of 648 x 396 px side by side (1 for val top-1), the title, a legend of up to 15 rows
+        assert 640 <= w <= 1300 and 480 <= h <= 800, (png.name, w, h)
+
+
+def test_layout_check_catches_the_old_figures(tmp_path: Path) -> None:
+    """The check above fails on what `kdrun plot` drew before (one π panel per run, the title over the first
+    panel with tight_layout, every minor tick of a log axis labelled): it can tell a bad figure."""
+    import matplotlib.pyplot as plt
+
+    dirs = fake_sweep(tmp_path / "sweep", 3, 3)
+    figs = plot.figure_data(dirs)
+    fig, axes = plt.subplots(9, 1, figsize=(6.4, 3.8 * 9))
+    for ax in axes:
+        for line in figs["pi.png"][0].lines:
+            ax.plot(line.x, line.y)
+    fig.suptitle("recipe=quickstart")
+    fig.tight_layout()
+    try:
+        assert any(p.startswith("title over panel 0") for p in layout_problems(fig, "recipe=quickstart"))
+    finally:
+        plt.close(fig)
+    from matplotlib.ticker import FuncFormatter
+
+    fig = plot.draw(figs["gradient_dynamics.png"], "t")
+    try:
+        ax = fig.axes[1]
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # the old dominance labels
+        assert "panel 1: y tick labels collide" in layout_problems(fig, "t")
+    finally:
+        plt.close(fig)
 
 
 def test_damaged_log_is_read_as_far_as_usable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -62,6 +62,14 @@ def mini_defs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def ci95(values: list[float]) -> tuple[float, float]:
+    """The reference 95 % interval of a mean: scipy's one-sample t-test's own confidence interval."""
+    from scipy.stats import ttest_1samp
+
+    ci = ttest_1samp(values, 0.0).confidence_interval(0.95)
+    return float(ci.low), float(ci.high)
+
+
 def top1s(root: Path, row: str, metric: str = "final") -> list[float]:
     return [json.loads(p.read_text())[metric]["top1"] for p in sorted(root.glob(f"{row}_*/results.json"))]
 
@@ -81,8 +89,12 @@ def test_mini_sweep_csv_statistics(mini_sweep: Path, mini_defs: Path, capsys: py
         assert float(r["paper"]) == paper
         assert float(r["delta"]) == pytest.approx(statistics.fmean(vals) - paper, abs=1e-4)
         means[row] = statistics.fmean(vals)
-        # The aggregate column averages the row's cells (one here).
+        assert (float(r["ci_low"]), float(r["ci_high"])) == pytest.approx(ci95(vals), abs=1e-4)
+        # The aggregate column averages the row's cells (one here); a mean of means has no interval.
         assert float(rows[(row, "avg")]["kdrun_mean"]) == pytest.approx(means[row], abs=1e-4)
+        assert rows[(row, "avg")]["ci_low"] == "" and rows[(row, "avg")]["diff_mean"] == ""
+    # The mini table has no kd row: no default baseline, no differences.
+    assert all(r["baseline"] == "" for r in rows.values())
     blank = rows[("famo", "digits")]
     assert blank["kdrun_mean"] == "" and blank["n"] == "0" and blank["paper"] == ""
     ref = rows[("ref", "digits")]
@@ -98,7 +110,8 @@ def test_mini_sweep_markdown_and_best_metric(mini_sweep: Path, mini_defs: Path, 
     vals = top1s(mini_sweep, "dto", "best")
     mean, sd = statistics.fmean(vals), statistics.stdev(vals)
     dto = next(line for line in lines if line.startswith("| DTO |"))
-    assert f"91.50 / {mean:.2f} ± {sd:.2f} (n=2) / {mean - 91.5:+.2f}" in dto
+    lo, hi = ci95(vals)
+    assert f"91.50 / {mean:.2f} ± {sd:.2f} (n=2) [{lo:.2f}, {hi:.2f}] / {mean - 91.5:+.2f}" in dto
     famo = next(line for line in lines if line.startswith("| FAMO"))
     assert famo.count("— / — / —") == 2  # no paper number, no runs, no delta; the Avg cell too
 
@@ -205,7 +218,9 @@ def test_coco_tables_from_detection_results(tmp_path: Path, capsys: pytest.Captu
     md = capsys.readouterr().out
     line = next(x for x in md.splitlines() if x.startswith("| Swin-nano: DTO-KD |"))
     assert line.count(" / ") == 2 * 6
-    assert f"43.70 / 43.55 ± {statistics.stdev([43.0, 44.1]):.2f} (n=2) / -0.15" in line
+    lo, hi = ci95([43.0, 44.1])
+    assert f"43.70 / 43.55 ± {statistics.stdev([43.0, 44.1]):.2f} (n=2) [{lo:.2f}, {hi:.2f}] / -0.15" in line
+    assert "61.90 / 61.00 (n=1) [n/a] / -0.90" in line  # APl of one run: no interval
     assert "x 100" in md and "final" in md
     # --metric best reads the `best` dict (AP of the best epoch)
     assert tables.main(["--table", "coco", "--metric", "best", "--seeds", "all", "--format", "csv", str(tmp_path)]) == 0
@@ -246,8 +261,16 @@ def test_teacher_row_from_runs_counts_one_measurement() -> None:
             for i in range(3)]
     cells = tables.build_cells(t, runs, "final")
     assert cells[("teacher", "deit_tiny")].mean == 82.5 and cells[("teacher", "deit_tiny")].n == 1
+    assert cells[("teacher", "deit_tiny")].ci is None  # one teacher measured again is not a sample of seeds
     assert cells[("kd", "deit_tiny")].mean == pytest.approx(71.0) and cells[("kd", "deit_tiny")].n == 3
     assert cells[("kd", "deit_small")].mean is None
+    # a second teacher value (another evaluation): two values, still no interval, and no paired difference
+    runs.append(tables.Run(Path("r9"), {"final": {"top1": 70.0}, "teacher": {"top1": 82.7},
+                                        "config": runs[0].results["config"]}))
+    cells = tables.build_cells(t, runs, "final")
+    assert cells[("teacher", "deit_tiny")].n == 2 and cells[("teacher", "deit_tiny")].ci is None
+    paired = tables.build_paired(t, runs, "final", None, ("row", "kd"))
+    assert paired[("teacher", "deit_tiny")] is None and paired[("kd", "deit_tiny")].baseline
 
 
 def test_also_cells_and_bad_usage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -397,7 +420,8 @@ def test_default_metric_is_the_convention_and_the_output_says_so() -> None:
     assert "kdrun best top-1 (best val epoch), the paper's convention (mdistiller" in md
     override = tables.render(t, runs, metric="final")
     assert "--metric final, NOT the paper's convention: it reports best" in override
-    assert "70.66 / 71.00 ± 1.00 (n=3) / +0.34" in override
+    lo, hi = ci95([70.0, 71.0, 72.0])
+    assert f"70.66 / 71.00 ± 1.00 (n=3) [{lo:.2f}, {hi:.2f}] / +0.34" in override
     coco = tables.load_definitions()["coco"]
     assert "kdrun final AP" in tables.render(coco, []) and "the paper's convention (ViDT main.py" in tables.render(coco, [])
 
@@ -506,3 +530,201 @@ def test_coco_ablation_tables_from_detection_results(tmp_path: Path, capsys: pyt
         assert float(rows[(row, "AP50")]["kdrun_mean"]) == pytest.approx(62.5)
         assert rows[(row, "AP")]["metric"] == "final" and int(rows[(row, "AP")]["n"]) == 1
         assert sum(1 for r in rows.values() if r["kdrun_mean"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Uncertainty (issue #25 item 6): the 95 % interval of a mean, and paired differences to a baseline by seed.
+
+
+def test_t_interval_matches_scipy() -> None:
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(7)
+    for n in (2, 3, 5, 10):
+        x = list(70 + rng.normal(size=n))
+        lo, hi = tables.t_interval(x)
+        assert (lo, hi) == pytest.approx(ci95(x), rel=1e-12)
+        ref = stats.t.interval(0.95, n - 1, loc=np.mean(x), scale=stats.sem(x))
+        assert (lo, hi) == pytest.approx(ref, rel=1e-12)
+    assert tables.t_interval([71.5]) is None and tables.t_interval([]) is None  # no spread to estimate
+    assert tables.t_interval([99.44] * 3) == (pytest.approx(99.44), pytest.approx(99.44))  # identical values
+
+
+def test_paired_difference_matches_ttest_rel() -> None:
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    base = {s: 70 + rng.normal() for s in range(6)}
+    shift = {s: 0.4 + 0.1 * rng.normal() for s in range(6)}
+    # The cell ran seeds 1-6 (6 has no baseline run), the baseline 0-5 (0 has no counterpart); a run
+    # without a seed pairs with nothing.
+    x = [(s, base[s] + shift[s]) for s in range(1, 6)] + [(6, 80.0), (None, 50.0)]
+    b = [(s, base[s]) for s in range(6)] + [(None, 10.0)]
+    p = tables.paired_difference(x, b)
+    xs, bs = [base[s] + shift[s] for s in range(1, 6)], [base[s] for s in range(1, 6)]
+    ref = stats.ttest_rel(xs, bs)
+    assert p.n == 5 and p.mean == pytest.approx(np.mean(np.subtract(xs, bs)), rel=1e-12)
+    assert p.ci == pytest.approx(tuple(ref.confidence_interval(0.95)), rel=1e-12)
+    assert p.excludes_zero == (ref.pvalue < 0.05)
+    # The same data with a larger spread: the test and the interval change their verdict together.
+    noisy = [(s, v + (3.0 if s % 2 else -3.0)) for s, v in x if s is not None]
+    q, ref = tables.paired_difference(noisy, b), stats.ttest_rel([v for s, v in noisy if s in range(1, 6)], bs)
+    assert q.excludes_zero == (ref.pvalue < 0.05) and q.excludes_zero != p.excludes_zero
+    one = tables.paired_difference([(0, 71.0), (1, 72.0)], [(1, 70.0), (2, 69.0)])
+    assert (one.mean, one.ci, one.n) == (2.0, None, 1)  # one common seed: a difference, no interval
+    none = tables.paired_difference([(0, 71.0)], [(1, 70.0)])
+    assert (none.mean, none.ci, none.n) == (None, None, 0)
+    same = tables.paired_difference([(s, 99.44) for s in range(3)], [(s, 99.44) for s in range(3)])
+    assert same.mean == 0.0 and same.ci == (0.0, 0.0) and not same.excludes_zero
+
+
+def test_paper_table_paired_differences_to_kd(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from scipy import stats
+
+    t = tables.load_definitions()["cifar100"]
+    col = "resnet56_resnet20"
+    kd = {0: 70.1, 1: 70.9, 2: 70.4}
+    dto = {0: 70.6, 1: 71.5, 2: 70.7}
+    dkd = {0: 71.0, 2: 70.2}  # seed 1 did not finish
+    runs = ([_cls_run(f"kd{s}", s, v, v, [("cifar100", "kd", col)]) for s, v in kd.items()]
+            + [_cls_run(f"dto{s}", s, v, v, [("cifar100", "dto_kd", col)]) for s, v in dto.items()]
+            + [_cls_run(f"dkd{s}", s, v, v, [("cifar100", "dkd", col)]) for s, v in dkd.items()])
+    rows = {(r["row"], r["column"]): r for r in csv.DictReader(io.StringIO(tables.render(t, runs, fmt="csv")))}
+    d = rows[("dto_kd", col)]
+    ref = stats.ttest_rel(list(dto.values()), list(kd.values()))
+    assert d["baseline"] == "row KD"  # the default of a paper table: its KD row
+    assert float(d["diff_mean"]) == pytest.approx(statistics.fmean(dto.values()) - statistics.fmean(kd.values()),
+                                                  abs=1e-4)
+    assert (float(d["diff_ci_low"]), float(d["diff_ci_high"])) == pytest.approx(tuple(ref.confidence_interval()),
+                                                                                abs=1e-4)
+    assert int(d["diff_n"]) == 3
+    assert (float(d["ci_low"]), float(d["ci_high"])) == pytest.approx(ci95(list(dto.values())), abs=1e-4)
+    k = rows[("dkd", col)]  # paired over seeds 0 and 2 only
+    ref = stats.ttest_rel([dkd[0], dkd[2]], [kd[0], kd[2]])
+    assert int(k["diff_n"]) == 2 and (float(k["diff_ci_low"]), float(k["diff_ci_high"])) == pytest.approx(
+        tuple(ref.confidence_interval()), abs=1e-4)
+    assert rows[("kd", col)]["diff_mean"] == "" and rows[("kd", col)]["baseline"]  # the baseline itself
+    assert rows[("dto_kd", "wrn_40_2_wrn_40_1")]["diff_mean"] == ""  # no runs there
+    md = tables.render(t, runs)
+    assert "**Paired difference to row KD" in md and "paired t-test" in md
+    lo, hi = ref.confidence_interval()
+    assert f"{statistics.fmean([dkd[0] - kd[0], dkd[2] - kd[2]]):+.2f} [{lo:+.2f}, {hi:+.2f}] (n=2)" in md
+    # --baseline: another row by label or id; none turns the comparison off; a typo names the choices.
+    other = tables.render(t, runs, fmt="csv", baseline="dto_kd")
+    assert next(r for r in csv.DictReader(io.StringIO(other)) if r["row"] == "kd" and r["column"] == col)["diff_mean"]
+    assert "Paired difference" not in tables.render(t, runs, baseline="none")
+    with pytest.raises(tables.TableError, match="--baseline 'kdd': table cifar100 has no such row or column"):
+        tables.render(t, runs, baseline="kdd")
+    assert tables.main(["--table", "cifar100", "--baseline", "kdd", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    # A table whose columns are the methods: the baseline is a column, differences go along the row.
+    mtl = tables.load_definitions()["cifar100_dynamic_mtl"]
+    runs = [_cls_run(f"{m}{s}", s, v + s, v + s, [("cifar100_dynamic_mtl", "resnet56_resnet20", m)])
+            for m, v in (("original", 70.0), ("cross_batch", 70.5)) for s in range(3)]
+    rows = list(csv.DictReader(io.StringIO(tables.render(mtl, runs, fmt="csv", baseline="original"))))
+    cb = next(r for r in rows if r["row"] == "resnet56_resnet20" and r["column"] == "cross_batch")
+    assert float(cb["diff_mean"]) == pytest.approx(0.5) and float(cb["diff_ci_low"]) == pytest.approx(0.5)
+    # no default baseline there (it has no kd row): the table stays as it was
+    assert "Paired" not in tables.render(mtl, runs)
+
+
+def sweep_dirs(root: Path, values: dict[str, dict[int, float]], key: str = "balancer") -> Path:
+    """A Hydra multirun directory as `kdrun train -m +recipe=quickstart balancer=a,b seed=0,1,2` leaves it
+    (.hydra/overrides.yaml and results.json per job), with the given final top-1 per setting and seed."""
+    job = 0
+    for setting, by_seed in values.items():
+        for seed, top1 in by_seed.items():
+            d = root / f"{job}_{setting}_seed{seed}"
+            job += 1
+            (d / ".hydra").mkdir(parents=True)
+            (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["+recipe=quickstart", f"{key}={setting}",
+                                                                        f"seed={seed}"]))
+            config = {"seed": seed, "balancer": {"_target_": "kdrun.balancers.fixed.Fixed"}}
+            (d / "results.json").write_text(json.dumps({"primary_metric": "top1", "config": config,
+                                                        "final": {"top1": top1}, "best": {"top1": top1 + 0.5}}))
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def test_sweep_table_rows_by_setting_with_paired_differences(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from scipy import stats
+
+    values = {"fixed_mean": {0: 99.44, 1: 99.16, 2: 99.72}, "dto": {0: 99.72, 1: 99.44, 2: 99.72},
+              "mgda": {0: 99.44, 2: 99.72}}  # mgda seed 1 did not finish
+    root = sweep_dirs(tmp_path / "sweep", values)
+    assert tables.main([str(root), "--format", "csv"]) == 0
+    rows = {r["row"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert list(rows) == ["balancer=fixed_mean", "balancer=dto", "balancer=mgda"]  # the sweep's order
+    for name, by_seed in values.items():
+        r = rows[f"balancer={name}"]
+        vals = list(by_seed.values())
+        assert int(r["n"]) == len(vals) and float(r["kdrun_mean"]) == pytest.approx(statistics.fmean(vals), abs=1e-4)
+        assert (float(r["ci_low"]), float(r["ci_high"])) == pytest.approx(ci95(vals), abs=1e-4)
+        assert r["metric"] == "final" and r["paper"] == ""
+    base = values["fixed_mean"]
+    ref = stats.ttest_rel(list(values["dto"].values()), list(base.values()))
+    dto = rows["balancer=dto"]
+    assert dto["baseline"] == "balancer=fixed_mean" and int(dto["diff_n"]) == 3  # default: the first row
+    assert (float(dto["diff_ci_low"]), float(dto["diff_ci_high"])) == pytest.approx(
+        tuple(ref.confidence_interval()), abs=1e-4)
+    ref = stats.ttest_rel([99.44, 99.72], [base[0], base[2]])
+    assert int(rows["balancer=mgda"]["diff_n"]) == 2
+    assert float(rows["balancer=mgda"]["diff_ci_low"]) == pytest.approx(ref.confidence_interval().low, abs=1e-4)
+    # markdown: one table, the difference beside each row's value; what was swept and shared said above it
+    assert tables.main([str(root)]) == 0
+    md = capsys.readouterr().out
+    assert "**Sweep of balancer: recipe=quickstart**" in md and "final top-1" in md
+    assert "| | top-1 (%) | Δ vs balancer=fixed_mean (paired by seed) [95 % CI] |" in md
+    lo, hi = ci95(list(values["dto"].values()))
+    assert f"| balancer=dto | 99.63 ± 0.16 (n=3) [{lo:.2f}, {hi:.2f}] | +0.19 [" in md
+    assert "| balancer=fixed_mean | 99.44 ± 0.28 (n=3)" in md and "| baseline |" in md
+    # --baseline by a row's name; --metric best; --by a key (here the seed: a row per seed, nothing to pair)
+    assert tables.main([str(root), "--baseline", "balancer=dto", "--metric", "best"]) == 0
+    md = capsys.readouterr().out
+    assert "Δ vs balancer=dto" in md and "best top-1" in md and "| balancer=dto | 100.13" in md
+    # --by a key: the rows by it, the other swept keys across (here a row per seed, a column per balancer)
+    assert tables.main([str(root), "--by", "seed", "--format", "csv", "--baseline", "none"]) == 0
+    rows = {(r["row"], r["column"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert list(rows)[:3] == [("seed=0", f"balancer={b}") for b in ("fixed_mean", "dto", "mgda")]
+    assert len(rows) == 9 and rows[("seed=1", "balancer=mgda")]["n"] == "0"
+    assert float(rows[("seed=2", "balancer=dto")]["kdrun_mean"]) == pytest.approx(99.72)
+    assert tables.main([str(root), "--by", "seed"]) == 0
+    md = capsys.readouterr().out
+    assert "**Sweep of seed × balancer: recipe=quickstart**" in md and "| | balancer=fixed_mean | balancer=dto |" in md
+    assert "**Paired difference to seed=0**" not in md  # a row per seed: nothing shares a seed with seed=0
+    # A numeric sweep key is ordered by value; the default baseline is then the smallest.
+    num = sweep_dirs(tmp_path / "alpha", {"0.9": {0: 1.0}, "0.1": {0: 2.0}}, key="balancer.alpha_distill")
+    assert tables.main([str(num), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["row"] for r in rows] == ["balancer.alpha_distill=0.1", "balancer.alpha_distill=0.9"]
+    assert rows[1]["diff_mean"] == "-1.0000" and rows[1]["diff_ci_low"] == ""  # n = 1: no interval
+
+
+def test_sweep_table_errors_are_one_paragraph(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = sweep_dirs(tmp_path / "sweep", {"fixed": {0: 1.0, 1: 2.0}, "dto": {0: 1.5}})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [([str(root), "--by", "nope"], "--by nope: no run has that key; the keys that differ between these runs "
+                                           "are balancer, seed"),
+             ([str(root), "--by", "balancer", "--table", "cifar100"], "--by groups the rows of a sweep's table"),
+             ([str(root), "--baseline", "balancer=famo"], "--baseline 'balancer=famo': table sweep has no such row"),
+             ([str(empty)], "no usable results.json under"),
+             ([str(root), "--by", ","], "--by ',': give comma-separated override keys")]
+    for argv, message in cases:
+        assert tables.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("kdrun tables: error: ") and message in err and err.count("\n") == 1, err
+    # Two runs of one setting with the same seed (a job re-run into the sweep) count once or are an error.
+    dup = root / "9_fixed_seed0_again"
+    dup.mkdir()
+    for f in (".hydra",):
+        (dup / f).mkdir()
+    (dup / ".hydra" / "overrides.yaml").write_text((root / "0_fixed_seed0" / ".hydra" / "overrides.yaml").read_text())
+    (dup / "results.json").write_text((root / "0_fixed_seed0" / "results.json").read_text())
+    assert tables.main([str(root)]) == 2
+    assert "seed 0 has 2 runs" in capsys.readouterr().err
+    assert tables.main([str(root), "--duplicates", "newest"]) == 0
+    assert "(n=2)" in capsys.readouterr().out
