@@ -19,10 +19,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from kdrun.compose import compose_train_config
-from kdrun.config import ConfigError, TrainerConfig, teacher_cache_config, validate
+from kdrun.config import ConfigError, validate
 
 
 def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
@@ -38,23 +38,23 @@ def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
     if cfg.teacher.get("cache") is None:
         with open_dict(cfg):
             cfg.teacher.cache = {}  # the defaults (kdrun.config.TeacherCacheConfig)
-    validate(cfg)
-    conf = teacher_cache_config(cfg)
+    settings = validate(cfg)
+    conf = settings.teacher_cache
     assert conf is not None
-    t = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))  # type: ignore[arg-type]
+    trainer = settings.trainer
     if needs_fit(cfg) is not None:
         raise ConfigError(f"teacher.checkpoint={cfg.teacher.checkpoint} does not exist yet (the run would fit it "
                           "first); run `kdrun train` with these overrides, or fit the teacher, then cache it.")
     check_teacher_weights(cfg)
-    device = pick_device(t.accelerator)
-    set_backend_flags(t, device)
-    seed = int(t.seed if t.seed is not None else cfg.get("seed", 0))
+    device = pick_device(trainer.accelerator)
+    set_backend_flags(trainer, device)
+    seed = settings.seed
     # The run's build from the seed up to the teacher (a teacher without a checkpoint is drawn there).
-    side = build_teacher_side(cfg, t, device, seed)
+    side = build_teacher_side(cfg, trainer, device, seed)
     assert side.teacher is not None
     # The command fills whatever teacher.cache.fill says (that key is for runs); another process's fill is
     # waited for. CacheError: a stale, damaged or unfinished cache.
-    got = open_run_cache(cfg, t, conf, side.data, side.teacher, device, progress=progress, fill_missing=True)
+    got = open_run_cache(cfg, trainer, conf, side.data, side.teacher, device, progress=progress, fill_missing=True)
     cache, path, filled = got.cache, got.path, got.filled
     size = sum(s.nbytes for s in cache.specs.values())
     return {"path": str(path), "filled": filled, "bytes": size, "images": cache.num_images,

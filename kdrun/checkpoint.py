@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdrun import distributed as D
+from kdrun import distributed
 from kdrun.models.build import (CheckpointError, CheckpointPermissionError, CheckpointUnreadable, check_fits,
                                damage, first_line, load_file)
 
@@ -289,9 +289,9 @@ class Checkpointer:
     def save(self, name: str, state: TrainState, metrics: dict[str, float] | None = None) -> None:
         """Write ``name`` (collective: every rank calls it); a full disk is a :class:`CheckpointError`
         naming the checkpoint that is still good and how to continue (:func:`disk_full_error`)."""
-        rngs = D.all_gather_object(rng_state())
+        rngs = distributed.all_gather_object(rng_state())
         state.wall_time_s = self.wall_time()
-        if not D.is_main():
+        if not distributed.is_main():
             return
         path = self.run_dir / name
         if name == "last.pt":
@@ -309,7 +309,7 @@ class Checkpointer:
             "student": self.student.state_dict(),
             **{k: part.state_dict() for k, part in self.parts.items()},
             **asdict(state),
-            "world_size": D.world_size(), "rng": rngs[0], "rng_ranks": rngs,
+            "world_size": distributed.world_size(), "rng": rngs[0], "rng_ranks": rngs,
             "config": self.config_yaml,
             "metrics": dict(metrics or {}),
         }, path)
@@ -321,8 +321,8 @@ class Checkpointer:
         to others); every rank then reads the same file, after a barrier, onto the CPU. Every rank
         looks, so that a missing ``trainer.resume=PATH`` fails on all of them alike. Each rank continues
         its own random stream; a checkpoint from another world size calls ``reseed(step)`` instead."""
-        path = D.broadcast_object(find_resume(self.run_dir, resume))
-        D.barrier()
+        path = distributed.broadcast_object(find_resume(self.run_dir, resume))
+        distributed.barrier()
         if path is None:
             return None
         s = load_resume(path, self.parts["trainable"])
@@ -342,16 +342,16 @@ class Checkpointer:
         self._wall_before, self._session_start = float(state.wall_time_s), time.perf_counter()
         state.history, state.teacher_metrics = list(state.history), dict(state.teacher_metrics or {})
         rngs = s.get("rng_ranks") or [s["rng"]]
-        if len(rngs) == D.world_size():
-            set_rng_state(rngs[D.rank()])
+        if len(rngs) == distributed.world_size():
+            set_rng_state(rngs[distributed.rank()])
         else:
             reseed(state.step)
-            if D.is_main():
+            if distributed.is_main():
                 print(f"[kdrun] warning: {path} was written by {len(rngs)} process(es), this run has "
-                      f"{D.world_size()}: random streams are re-seeded and the rest of epoch {state.epoch + 1} "
+                      f"{distributed.world_size()}: random streams are re-seeded and the rest of epoch {state.epoch + 1} "
                       "is sharded differently, so the run is not bit-identical to an uninterrupted one.",
                       file=sys.stderr, flush=True)
-        if D.is_main():
+        if distributed.is_main():
             print(f"[kdrun] resumed from {path} at epoch {state.epoch}, step {state.step}"
                   + (f" (step {state.epoch_step} of the epoch)" if state.epoch_step else ""), flush=True)
         return state

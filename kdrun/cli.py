@@ -171,7 +171,7 @@ class Failures:
     def in_command(self, scratch: str | None) -> Iterator[None]:
         import shutil
 
-        from kdrun import distributed as D
+        from kdrun import distributed
 
         run_guard.begin()  # what exists before Hydra creates the output directories
         succeeded = False
@@ -190,7 +190,7 @@ class Failures:
         finally:
             if not succeeded:
                 run_guard.undo()  # a refused or failed command leaves no stub directory behind
-            D.destroy_process_group()
+            distributed.destroy_process_group()
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
 
@@ -205,10 +205,10 @@ def rank_argv(argv: list[str], failures: Failures) -> tuple[list[str], str | Non
     sweep (-m) writes multirun.yaml, so there a scratch directory is used."""
     import tempfile
 
-    from kdrun import distributed as D
+    from kdrun import distributed
 
     try:
-        env = D.launch_env()
+        env = distributed.launch_env()
     except ConfigError as e:
         report(e, failures.full)
     if env is None or env.world_size <= 1 or env.rank == 0:
@@ -228,18 +228,16 @@ def train_task(cfg: Any) -> float | None:
     import copy
 
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
-    from kdrun.config import TrainerConfig, validate
+    from kdrun.config import validate
     from kdrun.launch import dispatch
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_guard.note_job_dir(run_dir)
     record = run_guard.hydra_record(cfg)  # .hydra/, written when the run starts
     checked = copy.deepcopy(cfg)
-    validate(checked)  # fail before any process starts
-    settings = TrainerConfig(**OmegaConf.to_container(checked.trainer, resolve=True))
-    results = dispatch(cfg, checked, settings, run_dir, record)
+    settings = validate(checked)  # fail before any process starts
+    results = dispatch(cfg, checked, settings.trainer, run_dir, record)
     return report_end(results, multirun_dir(HydraConfig.get()))
 
 
@@ -247,18 +245,18 @@ def report_end(results: dict, sweep_dir: str | None) -> float | None:
     """How the run ended, on the main rank: finished before (nothing done), stopped by a signal (exits,
     which also ends a sweep whose remaining jobs belong to the same preempted allocation), or the summary
     (also into the run's cli.log)."""
-    from kdrun import distributed as D
+    from kdrun import distributed
     from kdrun.console_log import CONSOLE_LOG, tee_console
 
     if results.get("finished"):
         return say_finished(results)
     if results.get("preempted"):
-        if D.is_main():
+        if distributed.is_main():
             print(f"\nkdrun: stopped by {results['preempted']} after step {results['steps']}; "
                   f"checkpoint {results['checkpoint']}.\n  continue with trainer.resume=auto "
                   f"(and the same hydra.run.dir={results['run_dir']})", flush=True)
         raise SystemExit(results["exit_code"])
-    if D.is_main():
+    if distributed.is_main():
         run_dir = Path(results["run_dir"])
         with tee_console(run_dir, enabled=(run_dir / CONSOLE_LOG).is_file()):
             summarise(results, sweep_dir)
@@ -268,7 +266,7 @@ def report_end(results: dict, sweep_dir: str | None) -> float | None:
 def say_finished(results: dict) -> float | None:
     """``trainer.resume`` found a finished run: it is left as it was, and this says so. Returns the run's
     final primary metric (what a Hydra sweeper optimises), from its results.json."""
-    from kdrun import distributed as D
+    from kdrun import distributed
 
     path = Path(results["results"])
     try:
@@ -276,7 +274,7 @@ def say_finished(results: dict) -> float | None:
         value = done["final"][done["primary_metric"]]
     except (OSError, ValueError, KeyError, TypeError):
         done, value = None, None
-    if D.is_main():
+    if distributed.is_main():
         print(f"kdrun: the run in {results['run_dir']} is finished ({results['finished']}); nothing was "
               "changed. Its results: "
               f"{path if done is not None else 'no readable results.json'}. To train it further, raise "

@@ -165,6 +165,12 @@ class TrainerConfig:
     # hanging in process-group setup for the 30-minute collective timeout (kdrun.distributed.init_process_group).
     dist_timeout_s: Annotated[float, Gt(0.0)] = 300.0
 
+    @property
+    def eval_batch_size(self) -> int:
+        """The val loader's batch: ``val_batch_size``, where 0 means 2 × ``batch_size`` (evaluation keeps no
+        activations for a backward). The one place of that rule."""
+        return self.val_batch_size or 2 * self.batch_size
+
 
 @dataclass
 class LoggerConfig:
@@ -178,6 +184,22 @@ class LoggerConfig:
 
 
 GROUP_SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "logger": LoggerConfig}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The plain settings of a run, validated once: :func:`validate` returns them, and everything
+    downstream (the CLI, the engine, ``kdrun eval``, ``kdrun cache-teacher``) takes them instead of
+    rebuilding them from the config. The rules that combine keys live here, once."""
+
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    teacher_cache: Optional["TeacherCacheConfig"]  # None: off, or no teacher
+    seed: int  # trainer.seed when set, else the root seed
+
+    @property
+    def val_batch_size(self) -> int:
+        return self.trainer.eval_batch_size
 
 
 def register_group_defaults() -> None:
@@ -363,7 +385,7 @@ def validate_schema_node(key: str, node: DictConfig, schema: type) -> Any:
         if k not in fields:
             raise ConfigError(unknown_key_message(key, str(k), list(fields)))
         check_value(f"{key}.{k}", node[k], hints[k])
-    return schema(**{k: node[k] for k in node.keys()})
+    return schema(**OmegaConf.to_container(node, resolve=True))  # plain values (lists, not ListConfig)
 
 
 @dataclass
@@ -406,8 +428,9 @@ def teacher_cache_config(cfg: DictConfig) -> Optional[TeacherCacheConfig]:
     return validate_schema_node("teacher.cache", node, TeacherCacheConfig)  # type: ignore[no-any-return]
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> RunSettings:
     """Validate the whole composed config; raises :class:`ConfigError` with a one-paragraph message.
+    Returns the run's :class:`RunSettings`.
 
     Resolves interpolations first, so a broken ``${...}`` is reported here too.
     """
@@ -422,9 +445,8 @@ def validate(cfg: DictConfig) -> None:
             note = (" (the architecture is chosen with student=X / teacher=X, which both read conf/model/X.yaml)"
                     if k == "model" else "")
             raise ConfigError(unknown_key_message("", str(k), [r for r in ROOT_KEYS if r != "hydra"], note=note))
-    for group, schema in GROUP_SCHEMAS.items():
-        if group in cfg and cfg[group] is not None:
-            validate_schema_node(group, cfg[group], schema)
+    schemas = {group: validate_schema_node(group, cfg[group], schema) if cfg.get(group) is not None else schema()
+               for group, schema in GROUP_SCHEMAS.items()}
     for key in ("dataset", "task", "balancer", "optimizer", "scheduler"):
         node = cfg.get(key)
         if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -449,7 +471,7 @@ def validate(cfg: DictConfig) -> None:
                                  "+recipe=cifar100_student_resnet20) or no recipe with distill=none."
                                  if role == "teacher" else "."))
         validate_target_node(f"{role}.model", node.model)
-    teacher_cache_config(cfg)
+    cache = teacher_cache_config(cfg)
     if cfg.get("projector") is not None:
         validate_target_node("projector", cfg.projector)
     for name, term in (cfg.get("distill") or {}).items():
@@ -469,6 +491,9 @@ def validate(cfg: DictConfig) -> None:
         )
     for message in config_warnings(cfg):
         warn_once(message)
+    trainer = schemas["trainer"]
+    return RunSettings(trainer=trainer, logger=schemas["logger"], teacher_cache=cache,
+                       seed=int(trainer.seed if trainer.seed is not None else cfg.get("seed", 0)))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from kdrun import checkpoint as ckpt
-from kdrun.config import ConfigError, TrainerConfig, validate
+from kdrun.config import ConfigError, validate
 from kdrun.data.loaders import close_loaders, make_loaders
 from kdrun.engine import autocast, evaluate, pick_device
+from kdrun.engine.runtime import set_backend_flags
 from kdrun.logger import format_metrics, format_value
 from kdrun.models.build import CheckpointError, build_model, extract_state_dict
 from kdrun.models.taps import ModelOutput
@@ -168,23 +169,19 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), device: str
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:
         raise ConfigError(f"bad override in {list(overrides)}: {str(e).splitlines()[0]}") from None
-    validate(cfg)
-    t = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
-    dev = pick_device(device or t.accelerator)
-    if dev.type == "cuda" and not t.deterministic:  # the engine's settings, so the metrics match the run's
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    trainer = validate(cfg).trainer
+    dev = pick_device(device or trainer.accelerator)
+    set_backend_flags(trainer, dev)  # the engine's settings, so that the metrics match the run's
     data = instantiate(cfg.dataset, _convert_="all")
     task = instantiate(cfg.task, _convert_="all")
     model = build_model(OmegaConf.create({"model": cfg.student.model, "checkpoint": None}))
     model.load_state_dict(extract_state_dict(state, p))
     model.to(dev)
-    if t.channels_last:
+    if trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    loaders = make_loaders(data, t, 0, dev, aux=False, task=task)
+    loaders = make_loaders(data, trainer, 0, dev, aux=False, task=task)
     try:
-        metrics: dict[str, Any] = dict(evaluate(model, loaders.val, task, dev, t.precision, t.channels_last,
+        metrics: dict[str, Any] = dict(evaluate(model, loaders.val, task, dev, trainer.precision, trainer.channels_last,
                                                  results_path=None if detections_path is None
                                                  else Path(detections_path)))
     finally:
@@ -195,10 +192,10 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), device: str
     metrics["params"] = count_params(model)
     if throughput:
         bs = throughput_batch_size or loaders.val.batch_size
-        loader = DataLoader(data.val, batch_size=bs, shuffle=False, num_workers=t.num_workers,
-                            pin_memory=t.pin_memory and dev.type == "cuda",
+        loader = DataLoader(data.val, batch_size=bs, shuffle=False, num_workers=trainer.num_workers,
+                            pin_memory=trainer.pin_memory and dev.type == "cuda",
                             collate_fn=data.collate_fn or getattr(task, "collate_fn", None))
-        metrics.update(measure_throughput(model, loader, task, dev, t.precision, t.channels_last,
+        metrics.update(measure_throughput(model, loader, task, dev, trainer.precision, trainer.channels_last,
                                           warmup_batches=warmup_batches, max_batches=max_batches))
     return metrics
 

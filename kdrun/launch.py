@@ -39,8 +39,8 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import distributed as D
-from kdrun import preemption as P
+from kdrun import distributed
+from kdrun import preemption
 from kdrun.config import ConfigError
 from kdrun.errors import find_user_error, full_traceback_requested
 
@@ -73,7 +73,7 @@ def check_devices(devices: Any) -> None:
 def resolve_devices(accelerator: str, devices: int | str) -> tuple[str, int]:
     """(device type, number of processes) for ``trainer.accelerator`` / ``trainer.devices``."""
     check_devices(devices)
-    dev = D.device_type(accelerator)
+    dev = distributed.device_type(accelerator)
     if dev == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("trainer.accelerator=cuda but no CUDA device is visible; use "
@@ -101,7 +101,7 @@ def threads_per_worker(nproc: int) -> int:
 
 
 def spawn(entrypoint: Callable[..., Any] | str, args: Sequence[Any], nproc: int, *,
-          signals: Sequence[str] = P.DEFAULT_SIGNALS, grace_s: float = 120.0,
+          signals: Sequence[str] = preemption.DEFAULT_SIGNALS, grace_s: float = 120.0,
           run_id: str | None = None) -> dict[int, Any]:
     """Run ``entrypoint(*args)`` (a function, or a program and its arguments) in ``nproc`` local
     processes that can join one process group.
@@ -115,7 +115,7 @@ def spawn(entrypoint: Callable[..., Any] | str, args: Sequence[Any], nproc: int,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    names = list(dict.fromkeys([*AGENT_SIGNALS, *(s.name for s in P.parse_signals(signals))]))
+    names = list(dict.fromkeys([*AGENT_SIGNALS, *(s.name for s in preemption.parse_signals(signals))]))
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc,
         run_id=run_id or f"kdrun-{uuid.uuid4().hex[:12]}",
@@ -204,7 +204,7 @@ def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int, recor
     cfg = OmegaConf.load(cfg_path)
     record = json.loads(Path(record_path).read_text()) if record_path else {}
     die_with_launcher(float(OmegaConf.select(cfg, "trainer.preempt_grace_s", default=120.0)))
-    D.init_process_group(dev_type)
+    distributed.init_process_group(dev_type)
     try:
         from kdrun.engine import train
 
@@ -217,12 +217,12 @@ def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int, recor
                 raise
             # Every rank says it: most such errors are the same on all ranks (the parent validated the
             # config already), but one that only some rank hit must not go unreported.
-            who = "" if D.is_main() else f" (rank {D.rank()})"
+            who = "" if distributed.is_main() else f" (rank {distributed.rank()})"
             print(f"kdrun: error{who}: {user}", file=sys.stderr, flush=True)
             return 2
         return 0  # an orderly stop too: the launcher tells it from a finished run by the marker
     finally:
-        D.destroy_process_group()
+        distributed.destroy_process_group()
 
 
 def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, signals: Sequence[str],
@@ -253,7 +253,7 @@ def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, sign
     finally:
         os.unlink(cfg_path)
         os.unlink(record_path)
-    marker = P.read_marker(run_dir, newer_than=started)
+    marker = preemption.read_marker(run_dir, newer_than=started)
     if stop_signal is not None and marker is None:
         raise WorkerFailed(
             f"{signal.Signals(stop_signal.signum).name}: the workers did not write a checkpoint within "
@@ -262,7 +262,7 @@ def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, sign
     if marker is not None:  # the workers stopped after a signal (sent to this process or to them)
         name = signal.Signals(stop_signal.signum).name if stop_signal else marker.get("signal")
         if stop_signal is not None:
-            P.chain_previous(stop_signal.signum, stop_signal.previous)  # e.g. submitit's requeue
+            preemption.chain_previous(stop_signal.signum, stop_signal.previous)  # e.g. submitit's requeue
         return {"run_dir": str(run_dir), "preempted": name, "exit_code": 130 if name == "SIGINT" else 0,
                 "steps": marker.get("step"), "epochs": marker.get("epoch"),
                 "epoch_step": marker.get("epoch_step"), "world_size": nproc,
@@ -286,13 +286,13 @@ def dispatch(cfg: DictConfig, checked: DictConfig, settings: Any, run_dir: Path,
 
     # Read the environment here, not before Hydra: under hydra/launcher=submitit_slurm this runs in each
     # SLURM task on the compute nodes, not in the submitting process.
-    job_env = D.launch_env()
+    job_env = distributed.launch_env()
     if job_env is not None and job_env.world_size > 1:
         check_devices(settings.devices)  # the value must be valid, but the job decided the count
-        D.init_process_group(D.device_type(settings.accelerator), job_env,  # once per process
+        distributed.init_process_group(distributed.device_type(settings.accelerator), job_env,  # once per process
                              join_timeout_s=settings.dist_timeout_s)
-        run_dir = Path(D.broadcast_object(str(run_dir)))
-        if D.is_main() and settings.devices not in (1, "auto", job_env.local_world_size):
+        run_dir = Path(distributed.broadcast_object(str(run_dir)))
+        if distributed.is_main() and settings.devices not in (1, "auto", job_env.local_world_size):
             print(f"[kdrun] note: trainer.devices={settings.devices} is ignored: {job_env.source} started "
                   f"{job_env.world_size} processes, and kdrun joins them.", file=sys.stderr, flush=True)
         return train(cfg, run_dir, record)

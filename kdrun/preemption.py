@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Iterable
 
-from kdrun import distributed as D
+from kdrun import distributed
 from kdrun.config import ConfigError
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
@@ -92,7 +92,7 @@ class Preemption:
             insist(signum, frame)
         if self.signum is None:
             self.signum = signum
-            if D.is_main():
+            if distributed.is_main():
                 print(f"[kdrun] received {signal.Signals(signum).name}: checkpointing at the next step "
                       "boundary", file=sys.stderr, flush=True)
 
@@ -130,7 +130,7 @@ class Preemption:
         """
         if not force_check and step % self.check_every:
             return False
-        agreed = D.all_reduce_max_int(int(self.signum or 0))
+        agreed = distributed.all_reduce_max_int(int(self.signum or 0))
         if agreed:
             self.agreed = agreed
         return bool(agreed)

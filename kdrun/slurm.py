@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import getpass
 import logging
-import re
 import subprocess
 import time
 from dataclasses import dataclass

@@ -794,7 +794,7 @@ def legend(table: TableDef, metric: str, n_runs: int, seeds: tuple[int, ...] | N
         else:
             conv = f"--metric {metric}, NOT the paper's convention: it reports {table.convention}{src}"
         what = f"metric: kdrun {when} {_what(table)} {paren}, {conv}; paper: {table.metric}."
-        cell = f"paper / kdrun mean ± std over seeds (n runs) [95 % CI] / Δ = kdrun − paper"
+        cell = "paper / kdrun mean ± std over seeds (n runs) [95 % CI] / Δ = kdrun − paper"
     else:
         other = "best" if metric == "final" else "final"
         what = f"metric: {when} {_what(table)} {paren} (--metric {other} for the other). {table.note}"

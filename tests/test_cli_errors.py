@@ -186,8 +186,8 @@ def test_worker_process_reports_a_wrapped_user_error_in_one_line(
             raise InstantiationException(f"Error in call to target 'x':\n{e!r}") from e
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(launch.D, "init_process_group", lambda *a: None)
-    monkeypatch.setattr(launch.D, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(launch.distributed, "init_process_group", lambda *a: None)
+    monkeypatch.setattr(launch.distributed, "destroy_process_group", lambda: None)
     monkeypatch.setattr(kdrun.engine, "train", wrapped)
     (tmp_path / "cfg.yaml").write_text("seed: 0\n")
     assert launch.train_worker(str(tmp_path / "cfg.yaml"), str(tmp_path / "run"), "cpu", 0) == 2

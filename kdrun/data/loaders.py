@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from kdrun import distributed as D
-from kdrun import preemption as P
+from kdrun import distributed
+from kdrun import preemption
 from kdrun.config import ConfigError, TrainerConfig
 from kdrun.data.base import DataModule
 
@@ -50,10 +50,10 @@ def ignore_signals(signums: tuple[int, ...], worker_id: int) -> None:
 class Loaders:
     train: DataLoader
     val: DataLoader
-    sampler: D.TrainSampler | D.ResumableSampler
+    sampler: distributed.TrainSampler | distributed.ResumableSampler
     generator: torch.Generator
     aux: DataLoader | None = None
-    aux_sampler: D.TrainSampler | None = None
+    aux_sampler: distributed.TrainSampler | None = None
     aux_generator: torch.Generator | None = None
 
     def start_epoch(self, epoch: int, skip_batches: int, seed: int) -> None:
@@ -98,10 +98,10 @@ def collate_fn(data: DataModule, task: Any) -> Any:
 
 
 def loader_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + D.rank()) % 2**63
+    return (seed * 1_000_003 + epoch * 7_919 + distributed.rank()) % 2**63
 
 
-def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.device,
+def make_loaders(data: DataModule, trainer: TrainerConfig, seed: int, device: torch.device,
                  aux: bool, with_index: bool = False, task: Any = None, views: bool = False) -> Loaders:
     """Train (resumable, ``drop_last``), val (every sample once) and, with ``aux``, the auxiliary
     loaders. The data set's collate function wins over the task's (``Task.collate_fn``).
@@ -111,21 +111,21 @@ def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.de
     transform, plus the view drawn), so the step can look the teacher's output up; it carries the index
     too, so ``with_index`` needs nothing more. The val and aux loaders never need the teacher's
     training-view outputs and are unchanged."""
-    common = dict(num_workers=t.num_workers, pin_memory=t.pin_memory and device.type == "cuda",
+    common = dict(num_workers=trainer.num_workers, pin_memory=trainer.pin_memory and device.type == "cuda",
                   collate_fn=collate_fn(data, task))
-    if t.num_workers > 0:
-        common["persistent_workers"] = t.persistent_workers
+    if trainer.num_workers > 0:
+        common["persistent_workers"] = trainer.persistent_workers
         common["worker_init_fn"] = functools.partial(
-            ignore_signals, tuple(int(s) for s in P.parse_signals(t.preempt_signals)))
+            ignore_signals, tuple(int(s) for s in preemption.parse_signals(trainer.preempt_signals)))
     if data.repeated_augmentation > 1:
         from kdrun.data.samplers import RepeatAugSampler  # DeiT protocol
 
-        sampler = D.ResumableSampler(RepeatAugSampler(data.train, num_repeats=data.repeated_augmentation,
+        sampler = distributed.ResumableSampler(RepeatAugSampler(data.train, num_repeats=data.repeated_augmentation,
                                                       seed=seed))
     else:
-        sampler = D.TrainSampler(len(data.train), seed)
-    if len(sampler) < t.batch_size:
-        raise ConfigError(f"trainer.batch_size={t.batch_size} is larger than the {len(sampler)} training "
+        sampler = distributed.TrainSampler(len(data.train), seed)
+    if len(sampler) < trainer.batch_size:
+        raise ConfigError(f"trainer.batch_size={trainer.batch_size} is larger than the {len(sampler)} training "
                           "samples per process; lower it.")
     if views:
         from kdrun.data.views import ViewDataset
@@ -134,20 +134,20 @@ def make_loaders(data: DataModule, t: TrainerConfig, seed: int, device: torch.de
     else:
         train_set = IndexedDataset(data.train) if with_index else data.train
     gen = torch.Generator()
-    train = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, drop_last=True, generator=gen,
+    train = DataLoader(train_set, batch_size=trainer.batch_size, sampler=sampler, drop_last=True, generator=gen,
                        **common)
     # Its own generator too: iterating a loader without one draws the worker base seed from the global
     # RNG, so a validation (a max_steps stop mid-epoch validates before saving last.pt) would move the
     # augmentation stream of a resumed run away from the uninterrupted one's.
-    val = DataLoader(data.val, batch_size=t.val_batch_size or 2 * t.batch_size,
-                     sampler=D.EvalSampler(len(data.val)), generator=torch.Generator(), **common)
+    val = DataLoader(data.val, batch_size=trainer.eval_batch_size,
+                     sampler=distributed.EvalSampler(len(data.val)), generator=torch.Generator(), **common)
     out = Loaders(train, val, sampler, gen)
     if aux:  # cross-batch: an independently shuffled view of the same training set
-        out.aux_sampler = D.TrainSampler(len(data.train), seed + 104_729)
+        out.aux_sampler = distributed.TrainSampler(len(data.train), seed + 104_729)
         out.aux_generator = torch.Generator()
-        out.aux = DataLoader(data.train, batch_size=t.batch_size, sampler=out.aux_sampler, drop_last=True,
+        out.aux = DataLoader(data.train, batch_size=trainer.batch_size, sampler=out.aux_sampler, drop_last=True,
                              generator=out.aux_generator, **common)
-    if t.num_workers > 0:  # a run that dies before train() closes them must not hang the exit
+    if trainer.num_workers > 0:  # a run that dies before train() closes them must not hang the exit
         atexit.register(_close_at_exit, weakref.ref(out))
     return out
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdrun import distributed as D
+from kdrun import distributed
 from kdrun.balancers.base import Balancer
 from kdrun.config import TrainerConfig, teacher_cache_config
 from kdrun.data.base import DataModule
@@ -37,7 +37,7 @@ from kdrun.teacher_cache.orchestrate import build_teacher_cache
 class Parts:
     """The built run. ``model`` is what the forward calls (``trainable``, DDP-wrapped and/or compiled)."""
 
-    t: TrainerConfig
+    trainer: TrainerConfig
     device: torch.device
     seed: int
     data: DataModule
@@ -70,7 +70,7 @@ def build_distill(cfg: DictConfig) -> tuple[dict[str, DistillLoss], dict[str, fl
     return distill, weights
 
 
-def build_teacher(cfg: DictConfig, t: TrainerConfig, distill: dict[str, DistillLoss],
+def build_teacher(cfg: DictConfig, trainer: TrainerConfig, distill: dict[str, DistillLoss],
                   device: torch.device) -> Teacher | None:
     """The frozen, tapped teacher (``None`` without ``teacher``), with the taps the terms read."""
     if cfg.get("teacher") is None:
@@ -81,9 +81,9 @@ def build_teacher(cfg: DictConfig, t: TrainerConfig, distill: dict[str, DistillL
         raise teacher_load_error(cfg, e) from None
     model = Tapped(bare, [tp for d in distill.values() for tp in d.teacher_taps])
     model.to(device)
-    if t.channels_last:
+    if trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    return Teacher(model, device, t.precision if t.teacher_precision == "same" else t.teacher_precision)
+    return Teacher(model, device, trainer.precision if trainer.teacher_precision == "same" else trainer.teacher_precision)
 
 
 @dataclass
@@ -100,7 +100,7 @@ class TeacherSide:
     teacher: Teacher | None
 
 
-def build_teacher_side(cfg: DictConfig, t: TrainerConfig, device: torch.device, seed: int) -> TeacherSide:
+def build_teacher_side(cfg: DictConfig, trainer: TrainerConfig, device: torch.device, seed: int) -> TeacherSide:
     """Seed, then data, task, loss terms and the frozen teacher, in the order every build uses. The
     teacher's cache is opened later by the caller (:mod:`kdrun.teacher_cache.orchestrate`): a run keys it on
     its train loader's data set, and those loaders need parts built after this (the balancer)."""
@@ -108,16 +108,16 @@ def build_teacher_side(cfg: DictConfig, t: TrainerConfig, device: torch.device, 
     data: DataModule = instantiate(cfg.dataset, _convert_="all")
     task = instantiate(cfg.task, _convert_="all")
     distill, weights = build_distill(cfg)
-    teacher = build_teacher(cfg, t, distill, device)
+    teacher = build_teacher(cfg, trainer, distill, device)
     return TeacherSide(data, task, distill, weights, teacher)
 
 
-def build_student(cfg: DictConfig, t: TrainerConfig, distill: dict[str, DistillLoss],
+def build_student(cfg: DictConfig, trainer: TrainerConfig, distill: dict[str, DistillLoss],
                   device: torch.device) -> Tapped:
     taps = [tp for d in distill.values() for tp in d.student_taps]
-    student = Tapped(build_model(cfg.student), taps + ([t.grad_feature] if t.grad_space == "features" else []))
+    student = Tapped(build_model(cfg.student), taps + ([trainer.grad_feature] if trainer.grad_space == "features" else []))
     student.to(device)
-    if t.channels_last:
+    if trainer.channels_last:
         student.to(memory_format=torch.channels_last)
     return student
 
@@ -157,10 +157,10 @@ def build_trainable(distill: dict[str, DistillLoss], weights: dict[str, float], 
     return Trainable(student, distill, weights, task).to(device)
 
 
-def wrap(trainable: Trainable, t: TrainerConfig, device: torch.device) -> nn.Module:
+def wrap(trainable: Trainable, trainer: TrainerConfig, device: torch.device) -> nn.Module:
     """SyncBatchNorm and DDP (only the Trainable: the frozen teacher never is), then torch.compile."""
     model: nn.Module = trainable
-    if D.is_dist():
+    if distributed.is_dist():
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # No buffer sync in forward: BatchNorm statistics stay per rank (use SyncBatchNorm to share
@@ -171,39 +171,39 @@ def wrap(trainable: Trainable, t: TrainerConfig, device: torch.device) -> nn.Mod
                    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
                    else {"broadcast_buffers": False})
         model = DDP(trainable, device_ids=[device.index] if device.type == "cuda" else None, **sync_kw)
-    if t.compile:
+    if trainer.compile:
         model = torch.compile(model)
     return model
 
 
-def build(cfg: DictConfig, t: TrainerConfig, device: torch.device, seed: int) -> Parts:
+def build(cfg: DictConfig, trainer: TrainerConfig, device: torch.device, seed: int) -> Parts:
     """Build every part in a fixed order from ``seed``; the per-rank stream starts at the end."""
-    side = build_teacher_side(cfg, t, device, seed)
+    side = build_teacher_side(cfg, trainer, device, seed)
     data, task, distill, weights, teacher = side.data, side.task, side.distill, side.weights, side.teacher
-    student = build_student(cfg, t, distill, device)
+    student = build_student(cfg, trainer, distill, device)
     groups = task.objective_groups(distill)
     balancer: Balancer = instantiate(cfg.balancer, _convert_="all")
     balancer.bind(tuple(groups))
     balancer.to(device)
     caching = teacher is not None and teacher_cache_config(cfg) is not None
-    loaders = make_loaders(data, t, seed, device, aux=balancer.needs_aux_batch,
+    loaders = make_loaders(data, trainer, seed, device, aux=balancer.needs_aux_batch,
                            with_index=any(d.needs_index for d in distill.values()), task=task, views=caching)
     # Off the global RNG stream: a run that fills the cache trains on the same random numbers as one
     # that finds it filled (and as the live-teacher run).
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        cache = build_teacher_cache(cfg, t, data, teacher, loaders.train.dataset, device,
+        cache = build_teacher_cache(cfg, trainer, data, teacher, loaders.train.dataset, device,
                                     progress=bool(cfg.logger.get("progress", False))) if caching else None
     steps_per_epoch = len(loaders.train)
-    planned = steps_per_epoch * t.epochs
-    total_steps = planned if t.max_steps < 0 else min(t.max_steps, planned)
+    planned = steps_per_epoch * trainer.epochs
+    total_steps = planned if trainer.max_steps < 0 else min(trainer.max_steps, planned)
     balancer.set_total_steps(total_steps)
     trainable = build_trainable(distill, weights, data, task, student, teacher, steps_per_epoch, device)
-    if D.is_dist() and t.sync_batchnorm:
+    if distributed.is_dist() and trainer.sync_batchnorm:
         trainable = sync_batchnorm(trainable, device)  # type: ignore[assignment]
-    model = wrap(trainable, t, device)
+    model = wrap(trainable, trainer, device)
     optimizer = instantiate(cfg.optimizer)(trainable)
-    scheduler = instantiate(cfg.scheduler)(optimizer, steps_per_epoch=steps_per_epoch, epochs=t.epochs)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    seed_everything(seed + D.rank())
-    return Parts(t, device, seed, data, task, teacher, student, trainable, model, groups, balancer, loaders,
+    scheduler = instantiate(cfg.scheduler)(optimizer, steps_per_epoch=steps_per_epoch, epochs=trainer.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
+    seed_everything(seed + distributed.rank())
+    return Parts(trainer, device, seed, data, task, teacher, student, trainable, model, groups, balancer, loaders,
                  optimizer, scheduler, scaler, steps_per_epoch, total_steps, cache)

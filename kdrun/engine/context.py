@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from kdrun import distributed as D
+from kdrun import distributed
 from kdrun.balancers.base import StepContext
 from kdrun.balancers.gradients import Jacobian, JacobianMode, compute_feature_jacobian, compute_jacobian
 
@@ -26,8 +26,8 @@ def step_context(
     jacobian_mode: JacobianMode | None = None,
     aux_objectives: Callable[[], dict[str, Tensor]] | None = None,
     recompute_objectives: Callable[[], dict[str, Tensor]] | None = None,
-    all_reduce_mean: Callable[[Tensor], Tensor] = D.all_reduce_mean,
-    all_reduce_sum: Callable[[Tensor], Tensor] = D.all_reduce_sum,
+    all_reduce_mean: Callable[[Tensor], Tensor] = distributed.all_reduce_mean,
+    all_reduce_sum: Callable[[Tensor], Tensor] = distributed.all_reduce_sum,
     world_size: int | None = None,
     diagnostics: bool = False,
 ) -> StepContext:
@@ -47,7 +47,7 @@ def step_context(
             if feature is not None:
                 cache["j"] = compute_feature_jacobian(
                     objectives, feature, backward, scale=scale, all_reduce_sum=all_reduce_sum,
-                    world_size=D.world_size() if world_size is None else world_size)
+                    world_size=distributed.world_size() if world_size is None else world_size)
             else:
                 cache["j"] = compute_jacobian(objectives, params, retain_graph=diagnostics, scale=scale,
                                               mode=jacobian_mode, all_reduce_mean=all_reduce_mean)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from kdrun import distributed as D
-from kdrun import preemption as P
+from kdrun import distributed
+from kdrun import preemption
 from kdrun.checkpoint import Checkpointer, TrainState
 from kdrun.engine.build import Parts
 from kdrun.engine.step import KDStep
@@ -34,130 +34,130 @@ class Loop:
 
     def __init__(self, parts: Parts, step: KDStep, state: TrainState, checkpointer: Checkpointer,
                  logger: RunLogger, run_dir: Path, progress: bool) -> None:
-        self.p, self.step, self.st, self.ckpt, self.logger = parts, step, state, checkpointer, logger
+        self.parts, self.step, self.state, self.ckpt, self.logger = parts, step, state, checkpointer, logger
         self.run_dir, self.show_progress = run_dir, progress
         self.last_val: dict[str, float] = {}
         self.images = 0
         self.wall = 0.0
         self.window_t, self.window_images = 0.0, 0  # images/s between consecutive log steps
-        self.preempt = P.Preemption(parts.t.preempt_signals, parts.t.preempt_check_every)
+        self.preempt = preemption.Preemption(parts.trainer.preempt_signals, parts.trainer.preempt_check_every)
         self.phase = current_phase()  # "teacher fit" while the teacher is fitted, else None
         self.progress = Progress(parts.total_steps, enabled=False)  # replaced in run()
 
     def save(self, name: str) -> None:
-        self.st.skipped = self.step.skipped
-        self.ckpt.save(name, self.st, self.last_val)
+        self.state.skipped = self.step.skipped
+        self.ckpt.save(name, self.state, self.last_val)
 
     def validate(self, model: Any, results_name: str, precision: str | None = None) -> dict[str, float]:
         """Val metrics of ``model`` (the student, or the teacher in its own precision)."""
-        p = self.p
-        return evaluate(model, p.loaders.val, p.task, p.device, precision or p.t.precision, p.t.channels_last,
+        parts = self.parts
+        return evaluate(model, parts.loaders.val, parts.task, parts.device, precision or parts.trainer.precision, parts.trainer.channels_last,
                         results_path=self.run_dir / results_name)
 
     def run(self) -> None:
-        t, st = self.p.t, self.st
-        self.p.trainable.train()
-        progress = self.progress = Progress(self.p.total_steps, enabled=D.is_main() and self.show_progress,
+        trainer, state = self.parts.trainer, self.state
+        self.parts.trainable.train()
+        progress = self.progress = Progress(self.parts.total_steps, enabled=distributed.is_main() and self.show_progress,
                                             label=self.phase)
-        if st.teacher_metrics:  # measured once per run (kept in the checkpoints), shown once per session
-            progress.write(f"teacher  val {format_metrics(st.teacher_metrics, self.p.task.metric_keys)}")
+        if state.teacher_metrics:  # measured once per run (kept in the checkpoints), shown once per session
+            progress.write(f"teacher  val {format_metrics(state.teacher_metrics, self.parts.task.metric_keys)}")
         t_start = self.window_t = time.perf_counter()
         stop = False
         # Stop signals are only recorded; the loop acts on them at a step boundary all ranks agree on.
         with self.preempt:  # handlers restored on exit, also when a step raises
-            while st.epoch < t.epochs and not stop:
+            while state.epoch < trainer.epochs and not stop:
                 stop = self.train_epoch(progress)
                 if self.preempt.agreed:
                     # Saved as is, even when the epoch's last step was just taken (epoch_step == steps
                     # per epoch): the resumed run then runs the epoch's end (validation, best.pt)
                     # itself, so a stop costs no time for evaluation inside the grace period.
                     break
-                if stop and st.epoch_step == self.p.steps_per_epoch:  # max_steps landed on an epoch end
-                    st.epoch, st.epoch_step = st.epoch + 1, 0
+                if stop and state.epoch_step == self.parts.steps_per_epoch:  # max_steps landed on an epoch end
+                    state.epoch, state.epoch_step = state.epoch + 1, 0
                 self.end_epoch(stop)
-        progress.finish(st.step)  # the last step is not always a log step: the bar ends where the run did
+        progress.finish(state.step)  # the last step is not always a log step: the bar ends where the run did
         if not self.preempt.agreed and not self.last_val:  # resumed a finished run
-            self.last_val = self.validate(self.p.student, "val_detections.json")
+            self.last_val = self.validate(self.parts.student, "val_detections.json")
         if self.phase and not self.preempt.agreed:
-            progress.write(f"{self.phase}: done after {st.epoch} epochs ({st.step} steps); val "
-                           f"{format_metrics(self.last_val, self.p.task.metric_keys)}")
+            progress.write(f"{self.phase}: done after {state.epoch} epochs ({state.step} steps); val "
+                           f"{format_metrics(self.last_val, self.parts.task.metric_keys)}")
         progress.close()
         self.wall = time.perf_counter() - t_start
-        st.skipped = self.step.skipped
+        state.skipped = self.step.skipped
 
     def train_epoch(self, progress: Progress) -> bool:
         """The rest of the current epoch; True when a stop rule ended it early."""
-        t, st = self.p.t, self.st
-        self.p.loaders.start_epoch(st.epoch, st.epoch_step, self.p.seed)
-        for batch in self.p.loaders.train:
-            out = self.step(batch, st.step)
-            st.step += 1
-            st.epoch_step += 1
-            n_images = out.images * D.world_size()
+        trainer, state = self.parts.trainer, self.state
+        self.parts.loaders.start_epoch(state.epoch, state.epoch_step, self.parts.seed)
+        for batch in self.parts.loaders.train:
+            out = self.step(batch, state.step)
+            state.step += 1
+            state.epoch_step += 1
+            n_images = out.images * distributed.world_size()
             self.images += n_images
             self.window_images += n_images
             if out.values:
                 now = time.perf_counter()
                 out.values["train/images_per_s"] = torch.tensor(self.window_images / max(1e-9, now - self.window_t))
                 self.window_t, self.window_images = now, 0
-                vals = self.logger.log(st.step, out.values)
+                vals = self.logger.log(state.step, out.values)
                 if vals:
-                    progress.update(st.step, f"ep {st.epoch + 1}/{t.epochs} " + objectives_text(vals))
-            if 0 < t.max_steps <= st.step:
+                    progress.update(state.step, f"ep {state.epoch + 1}/{trainer.epochs} " + objectives_text(vals))
+            if 0 < trainer.max_steps <= state.step:
                 return True
-            if self.preempt.should_stop(st.step):  # collective: every rank stops after the same step
+            if self.preempt.should_stop(state.step):  # collective: every rank stops after the same step
                 return True
-            if 0 < t.save_every_steps and st.step % t.save_every_steps == 0 \
-                    and st.epoch_step < self.p.steps_per_epoch:
+            if 0 < trainer.save_every_steps and state.step % trainer.save_every_steps == 0 \
+                    and state.epoch_step < self.parts.steps_per_epoch:
                 self.save("last.pt")  # mid-epoch: survives a kill -9 (epoch ends save in end_epoch)
-        st.epoch += 1
-        st.epoch_step = 0
+        state.epoch += 1
+        state.epoch_step = 0
         return False
 
     def end_epoch(self, stop: bool) -> None:
         """Validation (every ``val_every`` epochs, the last one, and a stop at an epoch end), best.pt and
         last.pt."""
-        t, st, task = self.p.t, self.st, self.p.task
-        ended_epoch = st.epoch_step == 0
+        trainer, state, task = self.parts.trainer, self.state, self.parts.task
+        ended_epoch = state.epoch_step == 0
         # A stop mid-epoch (max_steps) is validated too: the final figures are then those of the weights
         # last.pt holds, which is what `kdrun eval RUN_DIR/last.pt` reports.
-        if stop or (ended_epoch and (st.epoch % t.val_every == 0 or st.epoch == t.epochs)):
-            self.last_val = self.validate(self.p.student, "val_detections.json")
-            st.history.append({"epoch": st.epoch, "step": st.step, **self.last_val})
-            self.logger.log(st.step, {**{f"val/{k}": self.last_val[k] for k in task.metric_keys},
-                                      "epoch": st.epoch}, kind="val")
-            improved = self.last_val[task.primary_metric] > st.best_metric
-            st.best_metric = max(st.best_metric, self.last_val[task.primary_metric])
-            if t.save_best and improved:
+        if stop or (ended_epoch and (state.epoch % trainer.val_every == 0 or state.epoch == trainer.epochs)):
+            self.last_val = self.validate(self.parts.student, "val_detections.json")
+            state.history.append({"epoch": state.epoch, "step": state.step, **self.last_val})
+            self.logger.log(state.step, {**{f"val/{k}": self.last_val[k] for k in task.metric_keys},
+                                      "epoch": state.epoch}, kind="val")
+            improved = self.last_val[task.primary_metric] > state.best_metric
+            state.best_metric = max(state.best_metric, self.last_val[task.primary_metric])
+            if trainer.save_best and improved:
                 self.save("best.pt")
-            self.progress.finish(st.step)  # the bar at this step, then the line under it
-            where = f"epoch {st.epoch}/{t.epochs}" if ended_epoch else \
-                f"step {st.step} (epoch {st.epoch + 1}/{t.epochs}, stopped by max_steps)"
+            self.progress.finish(state.step)  # the bar at this step, then the line under it
+            where = f"epoch {state.epoch}/{trainer.epochs}" if ended_epoch else \
+                f"step {state.step} (epoch {state.epoch + 1}/{trainer.epochs}, stopped by max_steps)"
             self.progress.write(f"{self.phase + '  ' if self.phase else ''}{where}  val "
                                 f"{format_metrics(self.last_val, task.metric_keys)}  "
-                                f"(best {task.primary_metric} {format_value(st.best_metric)})")
-        if t.save_last and (ended_epoch or stop):
+                                f"(best {task.primary_metric} {format_value(state.best_metric)})")
+        if trainer.save_last and (ended_epoch or stop):
             self.save("last.pt")
 
     def stopped(self) -> dict[str, Any]:
         """The orderly end after a stop signal: ``last.pt`` at the last completed step, a marker for
         the launcher, every rank past the save, then the handler that was there before ours."""
-        st, pre, run_dir = self.st, self.preempt, self.run_dir
+        state, pre, run_dir = self.state, self.preempt, self.run_dir
         self.save("last.pt")
-        if D.is_main():
-            P.write_marker(run_dir, {"signal": pre.signal_name, "step": st.step, "epoch": st.epoch,
-                                     "epoch_step": st.epoch_step, "time": time.time()})
+        if distributed.is_main():
+            preemption.write_marker(run_dir, {"signal": pre.signal_name, "step": state.step, "epoch": state.epoch,
+                                     "epoch_step": state.epoch_step, "time": time.time()})
             # Worded and numbered as the resume line (kdrun.checkpoint: "resumed from ... at epoch E, step S
             # (step k of the epoch)", E = TrainState.epoch), so the two lines of one stop/resume agree.
-            print(f"[kdrun] {pre.signal_name}: stopped at epoch {st.epoch}, step {st.step}"
-                  + (f" (step {st.epoch_step} of the epoch)" if st.epoch_step else "")
+            print(f"[kdrun] {pre.signal_name}: stopped at epoch {state.epoch}, step {state.step}"
+                  + (f" (step {state.epoch_step} of the epoch)" if state.epoch_step else "")
                   + f"; saved {run_dir / 'last.pt'}. Continue with trainer.resume=auto.", flush=True)
         self.logger.close()
-        D.barrier()
+        distributed.barrier()
         pre.chain()  # e.g. submitit's requeue; returns unless that handler exits the process
         return {"run_dir": str(run_dir), "preempted": pre.signal_name, "exit_code": pre.exit_code,
-                "steps": st.step, "epochs": st.epoch, "epoch_step": st.epoch_step,
-                "world_size": D.world_size(), "checkpoint": str(run_dir / "last.pt")}
+                "steps": state.step, "epochs": state.epoch, "epoch_step": state.epoch_step,
+                "world_size": distributed.world_size(), "checkpoint": str(run_dir / "last.pt")}
 
 
 def objectives_text(vals: dict[str, float]) -> str:

@@ -9,10 +9,10 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import distributed as D
-from kdrun import preemption as P
+from kdrun import distributed
+from kdrun import preemption
 from kdrun.checkpoint import Checkpointer, TrainState
-from kdrun.config import TrainerConfig, validate
+from kdrun.config import RunSettings, TrainerConfig, validate
 from kdrun.console_log import ConsoleLog
 from kdrun.data.loaders import AuxStream, close_loaders
 from kdrun.engine.build import Parts, build
@@ -37,14 +37,14 @@ def train(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None) 
     (:func:`kdrun.run_guard.hydra_record`). A run that is already finished is left untouched: the result
     is ``{"finished": True, ...}``."""
     cfg = copy.deepcopy(cfg)
-    validate(cfg)
-    t = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))  # validated above
-    P.parse_signals(t.preempt_signals)  # a bad signal name fails now, not at the first step
+    settings = validate(cfg)
+    trainer = settings.trainer
+    preemption.parse_signals(trainer.preempt_signals)  # a bad signal name fails now, not at the first step
     run_dir = Path(run_dir)
-    lock = protect(run_dir, t.resume, t.overwrite)
+    lock = protect(run_dir, trainer.resume, trainer.overwrite)
     try:
-        with ConsoleLog(run_dir, enabled=D.is_main()) as console:  # cli.log, from the run's start on
-            return _train(cfg, t, run_dir, lambda: start_run(run_dir, cfg, record or {}, console))
+        with ConsoleLog(run_dir, enabled=distributed.is_main()) as console:  # cli.log, from the run's start on
+            return _train(cfg, settings, run_dir, lambda: start_run(run_dir, cfg, record or {}, console))
     finally:
         if lock is not None:
             lock.release()
@@ -54,21 +54,21 @@ def start_run(run_dir: Path, cfg: DictConfig, record: dict[str, str], console: C
     """The run starts (main rank): from here on it writes into its directory. The stop marker of an
     earlier session goes, the config (``config.yaml``, ``.hydra/``) is recorded, and ``cli.log`` starts
     with what the console showed so far."""
-    P.clear_marker(run_dir)
+    preemption.clear_marker(run_dir)
     write_record(run_dir, {**record, "config.yaml": OmegaConf.to_yaml(cfg)})
     console.start()
 
 
-def finished_run(st: TrainState, t: TrainerConfig, run_dir: Path) -> dict[str, Any] | None:
+def finished_run(state: TrainState, trainer: TrainerConfig, run_dir: Path) -> dict[str, Any] | None:
     """``trainer.resume`` restored a run that has nothing left to do (its epochs, or ``max_steps``, are
     done): the result that says so, or None. The run's files stay as they are."""
-    if st.epoch >= t.epochs:
-        why = f"all {t.epochs} epochs done, step {st.step}"
-    elif 0 < t.max_steps <= st.step:  # the loop's stop rule (-1: no step limit)
-        why = f"trainer.max_steps={t.max_steps} reached at step {st.step}"
+    if state.epoch >= trainer.epochs:
+        why = f"all {trainer.epochs} epochs done, step {state.step}"
+    elif 0 < trainer.max_steps <= state.step:  # the loop's stop rule (-1: no step limit)
+        why = f"trainer.max_steps={trainer.max_steps} reached at step {state.step}"
     else:
         return None
-    return {"run_dir": str(run_dir), "finished": why, "steps": st.step, "epochs": st.epoch,
+    return {"run_dir": str(run_dir), "finished": why, "steps": state.step, "epochs": state.epoch,
             "results": str(run_dir / "results.json")}
 
 
@@ -78,7 +78,7 @@ def protect(run_dir: Path, resume: str | None, overwrite: bool) -> RunLock | Non
     broadcast, so that a refusal on rank 0 fails every rank with the same message before any of them
     builds or writes anything. Returns the held lock (rank 0) or None."""
     lock, error, notes = None, None, []
-    if D.is_main():
+    if distributed.is_main():
         try:
             check_usable(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,53 +92,53 @@ def protect(run_dir: Path, resume: str | None, overwrite: bool) -> RunLock | Non
                 lock = None
         for n in notes:
             print(f"[kdrun] {n}", flush=True)
-    error = D.broadcast_object(error)
+    error = distributed.broadcast_object(error)
     if error is not None:
         raise RunDirError(error)
     return lock
 
 
-def _train(cfg: DictConfig, t: TrainerConfig, run_dir: Path, begin: Callable[[], None]) -> dict[str, Any]:
+def _train(cfg: DictConfig, settings: RunSettings, run_dir: Path, begin: Callable[[], None]) -> dict[str, Any]:
     """:func:`train` once the run directory is this process's: fit → build → restore → (the run starts:
     ``begin``) → loop → results."""
-    main = D.is_main()
-    device = pick_device(t.accelerator)
-    seed = int(t.seed if t.seed is not None else cfg.get("seed", 0))
-    set_backend_flags(t, device)
+    main = distributed.is_main()
+    trainer, seed = settings.trainer, settings.seed
+    device = pick_device(trainer.accelerator)
+    set_backend_flags(trainer, device)
     fit_path = needs_fit(cfg)
     if fit_path is not None:  # a run of its own, finished before this run builds anything
         fitted = fit_teacher(cfg, fit_path, train)
         if fitted.get("preempted"):
             return stopped_in_fit(fitted, run_dir)
     check_teacher_weights(cfg)
-    p = build(cfg, t, device, seed)
-    checkpointer = Checkpointer(run_dir, {"trainable": p.trainable, "optimizer": p.optimizer,
-                                          "scheduler": p.scheduler, "balancer": p.balancer, "scaler": p.scaler},
-                                p.student.model, OmegaConf.to_yaml(cfg))
-    restored = checkpointer.restore(t.resume, lambda step: seed_everything(seed + D.rank() + 1_000_003 * step))
-    st = restored or TrainState()
-    finished = finished_run(st, t, run_dir) if restored is not None else None
+    parts = build(cfg, trainer, device, seed)
+    checkpointer = Checkpointer(run_dir, {"trainable": parts.trainable, "optimizer": parts.optimizer,
+                                          "scheduler": parts.scheduler, "balancer": parts.balancer, "scaler": parts.scaler},
+                                parts.student.model, OmegaConf.to_yaml(cfg))
+    restored = checkpointer.restore(trainer.resume, lambda step: seed_everything(seed + distributed.rank() + 1_000_003 * step))
+    state = restored or TrainState()
+    finished = finished_run(state, trainer, run_dir) if restored is not None else None
     if finished is not None:
-        close_loaders(p.loaders)
+        close_loaders(parts.loaders)
         return finished
     if main:
         begin()
     logger = RunLogger(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,
-                       resumed_at=st.step if restored is not None else None)
-    loop = Loop(p, make_step(p, cfg, st), st, checkpointer, logger, run_dir, cfg.logger.progress)
-    if p.teacher is not None and not st.teacher_metrics:  # measured once per run, kept in checkpoints
-        st.teacher_metrics = loop.validate(p.teacher.model, "teacher_val_detections.json", p.teacher.precision)
-        logger.log(0, {f"teacher/val_{k}": st.teacher_metrics[k] for k in p.task.metric_keys}, kind="teacher")
+                       resumed_at=state.step if restored is not None else None)
+    loop = Loop(parts, make_step(parts, cfg, state), state, checkpointer, logger, run_dir, cfg.logger.progress)
+    if parts.teacher is not None and not state.teacher_metrics:  # measured once per run, kept in checkpoints
+        state.teacher_metrics = loop.validate(parts.teacher.model, "teacher_val_detections.json", parts.teacher.precision)
+        logger.log(0, {f"teacher/val_{k}": state.teacher_metrics[k] for k in parts.task.metric_keys}, kind="teacher")
     loop.run()
     if loop.preempt.agreed:
-        close_loaders(p.loaders)
+        close_loaders(parts.loaders)
         return loop.stopped()
     logger.close()
-    out = results(p, loop, cfg, run_dir)
+    out = results(parts, loop, cfg, run_dir)
     if main:
         (run_dir / "results.json").write_text(json.dumps(json_safe(out), indent=2, allow_nan=False))
-    D.barrier()
-    close_loaders(p.loaders)
+    distributed.barrier()
+    close_loaders(parts.loaders)
     return out
 
 
@@ -147,45 +147,45 @@ def stopped_in_fit(fitted: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     re-running the same command (or ``trainer.resume=auto``, which finds no checkpoint there yet and
     starts fresh) resumes the fit from its own ``last.pt`` (:func:`kdrun.engine.teacher.fit_config`). The
     launcher of local workers looks for the marker here too."""
-    if D.is_main():
-        marker = P.read_marker(Path(fitted["run_dir"]))
+    if distributed.is_main():
+        marker = preemption.read_marker(Path(fitted["run_dir"]))
         if marker is not None:
-            P.write_marker(run_dir, {**marker, "teacher_fit": fitted["run_dir"]})
-    D.barrier()
+            preemption.write_marker(run_dir, {**marker, "teacher_fit": fitted["run_dir"]})
+    distributed.barrier()
     return {**fitted, "run_dir": str(run_dir), "teacher_fit_dir": fitted["run_dir"]}
 
 
-def make_step(p: Parts, cfg: DictConfig, st: TrainState) -> KDStep:
-    t = p.t
-    settings = StepSettings(precision=t.precision, grad_clip=t.grad_clip, nonfinite=t.nonfinite,
-                            max_nonfinite_streak=t.max_nonfinite_streak,
-                            grad_feature=t.grad_feature if t.grad_space == "features" else None,
-                            jacobian=t.jacobian, channels_last=t.channels_last,
+def make_step(parts: Parts, cfg: DictConfig, state: TrainState) -> KDStep:
+    trainer = parts.trainer
+    settings = StepSettings(precision=trainer.precision, grad_clip=trainer.grad_clip, nonfinite=trainer.nonfinite,
+                            max_nonfinite_streak=trainer.max_nonfinite_streak,
+                            grad_feature=trainer.grad_feature if trainer.grad_space == "features" else None,
+                            jacobian=trainer.jacobian, channels_last=trainer.channels_last,
                             log_every=int(cfg.logger.log_every), grad_stats_every=int(cfg.logger.grad_stats_every))
-    aux = AuxStream(p.loaders, t.batch_size, p.seed, st) if p.balancer.needs_aux_batch else None
-    return KDStep(model=p.model, trainable=p.trainable, teacher=p.teacher, task=p.task, groups=p.groups,
-                  balancer=p.balancer, optimizer=p.optimizer, scheduler=p.scheduler, scaler=p.scaler,
-                  device=p.device, settings=settings, mixup=p.data.mixup, aux=aux, skipped=st.skipped,
-                  cache=p.teacher_cache)
+    aux = AuxStream(parts.loaders, trainer.batch_size, parts.seed, state) if parts.balancer.needs_aux_batch else None
+    return KDStep(model=parts.model, trainable=parts.trainable, teacher=parts.teacher, task=parts.task, groups=parts.groups,
+                  balancer=parts.balancer, optimizer=parts.optimizer, scheduler=parts.scheduler, scaler=parts.scaler,
+                  device=parts.device, settings=settings, mixup=parts.data.mixup, aux=aux, skipped=state.skipped,
+                  cache=parts.teacher_cache)
 
 
-def results(p: Parts, loop: Loop, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def results(parts: Parts, loop: Loop, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """results.json: final and best val metrics, the teacher's, counters, throughput, provenance."""
-    task, st, last = p.task, loop.st, loop.last_val
-    best = max(st.history, key=lambda h: h[task.primary_metric]) if st.history else last
+    task, state, last = parts.task, loop.state, loop.last_val
+    best = max(state.history, key=lambda h: h[task.primary_metric]) if state.history else last
     return {
         "run_dir": str(run_dir),
         "primary_metric": task.primary_metric,
         "final": {k: last[k] for k in task.metric_keys},
         "best": {**{k: best[k] for k in task.metric_keys}, "epoch": best.get("epoch"), "step": best.get("step")},
-        "teacher": {k: st.teacher_metrics[k] for k in task.metric_keys} if st.teacher_metrics else None,
+        "teacher": {k: state.teacher_metrics[k] for k in task.metric_keys} if state.teacher_metrics else None,
         "val_samples": last.get("samples"),  # every val sample once, summed over ranks
-        "epochs": st.epoch, "steps": st.step, "nonfinite_skipped": st.skipped,
+        "epochs": state.epoch, "steps": state.step, "nonfinite_skipped": state.skipped,
         # wall time of the whole run, every session since the first (kept in the checkpoints' TrainState);
         # images/s is this session's (the throughput of the hardware it ran on)
         "wall_time_s": loop.ckpt.wall_time(), "session_wall_time_s": loop.wall,
         "images_per_s": loop.images / max(loop.wall, 1e-9),
-        "world_size": D.world_size(), "device": str(p.device),
+        "world_size": distributed.world_size(), "device": str(parts.device),
         "git_commit": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

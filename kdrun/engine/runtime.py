@@ -14,17 +14,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdrun import distributed as D
+from kdrun import distributed
 from kdrun.config import ConfigError, TrainerConfig
 
 
 def pick_device(accelerator: str) -> torch.device:
     """This process's device: under DDP, LOCAL_RANK picks the GPU (one GPU per process)."""
-    if D.device_type(accelerator) == "cuda":
+    if distributed.device_type(accelerator) == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("trainer.accelerator=cuda but no CUDA device is visible; use "
                               "trainer.accelerator=cpu or auto.")
-        return torch.device("cuda", D.cuda_index(int(os.environ.get("LOCAL_RANK", 0))))
+        return torch.device("cuda", distributed.cuda_index(int(os.environ.get("LOCAL_RANK", 0))))
     return torch.device("cpu")
 
 
@@ -34,14 +34,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_backend_flags(t: TrainerConfig, device: torch.device) -> None:
+def set_backend_flags(trainer: TrainerConfig, device: torch.device) -> None:
     """``trainer.deterministic``: deterministic kernels (resume is then bit-identical on GPUs too);
     otherwise cuDNN autotuning and TF32 matmuls on CUDA, as the papers' training code runs.
     ``trainer.host_memory=keep`` on the CPU: :func:`keep_host_memory` (measured: no page faults per step
     instead of thousands; benchmarks/RESULTS.md). GPU runs keep the C library's defaults (unmeasured)."""
-    if device.type == "cpu" and t.host_memory == "keep":
+    if device.type == "cpu" and trainer.host_memory == "keep":
         keep_host_memory()
-    if t.deterministic:
+    if trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":

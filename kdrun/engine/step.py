@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from kdrun import distributed as D
+from kdrun import distributed
 from kdrun.balancers.base import Balancer, StepContext, StepResult
 from kdrun.balancers.gradients import JacobianMode, diagnostics
 from kdrun.engine.context import step_context
@@ -97,16 +97,16 @@ class KDStep:
             raise ValueError("the teacher cache needs a teacher and no mixup (kdrun.teacher_cache.refuse_mixup)")
         self.model, self.trainable, self.teacher, self.task, self.groups = model, trainable, teacher, task, groups
         self.balancer, self.optimizer, self.scheduler, self.scaler = balancer, optimizer, scheduler, scaler
-        self.device, self.s, self.mixup, self.aux, self.skipped = device, settings, mixup, aux, skipped
+        self.device, self.step_settings, self.mixup, self.aux, self.skipped = device, settings, mixup, aux, skipped
         self.cache = cache
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         self.streak = 0  # consecutive skipped steps (from the finiteness flag already on the host)
         self.jac_mode = JacobianMode(settings.jacobian)  # keeps its auto decision across steps
-        self.sync = forward_sync(model, balancer, settings.grad_feature is not None, D.is_dist())
+        self.sync = forward_sync(model, balancer, settings.grad_feature is not None, distributed.is_dist())
 
     def to_device(self, batch: Any) -> tuple[Any, Any, Tensor | None]:
         x, y, idx = self.task.batch_to_device(batch, self.device)
-        if self.s.channels_last and isinstance(x, Tensor):
+        if self.step_settings.channels_last and isinstance(x, Tensor):
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y, idx
 
@@ -116,7 +116,7 @@ class KDStep:
             x, y = self.mixup(x, y)
         self.trainable.set_progress(step)
         t_out = self.teacher_outputs(batch, x)                                         # 1. teacher
-        with self.sync(), autocast(self.device, self.s.precision):
+        with self.sync(), autocast(self.device, self.step_settings.precision):
             s_out, terms = self.model(x, y, t_out, index=idx)                          # 2. student
         objectives = group(terms, self.groups)                                         # 3. objectives
         restores: list[Callable[[], None]] = []
@@ -128,7 +128,7 @@ class KDStep:
             restore()
         finite, grad_norm = self.update(ctx)                                           # 5. optimiser
         values = self.log_values(ctx, terms, result, grad_norm) if (
-            ctx.diagnostics or (step + 1) % self.s.log_every == 0) else {}
+            ctx.diagnostics or (step + 1) % self.step_settings.log_every == 0) else {}
         return StepOutcome(finite, self.task.batch_size(x), result, values)
 
     def teacher_outputs(self, batch: Any, x: Any) -> ModelOutput | None:
@@ -155,23 +155,23 @@ class KDStep:
             # The auxiliary forward must not move BatchNorm statistics; they are restored after the
             # balancer step, because its backward still needs the saved tensors.
             restores.append(freeze_bn_stats(trainable))
-            with self.sync(), autocast(self.device, self.s.precision):
+            with self.sync(), autocast(self.device, self.step_settings.precision):
                 _, aterms = trainable(xa, ya, None, with_distill=False)
             # Only objectives whose terms need no teacher (the task) exist on the auxiliary batch.
             return group(aterms, {g: m for g, m in groups.items() if all(n in aterms for n in m)})
 
         def recompute_objectives() -> dict[str, Tensor]:
             restore = freeze_bn_stats(trainable)
-            with torch.no_grad(), autocast(self.device, self.s.precision):
+            with torch.no_grad(), autocast(self.device, self.step_settings.precision):
                 _, rterms = trainable(x, y, t_out, index=idx)
             restore()
             return {k: v.detach() for k, v in group(rterms, groups).items()}
 
-        every = self.s.grad_stats_every
+        every = self.step_settings.grad_stats_every
         return step_context(
             step, objectives, self.params, backward=lambda loss: self.scaler.scale(loss).backward(),
             scale=self.scale(), jacobian_mode=self.jac_mode,
-            feature=s_out.features[self.s.grad_feature] if self.s.grad_feature is not None else None,
+            feature=s_out.features[self.step_settings.grad_feature] if self.step_settings.grad_feature is not None else None,
             aux_objectives=aux_objectives if self.balancer.needs_aux_batch else None,
             recompute_objectives=recompute_objectives if self.balancer.needs_recompute else None,
             diagnostics=every > 0 and step % every == 0)
@@ -187,8 +187,8 @@ class KDStep:
         loss_vec = torch.stack([v.detach().float() for v in ctx.objectives.values()])
         finite = bool((torch.isfinite(grad_norm) & torch.isfinite(loss_vec).all()).item())
         if finite:
-            if self.s.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.s.grad_clip, grad_norm)
+            if self.step_settings.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.step_settings.grad_clip, grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -197,7 +197,7 @@ class KDStep:
         else:
             if self.scaler.is_enabled():
                 self.scaler.update()  # fp16 overflow: lower the scale, as GradScaler does
-            elif self.s.nonfinite == "raise":
+            elif self.step_settings.nonfinite == "raise":
                 bad = [k for k, v in ctx.objectives.items() if not torch.isfinite(v).all()]
                 raise NonFiniteError(f"non-finite gradient at step {ctx.step} (objectives with non-finite "
                                      f"values: {', '.join(bad) or 'none; the gradient overflowed'}); "
@@ -205,7 +205,7 @@ class KDStep:
                                      "skips such steps).")
             self.skipped += 1
             self.streak += 1
-            if 0 < self.s.max_nonfinite_streak <= self.streak:
+            if 0 < self.step_settings.max_nonfinite_streak <= self.streak:
                 raise NonFiniteError(
                     f"the last {self.streak} steps (up to step {ctx.step}) were all non-finite and skipped "
                     f"({self.skipped} skipped in all), so the model stopped learning; the run is stopped "

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import checkpoint as ckpt
-from kdrun import distributed as D
+from kdrun import distributed
 from kdrun.config import ConfigError
 from kdrun.engine.runtime import autocast
 from kdrun.logger import console_phase
@@ -50,8 +50,8 @@ class Teacher:
                            {k: _out_of_inference(v) for k, v in out.features.items()})
 
 
-def _out_of_inference(t: Any) -> Any:
-    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+def _out_of_inference(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
 
 
 def teacher_checkpoint(cfg: DictConfig) -> Path | None:
@@ -335,11 +335,11 @@ def fit_teacher(cfg: DictConfig, path: Path, train: Callable[[DictConfig, Path],
     the claim and then uses its teacher. Returns the fit's results (``{}`` when another process fitted
     it; a preempted fit saves no teacher, and the next run with the same teacher continues it)."""
     check_fit_place(path)
-    say = (lambda m: print(m, flush=True)) if D.is_main() else None
+    say = (lambda m: print(m, flush=True)) if distributed.is_main() else None
     while True:
         # Rank 0 claims and tells the others; a live holder elsewhere makes every rank wait on the file
         # system (no collective runs for as long as the other fit takes, as for the teacher-output cache).
-        claim = FitClaim(path) if D.is_main() else None
+        claim = FitClaim(path) if distributed.is_main() else None
         state = None
         if claim is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,7 +347,7 @@ def fit_teacher(cfg: DictConfig, path: Path, train: Callable[[DictConfig, Path],
             if state == "claimed" and path.is_file():  # saved by another process between the two looks
                 claim.release()
                 state = "done"
-        state = D.broadcast_object(state)
+        state = distributed.broadcast_object(state)
         if state == "claimed":
             try:
                 if claim is not None and claim.note and say is not None:
@@ -358,11 +358,11 @@ def fit_teacher(cfg: DictConfig, path: Path, train: Callable[[DictConfig, Path],
                     claim.release()
         if state == "busy":
             outcome = wait_for_fit(FitClaim(path), poll_s, say)
-            state = D.broadcast_object(outcome if D.is_main() else None)
+            state = distributed.broadcast_object(outcome if distributed.is_main() else None)
         if state == "done":
             if say is not None:
                 say(f"[kdrun] the teacher {path} was fitted by another process; distillation starts")
-            D.barrier()
+            distributed.barrier()
             return {}
         # released or dead: the other fit ended without a teacher; this process claims it on the next pass
 
@@ -373,9 +373,9 @@ def run_fit(cfg: DictConfig, path: Path, train: Callable[[DictConfig, Path], dic
     every later run finds them."""
     run_dir = fit_dir(path)
     # Rank 0 looks (a shared file system may show the file to other nodes later).
-    resume = bool(D.broadcast_object((run_dir / "last.pt").is_file() if D.is_main() else None))
+    resume = bool(distributed.broadcast_object((run_dir / "last.pt").is_file() if distributed.is_main() else None))
     sub = fit_config(cfg, resume)
-    if D.is_main():
+    if distributed.is_main():
         print(f"[kdrun] no teacher checkpoint at {path}: " + ("continuing the stopped teacher fit" if resume else
               "training the teacher") + f" for {sub.trainer.epochs} epochs (run dir {run_dir}); re-running the "
               "same command after an interruption continues it", flush=True)
@@ -392,11 +392,11 @@ def run_fit(cfg: DictConfig, path: Path, train: Callable[[DictConfig, Path], dic
         ) from None
     if results.get("preempted"):
         return results
-    if D.is_main():
+    if distributed.is_main():
         last = ckpt.load(run_dir / "last.pt")
         # a fit found finished (its teacher file was deleted) reports no "final": its last val is stored
         final = results.get("final") or dict(last.get("metrics") or {})
         ckpt.save_atomic({"student": last["student"], "config": last["config"], "val_metrics": final}, path)
         print(f"[kdrun] teacher fit done: saved {path}; distillation starts", flush=True)
-    D.barrier()
+    distributed.barrier()
     return results

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrun import distributed as D
+from kdrun import distributed
 from kdrun.config import ConfigError, Ge, Le
 from kdrun.models.taps import ModelOutput
 from kdrun.models.vidt.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_xywh, generalized_box_iou
@@ -154,7 +154,7 @@ class Detection:
             levels = [(logits, feats["pred_boxes"])]
         # N_box averaged over ranks, as DETR (kept on the device: no host sync)
         n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=logits.device)
-        num_boxes = (D.all_reduce_sum(n) / D.world_size()).clamp(min=1.0)
+        num_boxes = (distributed.all_reduce_sum(n) / distributed.world_size()).clamp(min=1.0)
         terms = {k: logits.new_zeros((), dtype=torch.float32) for k in self.task_terms}
         for lg, bx in levels:
             for k, v in self.level_losses(lg, bx, targets, num_boxes).items():
@@ -216,10 +216,10 @@ class Detection:
                 dets.extend(self.detections(out, targets))
                 seen.update(int(t["image_id"]) for t in targets)
         model.train(was_training)
-        if D.is_dist():
+        if distributed.is_dist():
             import torch.distributed as dist
 
-            gathered: list[Any] = [None] * D.world_size()
+            gathered: list[Any] = [None] * distributed.world_size()
             dist.all_gather_object(gathered, (dets, sorted(seen)))
             dets = [d for g in gathered for d in g[0]]
             seen = {i for g in gathered for i in g[1]}
@@ -227,7 +227,7 @@ class Detection:
         coco = getattr(dataset, "coco", None)
         if coco is None:
             raise TypeError(f"{type(dataset).__name__} has no pycocotools `coco` ground truth to evaluate against")
-        if self.results_path is not None and D.is_main():
+        if self.results_path is not None and distributed.is_main():
             path = Path(self.results_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(path.suffix + ".tmp")

@@ -118,12 +118,12 @@ def make_step(balancer: Balancer, *, extra: dict[str, DistillLoss] | None = None
     trainable = build_trainable(distill, {}, data, task, student, teacher, steps_per_epoch, CPU)
     opt = torch.optim.SGD(trainable.parameters(), lr=lr, momentum=momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    parts = Parts(t=t, device=CPU, seed=0, data=data, task=task, teacher=teacher, student=student,
+    parts = Parts(trainer=t, device=CPU, seed=0, data=data, task=task, teacher=teacher, student=student,
                   trainable=trainable, model=trainable, groups=groups, balancer=balancer, loaders=loaders,
                   optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False),
                   steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * t.epochs)
     step = engine_make_step(parts, cfg, TrainState())  # type: ignore[arg-type]
-    assert step.s == settings, (step.s, settings)  # the engine read the settings asked for
+    assert step.step_settings == settings, (step.step_settings, settings)  # the engine read the settings asked for
     return step
 
 

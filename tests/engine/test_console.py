@@ -58,7 +58,7 @@ class FakeValLoop(Loop):
     """Val top-1 = 10 × the number of steps taken, so every line says which weights it measured."""
 
     def validate(self, model: Any, results_name: str, precision: str | None = None) -> dict[str, float]:
-        return {"top1": 10.0 * self.st.step / STEPS_PER_EPOCH, "top5": 90.0, "loss": 0.5}
+        return {"top1": 10.0 * self.state.step / STEPS_PER_EPOCH, "top5": 90.0, "loss": 0.5}
 
 
 def make_loop(tmp_path: Path, *, epochs: int = 2, max_steps: int = -1, progress: bool = True,
@@ -66,7 +66,7 @@ def make_loop(tmp_path: Path, *, epochs: int = 2, max_steps: int = -1, progress:
     t = TrainerConfig(epochs=epochs, max_steps=max_steps, accelerator="cpu")
     total = STEPS_PER_EPOCH * epochs if max_steps < 0 else min(max_steps, STEPS_PER_EPOCH * epochs)
     task = SimpleNamespace(metric_keys=("top1", "top5", "loss"), primary_metric="top1")
-    parts = SimpleNamespace(t=t, total_steps=total, steps_per_epoch=STEPS_PER_EPOCH, seed=0, task=task,
+    parts = SimpleNamespace(trainer=t, total_steps=total, steps_per_epoch=STEPS_PER_EPOCH, seed=0, task=task,
                             loaders=FakeLoaders(), trainable=torch.nn.Linear(1, 1), student=None)
     st = TrainState(teacher_metrics=teacher or {})
     logger = RunLogger(tmp_path, tensorboard=False, jsonl=False)
@@ -117,7 +117,7 @@ def test_max_steps_mid_epoch_validates_the_final_weights(tmp_path: Path, capsys:
     loop = make_loop(tmp_path, max_steps=10)  # epoch 1 ends at step 7, the stop is at step 10 of 14
     loop.run()
     assert loop.last_val["top1"] == pytest.approx(100 / 7)  # step 10's weights, not epoch 1's (step 7)
-    assert [h["step"] for h in loop.st.history] == [7, 10]
+    assert [h["step"] for h in loop.state.history] == [7, 10]
     name, step, metrics = loop.ckpt.saved[-1]
     assert (name, step, metrics["top1"]) == ("last.pt", 10, loop.last_val["top1"])
     err = capsys.readouterr().err
