@@ -121,7 +121,7 @@ class TrainerConfig:
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"
     # Processes on this machine: N > 1 makes kdrun start N workers (one GPU each; gloo processes on
     # the CPU); "auto" = every visible GPU. Ignored when torchrun/srun already started the processes.
-    devices: Any = 1  # int >= 1 or "auto"; checked by kdrun.launch.resolve_devices (a clearer message)
+    devices: Any = 1  # int >= 1 or "auto"; checked by kdrun.commands.launch.resolve_devices (a clearer message)
     sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch (CUDA only)
     precision: Precision = "fp32"  # autocast; a GradScaler for fp16
     teacher_precision: Literal["same", "fp32", "bf16"] = "same"
@@ -129,7 +129,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the student
     deterministic: bool = False
     # CPU runs: keep freed host memory in the C library for reuse instead of returning it to the OS and
-    # faulting it in again every step (kdrun.engine.runtime.keep_host_memory; glibc); release: the defaults.
+    # faulting it in again every step (kdrun.engine.environment.keep_host_memory; glibc); release: the defaults.
     host_memory: Literal["keep", "release"] = "keep"
     grad_clip: Annotated[float, Ge(0.0)] = 0.0  # max global grad norm; 0 disables
     nonfinite: Literal["skip", "raise"] = "skip"  # what a step with a non-finite gradient does
@@ -148,21 +148,21 @@ class TrainerConfig:
     grad_feature: str = "pre_logits"  # the shared representation for grad_space=features
     val_every: Annotated[int, Ge(1)] = 1  # epochs
     resume: Optional[str] = None  # null | auto | PATH
-    # A fresh run refuses a directory that already holds a run (kdrun.rundir); true deletes that run's
+    # A fresh run refuses a directory that already holds a run (kdrun.runtime.rundir); true deletes that run's
     # files first and starts over there.
     overwrite: bool = False
     save_last: bool = True
     save_best: bool = True
     save_every_steps: Annotated[int, Ge(0)] = 0  # also write last.pt every N steps mid-epoch (0: epoch ends only)
     seed: Optional[Seed] = None  # null: use the top-level `seed`
-    # Preemption (kdrun.preemption): these signals make the run write last.pt at the next step boundary
+    # Preemption (kdrun.runtime.preemption): these signals make the run write last.pt at the next step boundary
     # and exit 0 (130 for SIGINT); ranks agree on the stop every preempt_check_every steps.
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
     preempt_check_every: Annotated[int, Ge(1)] = 1  # steps between the ranks' stop agreement (one 8-byte CPU all-reduce)
     preempt_grace_s: Annotated[float, Ge(0.0)] = 120.0  # kdrun's launcher: wait this long for workers to checkpoint before SIGKILL
     # Under torchrun/srun: a rank that has not met every other rank at the rendezvous (MASTER_ADDR:MASTER_PORT)
     # this long after it started to join exits with an error naming the ranks it waited for, instead of
-    # hanging in process-group setup for the 30-minute collective timeout (kdrun.distributed.init_process_group).
+    # hanging in process-group setup for the 30-minute collective timeout (kdrun.runtime.distributed.init_process_group).
     dist_timeout_s: Annotated[float, Gt(0.0)] = 300.0
 
     @property

@@ -1,7 +1,7 @@
 """The errors kdrun reports to the user as one paragraph (exit status 2) instead of a traceback.
 
 Both the CLI (:mod:`kdrun.cli`) and the worker processes of a local multi-process run
-(:mod:`kdrun.launch`) report the same errors, so the list lives here, below both of them (launch.py used to
+(:mod:`kdrun.commands.launch`) report the same errors, so the list lives here, below both of them (launch.py used to
 import it from cli.py, which imports launch.py).
 
 A user error raised inside ``hydra.utils.instantiate`` reaches the caller wrapped in Hydra's
@@ -81,7 +81,7 @@ _RUN_DIR_ADVICE = re.compile(r"\bhydra\.run\.dir\b(?!=)")
 
 def for_sweep(message: str) -> str:
     """A run-directory message as a sweep's job reads it: the engine words its refusals for a single run
-    (:mod:`kdrun.rundir`), but a job's directory is ``hydra.sweep.dir``/``hydra.sweep.subdir``, and
+    (:mod:`kdrun.runtime.rundir`), but a job's directory is ``hydra.sweep.dir``/``hydra.sweep.subdir``, and
     ``hydra.run.dir`` does nothing under ``-m``."""
     return _RUN_DIR_ADVICE.sub("hydra.sweep.dir", message)
 

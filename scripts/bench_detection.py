@@ -184,7 +184,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     # parameter counts (after the run: building the models must not count towards its memory)
     from kdrun.models.build import build_model
 
-    from kdrun.evaluate import count_params
+    from kdrun.commands.evaluate import count_params
 
     row["params"] = count_params(build_model(cfg.student))
     if spec["mode"] != "plain":
@@ -229,7 +229,7 @@ def loader_rate(spec: dict[str, Any], batches: int) -> float:
     from torch.utils.data import DataLoader
 
     from kdrun.data.coco import build_synthetic
-    from kdrun.distributed import TrainSampler
+    from kdrun.runtime.distributed import TrainSampler
 
     size = int(spec["image_size"])
     dm = build_synthetic(root=spec["data_root"], train_size=spec["batch_size"] * spec["steps"], val_size=1,

@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from kdrun.data.base import DataModule
 from kdrun.data.synthetic import build as synthetic
-from kdrun.engine.runtime import keep_host_memory
+from kdrun.engine.environment import keep_host_memory
 from kdrun.losses.kl import kl_divergence
 from kdrun.models.taps import ModelOutput
 

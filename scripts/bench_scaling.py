@@ -69,12 +69,11 @@ def run(nproc: int, threads: int, args: argparse.Namespace, out: Path) -> list[f
 
 
 def stop_check_worker(calls: int) -> float:
-    """In each of 2 processes: the median time of one stop-flag agreement (kdrun.preemption's
+    """In each of 2 processes: the median time of one stop-flag agreement (kdrun.runtime.preemption's
     all-reduce of 8 bytes on the CPU), in microseconds."""
     import time
 
-    from kdrun import distributed as D
-
+    from kdrun.runtime import distributed as D
     D.init_process_group("cpu")
     try:
         for _ in range(50):  # warm-up
@@ -134,7 +133,7 @@ def main() -> None:
         print(f"| {n} | {th} | {args.batch} | {args.batch * n} | {med[(n, th)]:.0f} | {runs} | "
               f"{med[(n, th)] / base:.2f}× |")
     if args.stop_check:
-        from kdrun.launch import spawn
+        from kdrun.commands.launch import spawn
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         us = spawn(stop_check_worker, (500,), 2)

@@ -11,7 +11,7 @@ drift). Run it after editing::
     python scripts/gen_recipes.py --check    # exit 1 if a file is missing, stale or orphaned
 
 Every recipe carries a ``paper`` node, ``{table, row, column, also: [{table, row, column}, ...]}``:
-the cell(s) of the paper tables (``kdrun/paper_numbers.yaml``) it reproduces; ``kdrun tables`` groups
+the cell(s) of the paper tables (``kdrun/analysis/paper_numbers.yaml``) it reproduces; ``kdrun tables`` groups
 ``results.json`` files by it. A recipe that several tables share (e.g. the KD baseline of
 ResNet-56 -> ResNet-20 is in DTO-KD Table 2 and in both cross-batch tables) is one file with ``also``
 cells, so that the same runs fill every table.
@@ -302,7 +302,7 @@ def render(r: Recipe) -> str:
     out.append("")
     table, row, column = r.cells[0]
     paper: dict[str, Any] = {"table": table, "row": row, "column": column}
-    out.append("paper:  # the paper-table cell(s) this recipe reproduces (kdrun tables; kdrun/paper_numbers.yaml)")
+    out.append("paper:  # the paper-table cell(s) this recipe reproduces (kdrun tables; kdrun/analysis/paper_numbers.yaml)")
     out += _emit(paper, {}, "paper.", 1)
     if len(r.cells) > 1:
         out.append("  also:")

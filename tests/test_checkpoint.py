@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdrun import checkpoint as ckpt
+from kdrun.runtime import checkpoint as ckpt
 from kdrun.models.build import CheckpointError, load_weights
 from kdrun.models.convnet import ConvNet
 

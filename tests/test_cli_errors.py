@@ -172,9 +172,9 @@ def test_find_user_error_walks_the_instantiate_wrapper(tmp_path: Path) -> None:
 
 def test_worker_process_reports_a_wrapped_user_error_in_one_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """kdrun.launch's worker (trainer.devices=N) reports the same errors as the CLI, unwrapped, status 2."""
+    """kdrun.commands.launch's worker (trainer.devices=N) reports the same errors as the CLI, unwrapped, status 2."""
     import kdrun.engine
-    import kdrun.launch as launch
+    import kdrun.commands.launch as launch
     from hydra.errors import InstantiationException
 
     from kdrun.data.base import DatasetError
@@ -222,5 +222,6 @@ def _kdrun_imports(path: Path) -> set[str]:
 
 
 def test_no_import_circle_between_cli_and_launch() -> None:
-    assert "kdrun.cli" not in _kdrun_imports(KDRUN / "launch.py")
-    assert not _kdrun_imports(KDRUN / "errors.py") & {"kdrun.cli", "kdrun.launch"}
+    launch = _kdrun_imports(KDRUN / "commands" / "launch.py")
+    assert not launch & {"kdrun.cli", "kdrun.commands.train"}
+    assert not _kdrun_imports(KDRUN / "errors.py") & {"kdrun.cli", "kdrun.commands.train", "kdrun.commands.launch"}

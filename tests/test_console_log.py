@@ -1,11 +1,11 @@
-"""cli.log: kdrun's copy of the console (kdrun.console_log)."""
+"""cli.log: kdrun's copy of the console (kdrun.runtime.console_log)."""
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
 
-from kdrun.console_log import CONSOLE_LOG, ConsoleHandler, tee_console
+from kdrun.runtime.console_log import CONSOLE_LOG, ConsoleHandler, tee_console
 
 
 def test_both_streams_are_copied_and_restored(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdrun import checkpoint as ckpt
-from kdrun.evaluate import evaluate_checkpoint
+from kdrun.runtime import checkpoint as ckpt
+from kdrun.commands.evaluate import evaluate_checkpoint
 from tests.conftest import QUICK, event_scalars, run
 
 

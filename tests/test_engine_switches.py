@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdrun import checkpoint as ckpt
+from kdrun.runtime import checkpoint as ckpt
 from tests.conftest import QUICK, run
 
 

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kdrun.engine import evaluate, make_loaders
-from kdrun.export import export_student
+from kdrun.commands.export import export_student
 from tests.conftest import QUICK, compose_cfg, run
 
 
@@ -36,8 +36,7 @@ def test_export_round_trip_keeps_top1(digits_teacher: str, tmp_path: Path) -> No
 def test_export_of_timm_student_loads_with_timm_checkpoint_path(tmp_path: Path) -> None:
     import timm
 
-    from kdrun import checkpoint as ckpt
-
+    from kdrun.runtime import checkpoint as ckpt
     m = timm.create_model("resnet18", num_classes=7, in_chans=1)
     ckpt.save_atomic({"format": ckpt.FORMAT, "student": m.state_dict(),
                       "config": OmegaConf.to_yaml({"student": {"model": {"_target_": "timm.create_model",
@@ -52,7 +51,7 @@ def test_export_of_timm_student_loads_with_timm_checkpoint_path(tmp_path: Path) 
 
 def _tiny_run(run_dir: Path) -> Path:
     """A run dir holding a best.pt of a 2-stage ConvNet (what export reads), no training."""
-    from kdrun import checkpoint as ckpt
+    from kdrun.runtime import checkpoint as ckpt
     from kdrun.models.convnet import ConvNet
 
     node = {"_target_": "kdrun.models.convnet.ConvNet", "widths": [2, 4], "num_classes": 3, "in_chans": 1}

@@ -43,7 +43,7 @@ def test_cuda_detection_train_eval_and_bench(tmp_path: Path) -> None:
     import math
     import sys
 
-    from kdrun.evaluate import evaluate_checkpoint
+    from kdrun.commands.evaluate import evaluate_checkpoint
     from kdrun.tasks.detection import METRIC_KEYS
 
     res = run(["task=detection", "dataset=coco_synthetic", "dataset.train_size=8", "dataset.val_size=4",

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdrun import plot
-from kdrun.sweep import SweepError, group_runs
+from kdrun.analysis import plot
+from kdrun.analysis.sweep import SweepError, group_runs
 from tests.conftest import QUICK, event_scalars, run
 
 

@@ -1,10 +1,10 @@
-"""The console progress (kdrun.logger.Progress, drawn by tqdm): what a log file and a terminal receive."""
+"""The console progress (kdrun.runtime.logger.Progress, drawn by tqdm): what a log file and a terminal receive."""
 from __future__ import annotations
 
 import io
 import re
 
-from kdrun.logger import Progress
+from kdrun.runtime.logger import Progress
 
 
 class FakeTerminal(io.StringIO):
@@ -92,7 +92,7 @@ def test_finish_shows_the_last_step_when_it_is_not_a_log_step() -> None:
 
 
 def test_label_prefixes_the_bar_and_defaults_to_the_phase() -> None:
-    from kdrun.logger import console_phase, current_phase
+    from kdrun.runtime.logger import console_phase, current_phase
 
     out = io.StringIO()
     with console_phase("teacher fit"):
@@ -109,7 +109,7 @@ def test_label_prefixes_the_bar_and_defaults_to_the_phase() -> None:
 
 
 def test_metric_formatting() -> None:
-    from kdrun.logger import format_metrics, format_value
+    from kdrun.runtime.logger import format_metrics, format_value
 
     assert format_value(45.2123) == "45.21" and format_value(0.41237) == "0.4124" and format_value(-1.0) == "-1.00"
     assert format_value(float("nan")) == "nan"

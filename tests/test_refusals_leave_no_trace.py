@@ -16,8 +16,8 @@ from typing import Callable
 
 import pytest
 
-from kdrun.logger import RunLogger, drop_rows_after
-from kdrun.run_guard import missing_dirs
+from kdrun.runtime.logger import RunLogger, drop_rows_after
+from kdrun.runtime.run_guard import missing_dirs
 from tests.conftest import QUICK, event_scalars
 from tests.test_cli_errors import kdrun  # noqa: F401  (the in-process CLI fixture)
 
@@ -164,7 +164,7 @@ def test_kill9_of_the_launcher_takes_its_workers_down(tmp_path: Path) -> None:
         while time.monotonic() < deadline and not (run_dir / "metrics.jsonl").is_file():  # training
             time.sleep(0.2)
         assert (run_dir / "metrics.jsonl").is_file(), "the workers did not start training"
-        workers = [int(p) for p in subprocess.run(["pgrep", "-f", f"kdrun.launch .* {run_dir}"],
+        workers = [int(p) for p in subprocess.run(["pgrep", "-f", f"kdrun.commands.launch .* {run_dir}"],
                                                   capture_output=True, text=True).stdout.split()]
         assert len(workers) == 2, workers
         launcher.kill()  # SIGKILL: the launcher can tell no one

@@ -19,16 +19,17 @@ from typing import Callable
 import pytest
 import torch
 
-import kdrun.checkpoint as ckpt
-from kdrun import cli, tables
-from kdrun import preemption as P
+import kdrun.runtime.checkpoint as ckpt
+from kdrun import cli
+from kdrun.analysis import tables
+from kdrun.runtime import preemption as P
 from kdrun.balancers.fixed import Fixed
 from kdrun.config import ConfigError
 from kdrun.engine.step import StepSettings
 from kdrun.engine.teacher import check_teacher_weights, fit_dir, needs_fit, teacher_cache
 from kdrun.errors import NonFiniteError, find_user_error
 from kdrun.models.build import CheckpointError
-from kdrun.rundir import LOCK_NAME, RunDirError, RunLock
+from kdrun.runtime.rundir import LOCK_NAME, RunDirError, RunLock
 from tests.conftest import QUICK, compose_cfg, run
 from tests.test_cli_errors import QUIET, kdrun  # noqa: F401  (kdrun: the in-process CLI fixture)
 from tests.engine._parts import NaNAtStep, batches, make_step

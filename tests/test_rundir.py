@@ -1,4 +1,4 @@
-"""Run-directory protection (kdrun/rundir.py): fresh-run refusal, overwrite, resume=auto, the writer lock."""
+"""Run-directory protection (kdrun/runtime/rundir.py): fresh-run refusal, overwrite, resume=auto, the writer lock."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kdrun import rundir as R
-
-
+from kdrun.runtime import rundir as R
 def _fake_run(d: Path) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "last.pt").write_bytes(b"x")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from kdrun import tables
+from kdrun.analysis import tables
 from tests.conftest import QUICK, run
 
 PAPERS = Path(__file__).resolve().parents[2] / "shared" / "papers"
@@ -283,7 +283,7 @@ def test_also_cells_and_bad_usage(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Transcription: the numbers in kdrun/paper_numbers.yaml are the papers' (when the texts are at hand).
+# Transcription: the numbers in kdrun/analysis/paper_numbers.yaml are the papers' (when the texts are at hand).
 
 
 def _paper(name: str) -> str:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-import kdrun.checkpoint as ckpt
+import kdrun.runtime.checkpoint as ckpt
 from kdrun.models.build import CheckpointError
 from tests.conftest import QUICK, run
 from tests.test_cli_errors import QUIET, kdrun  # noqa: F401  (kdrun: the in-process CLI fixture)

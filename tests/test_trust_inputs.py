@@ -19,11 +19,12 @@ import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 
-from kdrun import cli, tables
+from kdrun import cli
+from kdrun.analysis import tables
 from kdrun.balancers.base import BalancerConfigError
 from kdrun.balancers.fixed import Fixed
 from kdrun.balancers.objective_clip import ObjectiveClip
-from tests.conftest import QUICK
+from tests.conftest import compose_cfg, QUICK
 
 QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null"]
 
@@ -134,8 +135,7 @@ def test_every_balancer_setting_that_names_objectives_is_checked() -> None:
     conf = Path(cli.__file__).resolve().parents[1] / "conf" / "balancer"
     seen = set()
     for f in sorted(conf.glob("*.yaml")):
-        target = yaml.safe_load(f.read_text()).get("_target_")
-        cls = get_class(target)
+        cls = get_class(compose_cfg([f"balancer={f.stem}"]).balancer._target_)  # named options: their base's
         if cls in seen:
             continue
         seen.add(cls)

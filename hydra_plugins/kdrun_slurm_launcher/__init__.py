@@ -1,5 +1,5 @@
 """kdrun's SLURM launcher for Hydra: hydra-submitit-launcher's ``SlurmLauncher`` that reports a refused
-submission as one paragraph and stops waiting on a job that can never start (see :mod:`kdrun.slurm`).
+submission as one paragraph and stops waiting on a job that can never start (see :mod:`kdrun.runtime.slurm`).
 
 Hydra instantiates launchers only from the ``hydra_plugins`` package, so the class is defined here;
 conf/hydra/launcher/slurm.yaml names it as ``_target_``. Without the ``[slurm]`` extra this module defines
@@ -28,7 +28,7 @@ if SlurmLauncher is not None:
     from hydra.core.utils import JobReturn, filter_overrides
     from omegaconf import OmegaConf
 
-    from kdrun.slurm import register_resolvers, submission_error, wait_for_jobs
+    from kdrun.runtime.slurm import register_resolvers, submission_error, wait_for_jobs
 
     log = logging.getLogger(__name__)
     register_resolvers()

@@ -1,7 +1,7 @@
 """Training and validation loaders: a resumable train sampler, an every-sample-once val sampler, and the
 independently shuffled auxiliary view of the training set that extra-batch balancers (cross-batch) draw.
 
-The train order depends only on (seed, epoch) (:class:`kdrun.distributed.TrainSampler`), and each loader
+The train order depends only on (seed, epoch) (:class:`kdrun.runtime.distributed.TrainSampler`), and each loader
 draws its worker base seed from its own generator, so a run resumed mid-epoch sees the same batches as one
 that was never interrupted.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from kdrun import distributed
-from kdrun import preemption
+from kdrun.runtime import distributed
+from kdrun.runtime import preemption
 from kdrun.config import ConfigError, TrainerConfig
 from kdrun.data.base import DataModule
 

@@ -9,9 +9,9 @@
 * :mod:`~kdrun.engine.loop` — epochs, stop rules, validation, saves;
 * :mod:`~kdrun.engine.trainable` — what DDP wraps (student + loss modules);
 * :mod:`~kdrun.engine.validation` — the task's val metrics;
-* :mod:`~kdrun.engine.runtime` — device, seeds, backend flags, autocast.
+* :mod:`~kdrun.engine.environment` — device, seeds, backend flags, autocast.
 
-Loaders are :mod:`kdrun.data.loaders`; checkpoints (keys, rotation, restore) :mod:`kdrun.checkpoint`.
+Loaders are :mod:`kdrun.data.loaders`; checkpoints (keys, rotation, restore) :mod:`kdrun.runtime.checkpoint`.
 The names below are what other modules import from ``kdrun.engine``.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 from kdrun.data.loaders import close_loaders, make_loaders
 from kdrun.engine.context import step_context
 from kdrun.engine.run import train
-from kdrun.engine.runtime import autocast, pick_device, sync_batchnorm
+from kdrun.engine.environment import autocast, pick_device, sync_batchnorm
 from kdrun.engine.step import KDStep, StepOutcome, StepSettings
 from kdrun.engine.teacher import Teacher
 from kdrun.engine.trainable import Trainable

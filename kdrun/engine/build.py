@@ -18,12 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdrun import distributed
+from kdrun.runtime import distributed
 from kdrun.balancers.base import Balancer
 from kdrun.config import TrainerConfig, teacher_cache_config
 from kdrun.data.base import DataModule
 from kdrun.data.loaders import Loaders, collate_fn, make_loaders
-from kdrun.engine.runtime import seed_everything, sync_batchnorm
+from kdrun.engine.environment import seed_everything, sync_batchnorm
 from kdrun.engine.teacher import Teacher, teacher_load_error
 from kdrun.engine.trainable import Trainable, freeze_bn_stats
 from kdrun.losses.base import DataInfo, DistillLoss

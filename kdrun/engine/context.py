@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from kdrun import distributed
+from kdrun.runtime import distributed
 from kdrun.balancers.base import StepContext
 from kdrun.balancers.gradients import Jacobian, JacobianMode, compute_feature_jacobian, compute_jacobian
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from kdrun import distributed
-from kdrun import preemption
-from kdrun.checkpoint import Checkpointer, TrainState
+from kdrun.runtime import distributed
+from kdrun.runtime import preemption
+from kdrun.runtime.checkpoint import Checkpointer, TrainState
 from kdrun.engine.build import Parts
 from kdrun.engine.step import KDStep
 from kdrun.engine.validation import evaluate
-from kdrun.logger import Progress, RunLogger, current_phase, format_metrics, format_value
+from kdrun.runtime.logger import Progress, RunLogger, current_phase, format_metrics, format_value
 
 
 class Loop:
@@ -27,7 +27,7 @@ class Loop:
 
     Console (rank 0, ``logger.progress``): the teacher's val line once, the bar (its text: the epoch and
     every objective's value on the last log step), one line per validation, and, inside a
-    :func:`kdrun.logger.console_phase` (the teacher fit), the phase's name on all of them and a line
+    :func:`kdrun.runtime.logger.console_phase` (the teacher fit), the phase's name on all of them and a line
     when it ends. The bar shows the objectives, not the balanced sum: they mean the same under every
     balancer, while Σ wᵢLᵢ depends on each balancer's weight convention (exact DTO's raw weights πᵢ/Lᵢ
     make it Σ πᵢ = 1 on every step)."""
@@ -147,7 +147,7 @@ class Loop:
         if distributed.is_main():
             preemption.write_marker(run_dir, {"signal": pre.signal_name, "step": state.step, "epoch": state.epoch,
                                      "epoch_step": state.epoch_step, "time": time.time()})
-            # Worded and numbered as the resume line (kdrun.checkpoint: "resumed from ... at epoch E, step S
+            # Worded and numbered as the resume line (kdrun.runtime.checkpoint: "resumed from ... at epoch E, step S
             # (step k of the epoch)", E = TrainState.epoch), so the two lines of one stop/resume agree.
             print(f"[kdrun] {pre.signal_name}: stopped at epoch {state.epoch}, step {state.step}"
                   + (f" (step {state.epoch_step} of the epoch)" if state.epoch_step else "")

@@ -9,32 +9,32 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import distributed
-from kdrun import preemption
-from kdrun.checkpoint import Checkpointer, TrainState
+from kdrun.runtime import distributed
+from kdrun.runtime import preemption
+from kdrun.runtime.checkpoint import Checkpointer, TrainState
 from kdrun.config import RunSettings, TrainerConfig, validate
-from kdrun.console_log import ConsoleLog
+from kdrun.runtime.console_log import ConsoleLog
 from kdrun.data.loaders import AuxStream, close_loaders
 from kdrun.engine.build import Parts, build
 from kdrun.engine.loop import Loop
-from kdrun.engine.runtime import git_commit, pick_device, seed_everything, set_backend_flags
+from kdrun.engine.environment import git_commit, pick_device, seed_everything, set_backend_flags
 from kdrun.engine.step import KDStep, StepSettings
 from kdrun.engine.teacher import check_teacher_weights, fit_teacher, needs_fit
-from kdrun.logger import RunLogger
-from kdrun.rundir import RunDirError, RunLock, check_fresh, check_usable
-from kdrun.run_guard import write_record
+from kdrun.runtime.logger import RunLogger
+from kdrun.runtime.rundir import RunDirError, RunLock, check_fresh, check_usable
+from kdrun.runtime.run_guard import write_record
 
 
 def train(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None) -> dict[str, Any]:
     """Validate ``cfg``, build everything, train, and return the results (also in results.json).
 
     Before anything is written into ``run_dir`` (teacher fit, logger, config.yaml), the main rank applies
-    the run-directory rules of :mod:`kdrun.rundir` (a fresh run needs an empty directory; one writer per
+    the run-directory rules of :mod:`kdrun.runtime.rundir` (a fresh run needs an empty directory; one writer per
     directory: the lock is held until this function returns or raises); a refusal there fails every rank.
     Nothing is written into ``run_dir`` until the run starts (:func:`start_run`: after the build and the
     restore of a checkpoint succeeded), so a refused or failed command leaves an existing run as it was.
     ``record``: files (relative path → text) written then too, e.g. Hydra's ``.hydra/`` record
-    (:func:`kdrun.run_guard.hydra_record`). A run that is already finished is left untouched: the result
+    (:func:`kdrun.runtime.run_guard.hydra_record`). A run that is already finished is left untouched: the result
     is ``{"finished": True, ...}``."""
     cfg = copy.deepcopy(cfg)
     settings = validate(cfg)

@@ -29,11 +29,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from kdrun import distributed
+from kdrun.runtime import distributed
 from kdrun.balancers.base import Balancer, StepContext, StepResult
 from kdrun.balancers.gradients import JacobianMode, diagnostics
 from kdrun.engine.context import step_context
-from kdrun.engine.runtime import autocast
+from kdrun.engine.environment import autocast
 from kdrun.engine.teacher import Teacher
 from kdrun.engine.trainable import Trainable, freeze_bn_stats
 from kdrun.errors import NonFiniteError

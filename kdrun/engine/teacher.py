@@ -24,11 +24,11 @@ from typing import Any, Callable, Literal
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import checkpoint as ckpt
-from kdrun import distributed
+from kdrun.runtime import checkpoint as ckpt
+from kdrun.runtime import distributed
 from kdrun.config import ConfigError
-from kdrun.engine.runtime import autocast
-from kdrun.logger import console_phase
+from kdrun.engine.environment import autocast
+from kdrun.runtime.logger import console_phase
 from kdrun.models.build import (CheckpointError, CheckpointPermissionError, CheckpointUnreadable, damage,
                                 not_a_file_message)
 from kdrun.models.taps import ModelOutput, Tapped, freeze
@@ -197,7 +197,7 @@ def teacher_load_error(cfg: DictConfig, e: CheckpointError) -> CheckpointError:
 # (``<teacher>.fitting``, O_CREAT | O_EXCL) and touches it while fitting; the others wait until the
 # teacher is saved. A claim whose holder died is taken over and the fit continues from its last.pt:
 # same host and the pid is gone, or no heartbeat for FIT_STALE_AFTER_S: the fit directory's own run-lock
-# rule (kdrun.rundir.RunLock), with a margin, so that the takeover also gets that lock.
+# rule (kdrun.runtime.rundir.RunLock), with a margin, so that the takeover also gets that lock.
 
 FIT_CLAIM_SUFFIX = ".fitting"
 FIT_HEARTBEAT_S = 10.0
@@ -263,7 +263,7 @@ class FitClaim:
         return holder
 
     def dead(self, holder: dict[str, Any]) -> str | None:
-        """Why the holder is dead, or None if it may be alive (the rule of kdrun.rundir.RunLock)."""
+        """Why the holder is dead, or None if it may be alive (the rule of kdrun.runtime.rundir.RunLock)."""
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
             try:
                 os.kill(holder["pid"], 0)

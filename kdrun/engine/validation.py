@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdrun.engine.runtime import autocast
+from kdrun.engine.environment import autocast
 
 
 def evaluate(model: nn.Module, loader: DataLoader, task: Any, device: torch.device,

@@ -43,7 +43,7 @@ class CheckpointUnreadable(CheckpointError):
         self.path, self.why = path, why
 
 
-# Where a run keeps its checkpoints (kdrun.checkpoint: last.pt rotates into last.pt.prev): the files to
+# Where a run keeps its checkpoints (kdrun.runtime.checkpoint: last.pt rotates into last.pt.prev): the files to
 # name when one of them is given where a file is expected but cannot be used.
 RUN_CHECKPOINTS = ("best.pt", "last.pt", "last.pt.prev")
 

@@ -106,7 +106,7 @@ class Tapped(nn.Module):
     """Wrap ``model`` so that calling it returns :class:`ModelOutput` with the requested taps.
 
     The wrapped model is kept as ``self.model`` so that its state_dict keys are ``model.<...>``;
-    :func:`kdrun.checkpoint` strips that prefix when exporting.
+    :func:`kdrun.runtime.checkpoint` strips that prefix when exporting.
     """
 
     def __init__(self, model: nn.Module, taps: Iterable[str] = ()) -> None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdrun.config import Ge, Le
-from kdrun.distributed import all_reduce_sum
+from kdrun.runtime.distributed import all_reduce_sum
 from kdrun.models.taps import ModelOutput
 from kdrun.tasks.base import objective_groups
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrun import distributed
+from kdrun.runtime import distributed
 from kdrun.config import ConfigError, Ge, Le
 from kdrun.models.taps import ModelOutput
 from kdrun.models.vidt.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_xywh, generalized_box_iou

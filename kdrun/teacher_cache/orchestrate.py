@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import distributed
+from kdrun.runtime import distributed
 from kdrun.config import TeacherCacheConfig, TrainerConfig, teacher_cache_config, warn_once
 from kdrun.data.views import ViewDataset
 from kdrun.teacher_cache.fill import CacheBuilder, CacheBusy, wait_for_fill

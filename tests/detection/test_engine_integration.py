@@ -56,7 +56,7 @@ def test_detection_distillation_run_logs_balancer_diagnostics(tmp_path: Path) ->
     run([*SMALL, "balancer=dto"], tmp_path / "dto")
     lines = _metrics(tmp_path / "dto")
     # kdrun tide RUN_DIR: the saved val detections against the run's own val split, all six errors
-    from kdrun.tide import main_run_dir
+    from kdrun.analysis.tide import main_run_dir
 
     assert (tmp_path / "dto" / "val_detections.json").is_file()
     assert main_run_dir([str(tmp_path / "dto")]) == 0

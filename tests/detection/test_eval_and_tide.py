@@ -12,7 +12,7 @@ from kdrun.data.coco import build, make_synthetic_coco
 from kdrun.models.taps import ModelOutput
 from kdrun.models.vidt import vidt_nano
 from kdrun.tasks.detection import METRIC_KEYS, Detection, coco_evaluate
-from kdrun.tide import MAIN_ERRORS, plot_tide, tide
+from kdrun.analysis.tide import MAIN_ERRORS, plot_tide, tide
 
 
 def _gt(root: Path) -> dict:

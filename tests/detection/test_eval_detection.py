@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdrun.evaluate import evaluate_checkpoint, format_summary, measure_throughput
+from kdrun.commands.evaluate import evaluate_checkpoint, format_summary, measure_throughput
 from kdrun.tasks.detection import METRIC_KEYS
 from tests.conftest import QUICK, run
 

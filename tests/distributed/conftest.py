@@ -2,7 +2,7 @@
 
 Starting processes dominates the cost of these tests (each imports torch), so every 2-process run
 that needs no CLI (the equivalence runs of five balancers and the fault-tolerance reference) shares
-one launch through :func:`kdrun.launch.spawn`, made once per session.
+one launch through :func:`kdrun.commands.launch.spawn`, made once per session.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import kdrun.checkpoint as ckpt
+import kdrun.runtime.checkpoint as ckpt
 from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +110,7 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 @pytest.fixture(scope="session")
 def two_proc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Run dirs of the 2-process reference runs: ``eq/<balancer>`` and ``ft_reference``."""
-    from kdrun.launch import spawn
+    from kdrun.commands.launch import spawn
     from tests.distributed.helpers import run_jobs
 
     root = tmp_path_factory.mktemp("two_proc")

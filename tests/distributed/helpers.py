@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from kdrun import distributed as D
-from kdrun import preemption as P
+from kdrun.runtime import distributed as D
+from kdrun.runtime import preemption as P
 from kdrun.losses.base import DistillLoss
 from kdrun.models.taps import ModelOutput
 
@@ -63,8 +63,7 @@ def run_jobs(jobs: list[tuple[str, str]]) -> int:
     from omegaconf import OmegaConf
 
     from kdrun import engine as E
-    from kdrun import logger as L
-
+    from kdrun.runtime import logger as L
     D.init_process_group("cpu")
     seen: dict[int, dict[str, float]] = {}
     built: list[torch.nn.Module] = []

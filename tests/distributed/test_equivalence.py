@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdrun import distributed as D
+from kdrun.runtime import distributed as D
 from tests.conftest import run
 from tests.distributed.conftest import BALANCERS, EQ_BATCH, EQ_STEPS, EQUIV, trainable
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdrun import checkpoint as ckpt
+from kdrun.runtime import checkpoint as ckpt
 from kdrun.models.build import CheckpointError
 from tests.conftest import run
 from tests.distributed.conftest import (FT, FT_STEPS_PER_EPOCH, assert_identical, finish, free_port,
@@ -142,7 +142,7 @@ def test_checkpoint_of_another_model_names_the_mismatched_keys(tmp_path: Path) -
 
 
 def test_rotation_keeps_a_complete_previous_file(tmp_path: Path) -> None:
-    from kdrun.checkpoint import keep_previous
+    from kdrun.runtime.checkpoint import keep_previous
 
     path = tmp_path / "last.pt"
     keep_previous(path)  # nothing to keep yet

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from kdrun import distributed as D
+from kdrun.runtime import distributed as D
 from tests.distributed.conftest import env, free_port
 
 
@@ -74,7 +74,7 @@ def test_missing_ranks_are_named_after_the_timeout(monkeypatch: pytest.MonkeyPat
 
 RESTART = """
 import os, signal
-from kdrun import distributed as D
+from kdrun.runtime import distributed as D
 attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
 D.init_process_group("cpu", join_timeout_s=60)
 D.barrier()

@@ -14,8 +14,8 @@ from tests.engine.test_teacher_cache_engine import BASE, cached
 
 
 def test_two_processes_fill_and_read_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kdrun.cache_teacher import main as cache_teacher
-    from kdrun.launch import spawn
+    from kdrun.commands.cache_teacher import main as cache_teacher
+    from kdrun.commands.launch import spawn
     from tests.distributed.helpers import run_jobs
 
     common = ["trainer.save_best=false"]

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from kdrun import distributed as D
-from kdrun import preemption as P
+from kdrun.runtime import distributed as D
+from kdrun.runtime import preemption as P
 from kdrun.config import ConfigError, validate
-from kdrun.engine.runtime import sync_batchnorm
-from kdrun.launch import resolve_devices
+from kdrun.engine.environment import sync_batchnorm
+from kdrun.commands.launch import resolve_devices
 from tests.conftest import compose_cfg
 from tests.distributed.conftest import ROOT, env
 

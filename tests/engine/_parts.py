@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from kdrun.balancers.base import Balancer
-from kdrun.checkpoint import TrainState
+from kdrun.runtime.checkpoint import TrainState
 from kdrun.config import TrainerConfig
 from kdrun.data.base import DataModule
 from kdrun.data.loaders import make_loaders

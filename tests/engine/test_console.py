@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from kdrun.checkpoint import TrainState
+from kdrun.runtime.checkpoint import TrainState
 from kdrun.config import TrainerConfig
 from kdrun.engine.loop import Loop
-from kdrun.logger import RunLogger, console_phase
+from kdrun.runtime.logger import RunLogger, console_phase
 
 STEPS_PER_EPOCH = 7
 
@@ -142,7 +142,7 @@ def results(run_dir: Path, skipped: int = 0) -> dict:
 
 
 def test_summary_names_the_weights_and_skipped_steps(tmp_path: Path) -> None:
-    from kdrun.cli import summary_lines
+    from kdrun.commands.train import summary_lines
 
     (tmp_path / "last.pt").touch()
     (tmp_path / "best.pt").touch()
@@ -161,7 +161,7 @@ def test_summary_names_the_weights_and_skipped_steps(tmp_path: Path) -> None:
 def test_multirun_summary_points_tensorboard_at_the_sweep(tmp_path: Path) -> None:
     from hydra.types import RunMode
 
-    from kdrun.cli import multirun_dir, summary_lines
+    from kdrun.commands.train import multirun_dir, summary_lines
 
     hydra = SimpleNamespace(mode=RunMode.MULTIRUN, sweep=SimpleNamespace(dir="multirun/2026-12-01/10-00-00"),
                             runtime=SimpleNamespace(cwd=str(tmp_path)))
@@ -177,8 +177,8 @@ def test_multirun_summary_points_tensorboard_at_the_sweep(tmp_path: Path) -> Non
 
 
 def test_summary_and_eval_report_the_same_weights(tmp_path: Path) -> None:
-    from kdrun.cli import summary_lines
-    from kdrun.evaluate import evaluate_checkpoint, format_summary
+    from kdrun.commands.train import summary_lines
+    from kdrun.commands.evaluate import evaluate_checkpoint, format_summary
     from tests.conftest import QUICK, run
 
     # 21 steps per epoch: epoch 1 is validated at step 21, the stop at step 30 is mid-epoch 2

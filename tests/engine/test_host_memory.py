@@ -1,4 +1,4 @@
-"""``trainer.host_memory=keep`` (kdrun.engine.runtime.keep_host_memory): freed host buffers are reused, so a
+"""``trainer.host_memory=keep`` (kdrun.engine.environment.keep_host_memory): freed host buffers are reused, so a
 repeated step's allocations fault no pages in, and train() applies it on the CPU only when asked."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import kdrun.engine.runtime as R
+import kdrun.engine.environment as R
 from kdrun.config import TrainerConfig
 
 # Allocates and frees six 40 MB buffers six times with glibc's defaults, then six times after
@@ -19,7 +19,7 @@ from kdrun.config import TrainerConfig
 # process allocated (0-14 300 faults per step, benchmarks/RESULTS.md).
 CYCLES = """
 import resource, torch
-from kdrun.engine.runtime import keep_host_memory
+from kdrun.engine.environment import keep_host_memory
 
 def rounds():
     out = []

@@ -19,7 +19,7 @@ import torch
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 
-import kdrun.checkpoint as ckpt
+import kdrun.runtime.checkpoint as ckpt
 from kdrun.config import ConfigError
 from kdrun.data.base import DataModule
 from kdrun.teacher_cache import FP16_ABS_TOL, FP16_REL_TOL, CacheError
@@ -237,7 +237,7 @@ def test_mixup_is_refused(tmp_path: Path) -> None:
 
 def test_cache_teacher_command_fills_once_and_the_run_finds_it(capsys: pytest.CaptureFixture[str],
                                                               tmp_path: Path) -> None:
-    from kdrun.cache_teacher import main
+    from kdrun.commands.cache_teacher import main
 
     overrides = cached(tmp_path / "cache")
     assert main(overrides) == 0

@@ -29,7 +29,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.config import validate
-from kdrun.tables import load_definitions, paper_cells
+from kdrun.analysis.tables import load_definitions, paper_cells
 from tests.conftest import compose_cfg, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_recipe_composes_and_validates(name: str) -> None:
     assert cells, f"{name} has no paper.table/row/column"
     defs = load_definitions()
     for table, row, col in cells:
-        assert table in defs, f"{name}: table {table!r} is not in kdrun/paper_numbers.yaml; add its layout/numbers"
+        assert table in defs, f"{name}: table {table!r} is not in kdrun/analysis/paper_numbers.yaml; add its layout/numbers"
         assert row in {r.id for r in defs[table].rows}, (name, table, row)
         assert col in {c.id for c in defs[table].columns}, (name, table, col)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdrun import checkpoint as ckpt
+from kdrun.runtime import checkpoint as ckpt
 from tests.slurm.conftest import ROOT, job_state, run_cmd, wait_job
 
 pytestmark = pytest.mark.slurm

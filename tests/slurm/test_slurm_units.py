@@ -1,4 +1,4 @@
-"""kdrun.slurm without a cluster: the preset's task count, the wording of Slurm's refusals, and the sweep's wait
+"""kdrun.runtime.slurm without a cluster: the preset's task count, the wording of Slurm's refusals, and the sweep's wait
 (what it does on a job that can never start, one that ended without a result, and a flaky squeue). The same
 paths against a real Slurm: test_cluster.py."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional
 
 import pytest
 
-from kdrun.slurm import (JobState, SlurmError, slurm_error_message, submission_error, tasks_per_node,
+from kdrun.runtime.slurm import (JobState, SlurmError, slurm_error_message, submission_error, tasks_per_node,
                          wait_for_jobs)
 
 PARAMS = {"partition": "debug", "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 8, "gpus_per_node": None,
@@ -61,7 +61,7 @@ def test_an_sbatch_refusal_is_one_paragraph_with_slurms_words_and_the_fix() -> N
 
 
 def test_slurm_error_message_finds_the_error_in_hydras_chain() -> None:
-    from kdrun.cli import hydra_error_message
+    from kdrun.commands.train import hydra_error_message
 
     inner = SlurmError("Slurm job 3 can never start")
     try:
@@ -144,7 +144,7 @@ def test_the_wait_logs_state_changes_survives_a_failed_squeue_and_ends_on_the_re
             job.paths.result_pickle.write_bytes(b"x")  # the job finished
         return answers.pop(0) if len(answers) > 1 else answers[0]
 
-    with caplog.at_level(logging.INFO, logger="kdrun.slurm"):
+    with caplog.at_level(logging.INFO, logger="kdrun.runtime.slurm"):
         wait_for_jobs([job], PARAMS, poll_s=lambda w: 0.0, query=query, sleep=lambda s: None)
-    assert [r.getMessage() for r in caplog.records if r.name == "kdrun.slurm"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "kdrun.runtime.slurm"] == [
         "Slurm job 5: PENDING (Resources)", "Slurm job 5: RUNNING"]

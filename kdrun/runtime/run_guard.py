@@ -9,7 +9,7 @@ leave a stub directory behind, or replace a finished run's ``.hydra/`` with a co
   nothing into a run directory. kdrun writes ``.hydra/{config,hydra,overrides}.yaml`` itself, with
   Hydra's content, when the run starts (:func:`hydra_record`, written by the engine once the run
   directory is accepted and the checkpoint, if any, restored); ``cli.log`` likewise
-  (:mod:`kdrun.console_log`).
+  (:mod:`kdrun.runtime.console_log`).
 * :class:`RunDirGuard`, a Hydra callback (``hydra.callbacks.run_guard``), notes before Hydra creates
   anything which directories exist and what ``multirun.yaml`` holds. When the command fails
   (:func:`undo`, called by the CLI), the directories this command created and that are still empty are

@@ -28,7 +28,7 @@ from kdrun.config import ConfigError, validate
 def cache_teacher(argv: list[str], progress: bool = True) -> dict[str, Any]:
     """Fill or check the cache for the training config of ``argv``; returns what :func:`main` prints."""
     from kdrun.engine.build import build_teacher_side
-    from kdrun.engine.runtime import pick_device, set_backend_flags
+    from kdrun.engine.environment import pick_device, set_backend_flags
     from kdrun.engine.teacher import check_teacher_weights, needs_fit
     from kdrun.teacher_cache.orchestrate import open_run_cache
 

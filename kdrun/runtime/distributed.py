@@ -2,7 +2,7 @@
 process group that someone else launched.
 
 Everything here is a no-op on one process, so the engine has a single code path. Who starts the
-processes: :mod:`kdrun.launch` (``trainer.devices=N`` on one machine, torch's elastic launcher) or an
+processes: :mod:`kdrun.commands.launch` (``trainer.devices=N`` on one machine, torch's elastic launcher) or an
 outside launcher (``torchrun``, SLURM's ``srun``), whose environment :func:`launch_env` reads.
 """
 from __future__ import annotations
@@ -194,7 +194,7 @@ def init_process_group(dev_type: str, env: LaunchEnv | None = None, timeout_s: f
     """Join the process group described by ``env`` (default: :func:`launch_env`).
 
     Exports the torch variables (so ``env://`` works after a SLURM launch, and ``LOCAL_RANK`` picks
-    the GPU in :func:`kdrun.engine.runtime.pick_device`) and binds this process to its GPU before NCCL starts,
+    the GPU in :func:`kdrun.engine.environment.pick_device`) and binds this process to its GPU before NCCL starts,
     so that ranks never share a device. A no-op when already initialised or on one process.
 
     ``join_timeout_s`` (``trainer.dist_timeout_s``) bounds the start-up only: a rank that has not met all

@@ -12,7 +12,7 @@ Writes PNGs:
 * ``val_top1.png`` — val top-1 per epoch (``val/top1``).
 
 A RUN_DIR without ``metrics.jsonl`` is searched recursively (a Hydra multirun directory plots all its
-jobs). Runs are grouped by what was swept (:func:`kdrun.sweep.group_runs`: the override keys whose values
+jobs). Runs are grouped by what was swept (:func:`kdrun.analysis.sweep.group_runs`: the override keys whose values
 differ between the runs; seeds are the replicates): every figure draws one line per setting, the mean over
 its seeds (geometric on the dominance's log axis) with a min–max band, in the same colour and dash in
 every figure. Legends name the swept values (``balancer=dto``, ``balancer.alpha_distill=0.1``), never
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdrun.sweep import Sweep, order_key, group_runs
+from kdrun.analysis.sweep import Sweep, order_key, group_runs
 
 Series = tuple[list[int], list[float]]
 
@@ -248,7 +248,7 @@ def group_style(i: int) -> tuple[str, str, float]:
 
 
 def figure_data(run_dirs: list[Path], sweep: Sweep | None = None) -> dict[str, list[Panel]]:
-    """``{png name: panels}`` for the runs, one line per group of :func:`kdrun.sweep.group_runs` (the mean
+    """``{png name: panels}`` for the runs, one line per group of :func:`kdrun.analysis.sweep.group_runs` (the mean
     over its seeds, with a min–max band); a figure without any data is left out."""
     sweep = sweep or group_runs(run_dirs)
     data = {d: series(d) for g in sweep.groups for d in g.runs}

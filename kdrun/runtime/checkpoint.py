@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdrun import distributed
+from kdrun.runtime import distributed
 from kdrun.models.build import (CheckpointError, CheckpointPermissionError, CheckpointUnreadable, check_fits,
                                damage, first_line, load_file)
 

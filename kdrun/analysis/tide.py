@@ -354,10 +354,10 @@ def plot_tide(result: TideResult | Sequence[tuple[str, TideResult]], path: str |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kdrun.tide GT.json DETECTIONS.json [--out tide.png]``: print the summary, save the plot."""
+    """``python -m kdrun.analysis.tide GT.json DETECTIONS.json [--out tide.png]``: print the summary, save the plot."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m kdrun.tide", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m kdrun.analysis.tide", description=main.__doc__)
     ap.add_argument("gt")
     ap.add_argument("detections")
     ap.add_argument("--out", default=None, help="PNG path for the bar chart")

@@ -22,7 +22,7 @@ called after kdrun's checkpoint is on disk (:meth:`Preemption.chain`), so submit
 state is saved. Python's default SIGINT handler (KeyboardInterrupt) is not chained: the CLI exits with
 status 130 after saving instead.
 
-Checkpoint rotation (``last.pt.prev``) lives with saving and restoring in :mod:`kdrun.checkpoint`.
+Checkpoint rotation (``last.pt.prev``) lives with saving and restoring in :mod:`kdrun.runtime.checkpoint`.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Iterable
 
-from kdrun import distributed
+from kdrun.runtime import distributed
 from kdrun.config import ConfigError
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
@@ -172,7 +172,7 @@ def insist(signum: int, frame: FrameType | None) -> None:
 
 
 def chain_previous(signum: int, previous: dict[int, Any]) -> None:
-    """The same chaining for a launcher that caught ``signum`` itself (see :mod:`kdrun.launch`)."""
+    """The same chaining for a launcher that caught ``signum`` itself (see :mod:`kdrun.commands.launch`)."""
     old = previous.get(int(signum))
     if callable(old) and old is not signal.default_int_handler:
         old(signum, None)

@@ -20,6 +20,8 @@ batch size are returned with the figure.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import platform
 import time
@@ -32,12 +34,12 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from kdrun import checkpoint as ckpt
+from kdrun.runtime import checkpoint as ckpt
 from kdrun.config import ConfigError, validate
 from kdrun.data.loaders import close_loaders, make_loaders
 from kdrun.engine import autocast, evaluate, pick_device
-from kdrun.engine.runtime import set_backend_flags
-from kdrun.logger import format_metrics, format_value
+from kdrun.engine.environment import set_backend_flags
+from kdrun.runtime.logger import format_metrics, format_value
 from kdrun.models.build import CheckpointError, build_model, extract_state_dict
 from kdrun.models.taps import ModelOutput
 
@@ -253,3 +255,35 @@ def format_summary(m: dict[str, Any]) -> str:
                      f"{m['throughput_warmup_batches']} warm-up; {m['images_per_s_with_loading']:.1f} images/s "
                      "with data loading and copy")
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    """``kdrun eval``: the command line of :func:`evaluate_checkpoint`."""
+    p = argparse.ArgumentParser(prog="kdrun eval", description="Evaluate a kdrun checkpoint on its data set's val "
+                                "split, with the config stored in the checkpoint: the task's metrics (top-1/top-5, "
+                                "or COCO AP/AP50/AP75/APs/APm/APl), the student's parameter count and its "
+                                "inference throughput (forward + post-processing, data loading excluded).")
+    p.add_argument("checkpoint", help="last.pt, best.pt or a run directory (uses best.pt, else last.pt)")
+    p.add_argument("overrides", nargs="*", help="key=value changes to the stored config, e.g. dataset.root=/data")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: the stored trainer.accelerator)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput pass")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="batch size of the throughput pass (default: the val loader's; the metrics pass always "
+                        "uses the stored trainer.val_batch_size)")
+    p.add_argument("--warmup", type=int, default=5, metavar="N", help="warm-up batches not timed (default 5)")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N",
+                   help="time at most N batches (default: one pass over the val split)")
+    p.add_argument("--save-detections", default=None, metavar="PATH",
+                   help="detection: write the val detections (COCO results json) to PATH")
+    a = p.parse_args(argv)
+    if a.warmup < 0 or (a.batch_size is not None and a.batch_size < 1) or (a.max_batches is not None
+                                                                           and a.max_batches < 1):
+        p.error("--warmup must be >= 0, --batch-size and --max-batches >= 1")
+    metrics = evaluate_checkpoint(a.checkpoint, a.overrides, a.device, throughput=not a.no_throughput,
+                                  warmup_batches=a.warmup, max_batches=a.max_batches,
+                                  throughput_batch_size=a.batch_size, detections_path=a.save_detections)
+    if a.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_summary(metrics))

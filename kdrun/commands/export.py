@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from kdrun import checkpoint as ckpt
+from kdrun.runtime import checkpoint as ckpt
 from kdrun.errors import fail
-from kdrun.evaluate import resolve_checkpoint
+from kdrun.commands.evaluate import resolve_checkpoint
 from kdrun.models.build import extract_state_dict
 
 

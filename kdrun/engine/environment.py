@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdrun import distributed
+from kdrun.runtime import distributed
 from kdrun.config import ConfigError, TrainerConfig
 
 

@@ -10,7 +10,7 @@ Every ``results.json`` under the given directories (searched recursively) is rea
 which cell(s) of which table the run belongs to. Per cell the table shows the paper's number, kdrun's
 mean ± sample standard deviation over the runs (seeds) of that cell, their count n, and the difference
 Δ = kdrun mean − paper. Missing values are blanks ("—"). The table layouts and the published numbers
-live in ``kdrun/paper_numbers.yaml`` (``--definitions PATH`` uses another file with the same schema).
+live in ``kdrun/analysis/paper_numbers.yaml`` (``--definitions PATH`` uses another file with the same schema).
 
 Each table declares the paper's reporting convention (``convention: best|final``, with its source) and
 its seeds; both are defaults the command line can override, and the output says which it shows:
@@ -38,7 +38,7 @@ and t-interval of d, i.e. a paired t-test). The baseline (:func:`resolve_baselin
 ``kd`` row when it has one, a sweep's first row, or ``--baseline``.
 
 Without ``--table`` the runs are one sweep (:func:`sweep_table`): the override keys whose values differ
-between them make the rows (:func:`kdrun.sweep.group_runs`; ``--by`` chooses the row keys, the other
+between them make the rows (:func:`kdrun.analysis.sweep.group_runs`; ``--by`` chooses the row keys, the other
 swept keys then make the columns), seeds are the replicates, the value is the runs' primary metric.
 
 A cell averages one value per seed. Two runs of one cell with the same seed (the same run copied, or
@@ -1004,12 +1004,12 @@ def _primary(runs: list[Run]) -> Metric:
 
 
 def sweep_table(runs: list[Run], by: list[str] | None = None) -> tuple[TableDef, list[Run]]:
-    """A table of ``runs`` as one sweep (:func:`kdrun.sweep.group_runs`: the override keys whose values
+    """A table of ``runs`` as one sweep (:func:`kdrun.analysis.sweep.group_runs`: the override keys whose values
     differ between the runs; seeds are the replicates) of the runs' primary metric. Rows: one per setting
     of the swept keys, or of the keys ``by``; the swept keys not in ``by`` then make the columns (``--by
     balancer`` on a balancer × distill sweep: a row per balancer, a column per distill), so that a cell
     never mixes settings. Returns the table and the runs, each placed in its cell."""
-    from kdrun.sweep import SweepError, group_runs
+    from kdrun.analysis.sweep import SweepError, group_runs
 
     paths = [r.path for r in runs]
     try:
@@ -1083,7 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duplicates", default="error", choices=DUPLICATES, help="two runs of one cell with the same "
                    "seed: error (default; names both directories), or count only the newest/oldest results.json")
     p.add_argument("--format", default="markdown", choices=sorted(RENDERERS))
-    p.add_argument("--definitions", default=None, help="table definitions YAML (default: kdrun/paper_numbers.yaml)")
+    p.add_argument("--definitions", default=None, help="table definitions YAML (default: kdrun/analysis/paper_numbers.yaml)")
     a = p.parse_args(argv)
     try:
         missing = [d for d in a.runs if not Path(d).exists()]

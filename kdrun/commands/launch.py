@@ -1,7 +1,7 @@
 """``trainer.devices=N`` on one machine: kdrun starts N worker processes with torch's elastic launcher.
 
 This is the machinery behind ``torchrun`` (``torch.distributed.launcher.api.elastic_launch``), used as a
-library: a c10d rendezvous on a free local port, one worker program (``python -m kdrun.launch``) per
+library: a c10d rendezvous on a free local port, one worker program (``python -m kdrun.commands.launch``) per
 device with RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, NCCL (plus gloo for small
 CPU messages) with one GPU per worker on CUDA, gloo on the CPU. What the parent decides once and hands
 to the workers:
@@ -13,13 +13,13 @@ to the workers:
 
 **Signals.** The elastic agent in the parent catches SIGTERM/SIGINT/SIGHUP/SIGQUIT and the configured
 ``trainer.preempt_signals``, forwards the signal to the workers, waits up to ``trainer.preempt_grace_s``
-for them to exit and then kills them. The workers (kdrun.preemption) checkpoint at the next step
+for them to exit and then kills them. The workers (kdrun.runtime.preemption) checkpoint at the next step
 boundary and exit 0; the parent recognises that orderly stop by the marker rank 0 wrote
 (``preempted.json``) and exits 0 (130 for SIGINT) too; otherwise it reads rank 0's ``results.json``. A handler that was installed before the launch
 (submitit's requeue on SIGUSR2) is called afterwards.
 
 Multi-node jobs are not started from here: run one ``kdrun train`` per GPU under ``srun`` or one
-``torchrun`` per node; :func:`kdrun.distributed.launch_env` then joins the existing process group.
+``torchrun`` per node; :func:`kdrun.runtime.distributed.launch_env` then joins the existing process group.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import distributed
-from kdrun import preemption
+from kdrun.runtime import distributed
+from kdrun.runtime import preemption
 from kdrun.config import ConfigError
 from kdrun.errors import find_user_error, full_traceback_requested
 
@@ -196,7 +196,7 @@ def die_with_launcher(grace_s: float, poll_s: float = 0.5) -> threading.Thread:
 def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int, record_path: str = "") -> int:
     """One worker: join the process group the launcher prepared, train, leave; the exit status.
 
-    Runs as its own program (``python -m kdrun.launch ...``), as torchrun's workers do: a worker that
+    Runs as its own program (``python -m kdrun.commands.launch ...``), as torchrun's workers do: a worker that
     stopped after a signal simply exits, while a multiprocessing worker would wait for the agent to
     collect its return value (which an agent shutting down never does) until it is killed."""
     if threads:
@@ -244,7 +244,7 @@ def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, sign
     fd, record_path = tempfile.mkstemp(prefix="kdrun-record-", suffix=".json")  # .hydra/ for rank 0
     with os.fdopen(fd, "w") as f:
         json.dump(record or {}, f)
-    args = ["-m", "kdrun.launch", cfg_path, str(run_dir), dev_type, str(threads_per_worker(nproc)), record_path]
+    args = ["-m", "kdrun.commands.launch", cfg_path, str(run_dir), dev_type, str(threads_per_worker(nproc)), record_path]
     try:
         spawn(sys.executable, args, nproc, signals=signals, grace_s=grace_s)
         stop_signal = None
@@ -304,7 +304,7 @@ def dispatch(cfg: DictConfig, checked: DictConfig, settings: Any, run_dir: Path,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m kdrun.launch CONFIG RUN_DIR DEVICE_TYPE THREADS [RECORD]``: the worker program."""
+    """``python -m kdrun.commands.launch CONFIG RUN_DIR DEVICE_TYPE THREADS [RECORD]``: the worker program."""
     cfg_path, run_dir, dev_type, threads, *record = (sys.argv[1:] if argv is None else argv)
     sys.exit(train_worker(cfg_path, run_dir, dev_type, int(threads), *record))
 

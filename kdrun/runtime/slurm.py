@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-log = logging.getLogger("kdrun.slurm")
+log = logging.getLogger("kdrun.runtime.slurm")
 
 RESOLVER = "kdrun_slurm_tasks"
 
@@ -78,7 +78,7 @@ SUBMIT_HINTS: list[tuple[str, str]] = [
 
 class SlurmError(RuntimeError):
     """Slurm refused the sweep's jobs or says they can never start; the message is for the user verbatim
-    (one paragraph, exit 2 through :func:`kdrun.cli.hydra_error_message`)."""
+    (one paragraph, exit 2 through :func:`kdrun.commands.train.hydra_error_message`)."""
 
 
 def tasks_per_node(gpus_per_node: Any, devices: Any) -> int:
@@ -121,7 +121,7 @@ def submission_error(stderr: str, params: Mapping[str, Any]) -> SlurmError:
 
 def slurm_error_message(e: BaseException) -> Optional[str]:
     """The paragraph of a :class:`SlurmError` in ``e``'s chain (Hydra may wrap the launcher's error), else
-    ``None``. For :func:`kdrun.cli.hydra_error_message`."""
+    ``None``. For :func:`kdrun.commands.train.hydra_error_message`."""
     seen: set[int] = set()
     cur: Optional[BaseException] = e
     while cur is not None and id(cur) not in seen:

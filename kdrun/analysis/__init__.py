@@ -1,0 +1,1 @@
+"""Reading run directories: the papers' tables, figures, sweeps, TIDE."""

@@ -1,0 +1,1 @@
+"""The kdrun subcommands' implementations: train's launcher (launch), eval, export, cache-teacher."""
