@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -66,3 +67,29 @@ def event_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def to_plain(cfg: DictConfig) -> Any:
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture
+def kdrun_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., tuple[int, str, str]]:
+    """``kdrun_cli(*argv)`` → (exit status, stdout, stderr) of ``kdrun.cli.main`` run in this process (the
+    one in-process CLI runner; test modules narrow it to what they read)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kdrun import cli
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["kdrun"])  # run_train sets it for Hydra
+
+    def call(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            cli.main(list(argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            GlobalHydra.instance().clear()  # hydra.main leaves it initialised
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call

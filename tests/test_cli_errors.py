@@ -6,12 +6,10 @@ or the first instantiate), so none of them trains anything.
 from __future__ import annotations
 
 import ast
-import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
 from kdrun import cli
 from kdrun.errors import find_user_error
@@ -22,23 +20,9 @@ QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_sub
 
 
 @pytest.fixture
-def kdrun(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., tuple[int, str]]:
+def kdrun(kdrun_cli: Callable[..., tuple[int, str, str]]) -> Callable[..., tuple[int, str]]:
     """``kdrun(*argv)`` → (exit status, stderr) of ``kdrun.cli.main`` run in this process."""
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["kdrun"])  # run_train sets it for Hydra
-
-    def call(*argv: str) -> tuple[int, str]:
-        capsys.readouterr()
-        try:
-            cli.main(list(argv))
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            GlobalHydra.instance().clear()  # hydra.main leaves it initialised
-        return code, capsys.readouterr().err
-
-    return call
+    return lambda *argv: kdrun_cli(*argv)[::2]
 
 
 def one_paragraph(err: str) -> None:

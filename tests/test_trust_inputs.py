@@ -11,13 +11,11 @@ import csv
 import io
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import yaml
-from hydra.core.global_hydra import GlobalHydra
 
 from kdrun import cli
 from kdrun.analysis import tables
@@ -30,24 +28,9 @@ QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_sub
 
 
 @pytest.fixture
-def kdrun(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., tuple[int, str, str]]:
+def kdrun(kdrun_cli: Callable[..., tuple[int, str, str]]) -> Callable[..., tuple[int, str, str]]:
     """``kdrun(*argv)`` → (exit status, stdout, stderr) of ``kdrun.cli.main`` run in this process."""
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["kdrun"])
-
-    def call(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            cli.main(list(argv))
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            GlobalHydra.instance().clear()
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return call
+    return kdrun_cli
 
 
 def one_paragraph(err: str, prefix: str = "kdrun: error: ") -> str:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.runtime import checkpoint as ckpt
 from kdrun.runtime import distributed
+from kdrun.runtime.rundir import heartbeat
 from kdrun.config import ConfigError
 from kdrun.engine.environment import autocast
 from kdrun.runtime.logger import console_phase
@@ -242,11 +243,7 @@ class FitClaim:
         return True
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass  # the next beat tries again
+        heartbeat(self.path, self._stop, self.heartbeat_s)
 
     def holder(self) -> dict[str, Any] | None:
         """The claim's holder (with the heartbeat's ``mtime``), or None when nobody holds it."""

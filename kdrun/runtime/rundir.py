@@ -100,6 +100,17 @@ def check_fresh(run_dir: Path, resume: str | None, overwrite: bool) -> str | Non
         "earlier run's files), or choose another hydra.run.dir.")
 
 
+def heartbeat(path: Path, stop: threading.Event, every_s: float) -> None:
+    """Refresh ``path``'s modification time every ``every_s`` until ``stop`` is set: the liveness signal of
+    a lock or claim file (a holder on another host is stale once it stops). A failed touch is retried on the
+    next beat; such a file is only ever taken over by pid or age."""
+    while not stop.wait(every_s):
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -204,11 +215,7 @@ class RunLock:
         return self
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass  # the next beat tries again; a lock that looks stale is only ever taken over by pid/age
+        heartbeat(self.path, self._stop, self.heartbeat_s)
 
     # -- releasing ----------------------------------------------------------------------------------
     def release(self) -> None:

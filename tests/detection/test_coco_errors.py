@@ -6,14 +6,11 @@ reported AP −1.00, and a truncated file was a traceback from inside pycocotool
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
-from kdrun import cli
 from kdrun.data.base import DatasetError
 from kdrun.data.coco import build, make_synthetic_coco
 
@@ -40,23 +37,9 @@ def edit(root: Path, change: Callable[[dict[str, Any]], None], split: str = "val
 
 
 @pytest.fixture
-def kdrun(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., tuple[int, str]]:
+def kdrun(kdrun_cli: Callable[..., tuple[int, str, str]]) -> Callable[..., tuple[int, str]]:
     """``kdrun(*argv)`` → (exit status, stderr) of ``kdrun.cli.main`` in this process."""
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["kdrun"])
-
-    def call(*argv: str) -> tuple[int, str]:
-        capsys.readouterr()
-        try:
-            cli.main(list(argv))
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            GlobalHydra.instance().clear()
-        return code, capsys.readouterr().err
-
-    return call
+    return lambda *argv: kdrun_cli(*argv)[::2]
 
 
 def one_paragraph(err: str) -> str:

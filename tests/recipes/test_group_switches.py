@@ -25,17 +25,14 @@ paragraph that names the problem and the fix.
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import cli
 from kdrun.config import ConfigError, validate
 from tests.conftest import compose_cfg
 from tests.recipes.test_recipes import COMPOSED, GEN, REPRESENTATIVES, ROOT, SWITCH_SAMPLE
@@ -280,23 +277,9 @@ TWO_STEPS = ["trainer.max_steps=2", "trainer.epochs=1", "teacher.checkpoint=null
 
 
 @pytest.fixture
-def kdrun(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., tuple[int, str]]:
-    """``kdrun(*argv)`` → (exit status, stderr) of ``kdrun.cli.main`` run in this process."""
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["kdrun"])
-
-    def call(*argv: str) -> tuple[int, str]:
-        capsys.readouterr()
-        try:
-            cli.main([*argv, *QUIET])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            GlobalHydra.instance().clear()
-        return code, capsys.readouterr().err
-
-    return call
+def kdrun(kdrun_cli: Callable[..., tuple[int, str, str]]) -> Callable[..., tuple[int, str]]:
+    """``kdrun(*argv)`` → (exit status, stderr) of ``kdrun.cli.main`` run in this process, quietly."""
+    return lambda *argv: kdrun_cli(*argv, *QUIET)[::2]
 
 
 @pytest.mark.parametrize("switch", [["distill=fitnet"], ["+debug=quick"]], ids=["item1-distill", "item2-debug"])
