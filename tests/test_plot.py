@@ -395,3 +395,23 @@ def test_nothing_usable_is_one_paragraph_and_exit_2(tmp_path: Path, capsys: pyte
     assert err.count("kdrun plot: warning:") == 3 and "none of the 3 metrics.jsonl" in err
     assert "all 9 lines are not a JSON object" in err
     assert not (tmp_path / "figs").exists()
+
+
+def test_figures_ignore_styles_set_globally_by_other_libraries(tmp_path: Path) -> None:
+    """tidecv's TIDE() calls seaborn's set() for the whole process (larger fonts): kdrun's figures are drawn
+    with matplotlib's defaults all the same, so their tick labels still keep apart."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    seaborn = pytest.importorskip("seaborn")  # a dependency of tidecv, in the dev extra
+    dirs = fake_sweep(tmp_path / "sweep", 20, 3)
+    sweep = group_runs(dirs)
+    with matplotlib.rc_context():  # what seaborn sets is undone after the test
+        seaborn.set(style="whitegrid")
+        assert matplotlib.rcParams["font.size"] == 12.0
+        for name, panels in plot.figure_data(dirs, sweep).items():
+            fig = plot.draw(panels, plot.figure_title(sweep), plot.legend_title(sweep))
+            try:
+                assert layout_problems(fig, plot.figure_title(sweep)) == [], name
+            finally:
+                plt.close(fig)

@@ -332,10 +332,21 @@ def _legend_shape(labels: list[str], width_in: float) -> tuple[int, int]:
 def draw(panels: list[Panel], title: str | None = None, legend_title: str | None = None) -> Any:
     """A matplotlib Figure: the panels in a grid of fixed-size axes, the title above them (constrained
     layout keeps it clear of the first panel) and one legend for all the panels below them (Agg backend:
-    no display needed)."""
+    no display needed). Drawn with matplotlib's own defaults, whatever was set globally before: tidecv's
+    ``TIDE()`` calls seaborn's ``set()``, whose larger fonts made the log axis' tick labels collide."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with plt.style.context("default"):
+        fig = _draw(panels, title, legend_title)
+        fig.canvas.draw()  # ticks and labels are made now, under these settings (later ones copy them)
+    return fig
+
+
+def _draw(panels: list[Panel], title: str | None, legend_title: str | None) -> Any:
+    import matplotlib
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogFormatter, MaxNLocator
 
