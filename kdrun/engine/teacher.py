@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.runtime import checkpoint as ckpt
 from kdrun.runtime import distributed
-from kdrun.runtime.rundir import heartbeat
+from kdrun.runtime.rundir import heartbeat, move_aside
 from kdrun.config import ConfigError
 from kdrun.engine.environment import autocast
 from kdrun.runtime.logger import console_phase
@@ -284,12 +284,8 @@ class FitClaim:
             why = self.dead(holder)
             if why is None:
                 return holder
-            aside = self.path.with_name(f"{self.path.name}.stale-{self.token}")
-            try:
-                os.rename(self.path, aside)
-            except FileNotFoundError:
+            if not move_aside(self.path, self.token):
                 continue
-            aside.unlink(missing_ok=True)
             self.note = f"took over the teacher fit of {describe_holder(holder)}: {why}"
         return self.holder() or {}
 

@@ -100,6 +100,19 @@ def check_fresh(run_dir: Path, resume: str | None, overwrite: bool) -> str | Non
         "earlier run's files), or choose another hydra.run.dir.")
 
 
+def move_aside(path: Path, token: str) -> bool:
+    """Remove a stale lock or claim file so that it can be created afresh. It is renamed under a unique name
+    first: of two processes taking it over at once only one rename succeeds (True), and the other (False)
+    finds the winner's fresh file on its next pass."""
+    aside = path.with_name(f"{path.name}.stale-{token}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    aside.unlink(missing_ok=True)
+    return True
+
+
 def heartbeat(path: Path, stop: threading.Event, every_s: float) -> None:
     """Refresh ``path``'s modification time every ``every_s`` until ``stop`` is set: the liveness signal of
     a lock or claim file (a holder on another host is stale once it stops). A failed touch is retried on the
@@ -197,12 +210,8 @@ class RunLock:
                     f"certainly gone, delete {self.path}.)")
             # Move the stale file aside under a unique name: of two processes taking it over at once,
             # only one rename succeeds, and the loser finds the winner's fresh lock on the next pass.
-            aside = self.path.with_name(f"{LOCK_NAME}.stale-{self.token}")
-            try:
-                os.rename(self.path, aside)
-            except FileNotFoundError:
+            if not move_aside(self.path, self.token):
                 continue
-            aside.unlink(missing_ok=True)
             self.note = (f"took over a stale lock on {self.path.parent} left by {describe(holder)}: {why} "
                          "(that run crashed or was killed; resume it with trainer.resume=auto if it is this run).")
         else:
