@@ -112,8 +112,12 @@ def test_two_simultaneous_trains_one_run_intact_other_refused(tmp_path: Path) ->
         assert json.loads((d / LOCK_NAME).read_text())["pid"] == winner.pid
         assert f"Another kdrun process is writing to {d}" in err and f"pid {winner.pid}," in err, err
         assert "Traceback" not in err and err.strip().startswith("kdrun: error: "), err
-        while not (d / "metrics.jsonl").exists() and time.time() < deadline:
-            time.sleep(0.2)  # the winner has trained at least a few steps
+        # The winner has logged a training step, so it is inside the loop, whose stop handler turns SIGTERM
+        # into the orderly stop (metrics.jsonl alone exists from just before the loop, when SIGTERM's
+        # default action would still end the process: a race this test lost now and then).
+        while time.time() < deadline and '"kind": "train"' not in (
+                (d / "metrics.jsonl").read_text() if (d / "metrics.jsonl").exists() else ""):
+            time.sleep(0.2)
         winner.send_signal(signal.SIGTERM)
         winner.communicate(timeout=120)
         assert winner.returncode == 0
