@@ -153,3 +153,37 @@ def test_release_never_removes_another_holders_lock(tmp_path: Path) -> None:
     lock.path.write_text(json.dumps({"host": "x", "pid": 1, "start": 0, "token": "someone-else"}))
     lock.release()
     assert lock.path.exists()
+
+
+def test_a_lock_is_never_seen_without_its_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file appears with its record already in it (a hard link of a written file): a second process
+    that loses the race reads the holder's host and pid, never "host ?, pid ?" (a CI failure of the old
+    O_CREAT | O_EXCL-then-write). Checked at the moment the lock's name appears."""
+    lock_path = tmp_path / R.LOCK_NAME
+    seen: list[dict] = []
+    real_link = os.link
+
+    def link_and_look(src: str, dst: str) -> None:
+        real_link(src, dst)
+        seen.append(json.loads(Path(dst).read_text()))
+
+    monkeypatch.setattr(os, "link", link_and_look)
+    with R.RunLock(tmp_path) as lock:
+        assert seen and seen[0]["pid"] == os.getpid() and seen[0]["token"] == lock.token
+        assert sorted(p.name for p in tmp_path.iterdir()) == [R.LOCK_NAME]  # no private file left over
+        with pytest.raises(R.RunDirError, match=f"pid {os.getpid()},"):
+            R.RunLock(tmp_path).acquire()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [R.LOCK_NAME]
+    assert not lock_path.exists()
+
+
+def test_without_hard_links_the_lock_falls_back_to_exclusive_create(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(src: str, dst: str) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert R.create_exclusive(tmp_path / "f.lock", {"pid": 7, "token": "a"})
+    assert not R.create_exclusive(tmp_path / "f.lock", {"pid": 8, "token": "b"})
+    assert json.loads((tmp_path / "f.lock").read_text())["pid"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.lock"]

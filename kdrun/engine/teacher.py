@@ -12,7 +12,6 @@ A missing teacher (``teacher.fit_if_missing_epochs``) is fitted in the teacher c
 from __future__ import annotations
 
 import copy
-import json
 import os
 import socket
 import threading
@@ -26,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.runtime import checkpoint as ckpt
 from kdrun.runtime import distributed
-from kdrun.runtime.rundir import heartbeat, move_aside
+from kdrun.runtime.rundir import create_exclusive, describe, heartbeat, holder_dead, move_aside, read_holder
 from kdrun.config import ConfigError
 from kdrun.engine.environment import autocast
 from kdrun.runtime.logger import console_phase
@@ -195,7 +194,7 @@ def teacher_load_error(cfg: DictConfig, e: CheckpointError) -> CheckpointError:
 # Runs that start together and miss the same teacher (two quickstarts, a sweep's jobs) must not both fit
 # it: the fit directory has one writer (its run lock), so the second used to fail. As the teacher-output
 # cache's fill does (kdrun.teacher_cache "Concurrent runs"), the first run claims the fit atomically
-# (``<teacher>.fitting``, O_CREAT | O_EXCL) and touches it while fitting; the others wait until the
+# (``<teacher>.fitting``, kdrun.runtime.rundir.create_exclusive) and touches it while fitting; the others wait until the
 # teacher is saved. A claim whose holder died is taken over and the fit continues from its last.pt:
 # same host and the pid is gone, or no heartbeat for FIT_STALE_AFTER_S: the fit directory's own run-lock
 # rule (kdrun.runtime.rundir.RunLock), with a margin, so that the takeover also gets that lock.
@@ -205,12 +204,6 @@ FIT_HEARTBEAT_S = 10.0
 # RunLock's stale_after_s (300 s) plus its heartbeat period (30 s): the claim's last beat can precede the
 # fit-directory lock's by up to that period, and the takeover must find that lock stale too.
 FIT_STALE_AFTER_S = 330.0
-
-
-def describe_holder(holder: dict[str, Any]) -> str:
-    start = holder.get("start")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)) if isinstance(start, (int, float)) else "?"
-    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {when}"
 
 
 class FitClaim:
@@ -231,13 +224,9 @@ class FitClaim:
         return self._thread is not None
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(), "token": self.token}
+        if not create_exclusive(self.path, record):
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
-                       "token": self.token}, f)
         self._thread = threading.Thread(target=self._beat, name="kdrun-fit-claim", daemon=True)
         self._thread.start()
         return True
@@ -247,30 +236,11 @@ class FitClaim:
 
     def holder(self) -> dict[str, Any] | None:
         """The claim's holder (with the heartbeat's ``mtime``), or None when nobody holds it."""
-        try:
-            text, mtime = self.path.read_text(), self.path.stat().st_mtime
-        except FileNotFoundError:
-            return None
-        try:
-            holder = json.loads(text)
-            holder = holder if isinstance(holder, dict) else {}
-        except ValueError:
-            holder = {}  # caught between create and write
-        holder["mtime"] = mtime
-        return holder
+        return read_holder(self.path)
 
     def dead(self, holder: dict[str, Any]) -> str | None:
         """Why the holder is dead, or None if it may be alive (the rule of kdrun.runtime.rundir.RunLock)."""
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            try:
-                os.kill(holder["pid"], 0)
-            except ProcessLookupError:
-                return "its process no longer exists"
-            except PermissionError:
-                pass  # alive, another user's
-            return None
-        age = time.time() - float(holder["mtime"])
-        return f"its heartbeat stopped {age:.0f} s ago" if age > self.stale_after_s else None
+        return holder_dead(holder, self.stale_after_s)
 
     def take(self) -> dict[str, Any] | None:
         """Claim the fit: None when this process holds it now, else the live holder. A dead holder's
@@ -286,7 +256,7 @@ class FitClaim:
                 return holder
             if not move_aside(self.path, self.token):
                 continue
-            self.note = f"took over the teacher fit of {describe_holder(holder)}: {why}"
+            self.note = f"took over the teacher fit of {describe(holder)}: {why}"
         return self.holder() or {}
 
     def release(self) -> None:
@@ -315,7 +285,7 @@ def wait_for_fit(claim: FitClaim, poll_s: float = 2.0, say: Callable[[str], None
         if claim.dead(holder) is not None:
             return "dead"
         if not said and say is not None:
-            say(f"[kdrun] another process ({describe_holder(holder)}) is fitting the teacher {claim.teacher}; "
+            say(f"[kdrun] another process ({describe(holder)}) is fitting the teacher {claim.teacher}; "
                 f"waiting for it to finish (its console: {fit_dir(claim.teacher) / 'cli.log'})")
             said = True
         time.sleep(poll_s)

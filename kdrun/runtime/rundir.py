@@ -8,10 +8,10 @@ Two rules, applied by the engine on the main rank before anything is written int
    files are removed first, so that ``metrics.jsonl`` and TensorBoard files of the two never mix).
    ``trainer.resume=auto`` that finds no checkpoint says so and starts fresh.
 2. **One writer per run directory.** :class:`RunLock` holds ``<run_dir>/.kdrun.lock`` for the whole run.
-   It is created with ``O_CREAT | O_EXCL``, which is atomic on local file systems and on the shared ones
-   clusters use (NFSv3+, Lustre, GPFS), so two processes on different nodes cannot both take it. The file
-   records the holder (host, pid, start time) and its modification time is a heartbeat, refreshed by a
-   daemon thread. A second writer fails with an error naming the holder. The lock is released on every
+   It is created by :func:`create_exclusive` (a hard link of a written file), which is atomic on local file
+   systems and on the shared ones clusters use (NFS, Lustre, GPFS), so two processes on different nodes
+   cannot both take it, and nobody ever reads it half-written. The file records the holder (host, pid,
+   start time) and its modification time is a heartbeat, refreshed by a daemon thread. A second writer fails with an error naming the holder. The lock is released on every
    orderly exit (``with`` block, ``atexit``); a holder that died without releasing it (``kill -9``, a node
    crash) leaves a *stale* lock, detected as: same host and the pid is gone, or (another host) no
    heartbeat for ``stale_after_s``. A stale lock is taken over, and the takeover is printed.
@@ -124,6 +124,53 @@ def heartbeat(path: Path, stop: threading.Event, every_s: float) -> None:
             pass
 
 
+def create_exclusive(path: Path, record: dict[str, Any]) -> bool:
+    """Create ``path`` holding ``record`` (JSON) unless it exists; True when this call created it.
+
+    The record is written to a private file first and then hard-linked to ``path``: ``link`` is atomic and
+    fails if ``path`` exists (the classic lock-file idiom that also holds on NFS), so a reader never finds
+    the file empty. ``O_CREAT | O_EXCL`` followed by a write left a window in which a second process read
+    an empty lock and reported its holder as "host ?, pid ?". File systems without hard links fall back to
+    ``O_EXCL`` (that window again, nothing worse)."""
+    private = path.with_name(f"{path.name}.{record.get('token', uuid.uuid4().hex)}.new")
+    with open(private, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(private, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some FUSE/SMB mounts)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        return True
+    finally:
+        private.unlink(missing_ok=True)
+
+
+def read_holder(path: Path) -> dict[str, Any] | None:
+    """The record in a lock or claim file plus its heartbeat (``mtime``); None when there is no file."""
+    try:
+        text = path.read_text()
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(text)
+        if not isinstance(holder, dict):
+            raise ValueError
+    except ValueError:
+        holder = {}  # a damaged file (or one made by the O_EXCL fallback, caught before its write)
+    holder["mtime"] = mtime
+    return holder
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -132,6 +179,15 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def holder_dead(holder: dict[str, Any], stale_after_s: float) -> str | None:
+    """Why the holder of a lock or claim is dead, or None if it may be alive: on this host, its pid is
+    gone; on another host (pids mean nothing here), no heartbeat for ``stale_after_s``."""
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        return None if _pid_alive(holder["pid"]) else "its process no longer exists"
+    age = time.time() - float(holder["mtime"])
+    return f"its heartbeat stopped {age:.0f} s ago" if age > stale_after_s else None
 
 
 def describe(holder: dict[str, Any]) -> str:
@@ -155,43 +211,11 @@ class RunLock:
 
     # -- acquiring ----------------------------------------------------------------------------------
     def _create(self) -> bool:
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(), "token": self.token,
-                "argv": sys.argv[:8]}
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
+        return create_exclusive(self.path, {"host": socket.gethostname(), "pid": os.getpid(),
+                                            "start": time.time(), "token": self.token, "argv": sys.argv[:8]})
 
     def _holder(self) -> dict[str, Any] | None:
-        try:
-            text = self.path.read_text()
-            mtime = self.path.stat().st_mtime
-        except FileNotFoundError:
-            return None
-        try:
-            holder = json.loads(text)
-            if not isinstance(holder, dict):
-                raise ValueError
-        except ValueError:
-            holder = {}  # a holder caught between create and write, or a damaged file
-        holder["mtime"] = mtime
-        return holder
-
-    def _is_stale(self, holder: dict[str, Any]) -> str | None:
-        """Why the holder is dead, or None if it may be alive."""
-        age = time.time() - float(holder["mtime"])
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            if not _pid_alive(holder["pid"]):
-                return "its process no longer exists"
-            return None
-        if age > self.stale_after_s:
-            return f"its heartbeat stopped {age:.0f} s ago"
-        return None
+        return read_holder(self.path)
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +225,7 @@ class RunLock:
             holder = self._holder()
             if holder is None:
                 continue  # released meanwhile: try again
-            why = self._is_stale(holder)
+            why = holder_dead(holder, self.stale_after_s)
             if why is None:
                 raise RunDirError(
                     f"Another kdrun process is writing to {self.path.parent} ({describe(holder)}); two runs "
