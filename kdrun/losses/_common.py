@@ -1,4 +1,5 @@
-"""Helpers shared by the distillation terms: feature pooling, projector building, warm-up.
+"""Helpers shared by the distillation terms: feature pooling, projector building, warm-up, logit
+standardisation.
 
 Kept private (``_common``) because they are implementation details of the terms in this package, not
 part of the :class:`~kdrun.losses.base.DistillLoss` interface.
@@ -53,6 +54,19 @@ def as_taps(taps: Sequence[str] | str, what: str) -> tuple[str, ...]:
     if not out:
         raise ValueError(f"{what} must name at least one tap")
     return out
+
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each sample's logits z-scored over the classes (Sun et al., CVPR 2024, "Logit Standardization in
+    Knowledge Distillation"): ``(z − mean(z)) / (eps + std(z))``, exactly the official ``normalize``
+    (sunshangquan/logit-standardization-KD @ f6e5aa5, ``mdistiller/distillers/KD.py`` lines 7-10, the
+    same in ``DKD.py`` lines 7-10): ``torch.std``'s default, the *unbiased* (C − 1) estimate, and ε = 1e-7
+    added to the std (not under a square root). Constant logits (std 0) map to finite values (0 when the
+    mean is exact) and torch's std backward is 0 there, so the gradient stays finite (1/ε times the
+    centred upstream gradient, the derivative of d ↦ d / (ε + |d|) at 0)."""
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True)
+    return (logits - mean) / (eps + std)
 
 
 WarmupMode = Literal["epoch", "linear"]

@@ -21,6 +21,12 @@ off). The steps per epoch come from :meth:`bind` (the loader's real count: 781 o
 Note: a balancer that works on log L (MoKD/DTO-style ∇log L) is blind to a multiplicative warm-up,
 since ∇log(w·L) = ∇log L.
 
+``standardize=True`` is logit standardisation (Sun et al., CVPR 2024): both logit vectors are z-scored
+over the classes (:func:`~kdrun.losses._common.standardize_logits`) before everything above, T becomes a
+base temperature and T² stays, as in the official code (sunshangquan/logit-standardization-KD @ f6e5aa5,
+``mdistiller/distillers/DKD.py`` lines 12-14: normalise both when ``logit_stand``, before the masks and
+the division by T). ``conf/distill/dkd_ls.yaml`` holds the paper's CIFAR-100 setting.
+
 Targets must be class indices ``[B]``; soft targets ``[B, C]`` (mixup) are reduced to their arg-max,
 because DKD needs one target class per sample.
 """
@@ -33,17 +39,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdrun.config import Ge, Gt
-from kdrun.losses._common import WarmupMode, warmup_factor
+from kdrun.losses._common import WarmupMode, standardize_logits, warmup_factor
 from kdrun.losses.base import DataInfo, DistillLoss, tap
 from kdrun.models.taps import ModelOutput
 
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float, beta: float,
-             temperature: float) -> Tensor:
-    """T² · (α · TCKD + β · NCKD), mean over the batch (no warm-up)."""
+             temperature: float, standardize: bool = False) -> Tensor:
+    """T² · (α · TCKD + β · NCKD), mean over the batch (no warm-up); with ``standardize``, both logit
+    vectors are z-scored per sample first (logit standardisation)."""
     t = temperature
-    zs = student_logits.float() / t
-    zt = teacher_logits.detach().float() / t
+    zs, zt = student_logits.float(), teacher_logits.detach().float()
+    if standardize:
+        zs, zt = standardize_logits(zs), standardize_logits(zt)
+    zs, zt = zs / t, zt / t
     if target.dim() > 1:
         target = target.argmax(dim=-1)
     gt = F.one_hot(target.long(), zs.shape[-1]).bool()
@@ -69,7 +78,7 @@ class DKD(DistillLoss):
     def __init__(self, alpha: Annotated[float, Ge(0.0)] = 1.0, beta: Annotated[float, Ge(0.0)] = 8.0,
                  temperature: Annotated[float, Gt(0.0)] = 4.0, warmup_epochs: Annotated[float, Ge(0.0)] = 0.0,
                  warmup: WarmupMode = "epoch",
-                 student_logits: Literal["logits", "dist_logits"] = "logits") -> None:
+                 student_logits: Literal["logits", "dist_logits"] = "logits", standardize: bool = False) -> None:
         super().__init__()
         self.alpha = float(alpha)
         self.beta = float(beta)
@@ -77,6 +86,7 @@ class DKD(DistillLoss):
         self.warmup_epochs = float(warmup_epochs)
         self.warmup = warmup
         self.steps_per_epoch: int | None = None  # from bind()
+        self.standardize = bool(standardize)
         self.student_logits = student_logits
         self.student_taps = (student_logits,)
         self.teacher_taps = ("logits",)
@@ -86,5 +96,5 @@ class DKD(DistillLoss):
 
     def forward(self, s: ModelOutput, t: ModelOutput, target: Tensor) -> Tensor:
         loss = dkd_loss(tap(s, self.student_logits), t.logits, target, self.alpha, self.beta,
-                        self.temperature)
+                        self.temperature, self.standardize)
         return loss * warmup_factor(self.progress_step, self.warmup_epochs, self.steps_per_epoch, self.warmup)
