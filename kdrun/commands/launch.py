@@ -199,17 +199,24 @@ def train_worker(cfg_path: str, run_dir: str, dev_type: str, threads: int, recor
     Runs as its own program (``python -m kdrun.commands.launch ...``), as torchrun's workers do: a worker that
     stopped after a signal simply exits, while a multiprocessing worker would wait for the agent to
     collect its return value (which an agent shutting down never does) until it is killed."""
-    if threads:
-        torch.set_num_threads(threads)
+    from kdrun.engine import train
+
     cfg = OmegaConf.load(cfg_path)
     record = json.loads(Path(record_path).read_text()) if record_path else {}
+    # rank 0 writes results.json, or preempted.json after a stop
+    return in_process_group(dev_type, threads, cfg, lambda: train(cfg, Path(run_dir), record))
+
+
+def in_process_group(dev_type: str, threads: int, cfg: DictConfig, work: Callable[[], Any]) -> int:
+    """A worker's life: join the process group, ``work()``, leave; the exit status (2: a user error, said
+    as one paragraph by every rank that hit it)."""
+    if threads:
+        torch.set_num_threads(threads)
     die_with_launcher(float(OmegaConf.select(cfg, "trainer.preempt_grace_s", default=120.0)))
     distributed.init_process_group(dev_type)
     try:
-        from kdrun.engine import train
-
         try:
-            train(cfg, Path(run_dir), record)  # rank 0 writes results.json, or preempted.json after a stop
+            work()
         except Exception as e:
             # The same errors the CLI reports as one paragraph, also when instantiate wrapped them.
             user = find_user_error(e)
@@ -281,8 +288,15 @@ def dispatch(cfg: DictConfig, checked: DictConfig, settings: Any, run_dir: Path,
     """Train ``cfg`` where this process stands, the one place that decides it: join the job that
     torchrun/srun started (every rank runs this), start ``trainer.devices`` local workers, or train
     alone. ``checked``: ``cfg`` validated and resolved (what the workers read); ``settings``: its
-    ``TrainerConfig``; ``record``: the ``.hydra/`` files written when the run starts. The results."""
+    ``TrainerConfig``; ``record``: the ``.hydra/`` files written when the run starts. The results. Under
+    ``hydra/launcher=kdrun_shared`` a job of a group hands its training to the group instead
+    (:mod:`kdrun.commands.train_group`)."""
+    from kdrun.commands.train_group import active_session
     from kdrun.engine import train
+
+    group = active_session()
+    if group is not None:
+        return group.take(cfg, run_dir, record)
 
     # Read the environment here, not before Hydra: under hydra/launcher=submitit_slurm this runs in each
     # SLURM task on the compute nodes, not in the submitting process.
@@ -303,9 +317,85 @@ def dispatch(cfg: DictConfig, checked: DictConfig, settings: Any, run_dir: Path,
     return train(cfg, run_dir, record)
 
 
+def group_worker(plan_path: str, dev_type: str, threads: int) -> int:
+    """One worker of a group (:func:`launch_group`): join the process group, train the group
+    (:func:`kdrun.engine.group.train_group`), and on rank 0 write every job's result where the plan says."""
+    from kdrun.engine.group import train_group
+    from kdrun.engine.run import json_safe
+
+    plan = json.loads(Path(plan_path).read_text())
+    cfgs = [OmegaConf.create(job["config"]) for job in plan["jobs"]]
+
+    def work() -> None:
+        results = train_group(cfgs, [Path(job["run_dir"]) for job in plan["jobs"]], [job["record"] for job in plan["jobs"]])
+        if distributed.is_main():
+            out = Path(plan["results"])
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(json_safe(results)))
+            os.replace(tmp, out)
+
+    return in_process_group(dev_type, threads, cfgs[0], work)
+
+
+def launch_group(checked: Sequence[DictConfig], run_dirs: Sequence[Path], nproc: int, dev_type: str,
+                 signals: Sequence[str], grace_s: float, records: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
+    """Train a group (``checked``: its jobs' validated configs) in ``nproc`` local workers, as
+    :func:`launch_train` trains one job; every job's result (rank 0's). A failing worker is
+    :class:`WorkerFailed`, as for one job."""
+    fd, plan_path = tempfile.mkstemp(prefix="kdrun-group-", suffix=".json")
+    results_path = Path(plan_path).with_suffix(".results.json")
+    with os.fdopen(fd, "w") as f:  # the configs as files, as for one job (a command line has size limits)
+        json.dump({"jobs": [{"config": OmegaConf.to_yaml(c, resolve=True), "run_dir": str(d), "record": r or {}}
+                            for c, d, r in zip(checked, run_dirs, records)], "results": str(results_path)}, f)
+    args = ["-m", "kdrun.commands.launch", "--group", plan_path, dev_type, str(threads_per_worker(nproc))]
+    try:
+        spawn(sys.executable, args, nproc, signals=signals, grace_s=grace_s)
+        stop_signal = None
+    except Stopped as e:
+        stop_signal = e
+    finally:
+        os.unlink(plan_path)
+    if not results_path.is_file():
+        raise WorkerFailed(
+            (f"{signal.Signals(stop_signal.signum).name}: the workers did not write their checkpoints within "
+             f"trainer.preempt_grace_s={grace_s:g} s and were killed; each run's last.pt (or last.pt.prev) holds "
+             "its last saved state." if stop_signal is not None else "the workers of the group ended without results."),
+            exit_code=128 + stop_signal.signum if stop_signal is not None else 1)
+    results = json.loads(results_path.read_text())
+    results_path.unlink()
+    if stop_signal is not None:
+        preemption.chain_previous(stop_signal.signum, stop_signal.previous)  # e.g. submitit's requeue
+    return results
+
+
+def dispatch_group(cfgs: Sequence[DictConfig], checked: Sequence[DictConfig], settings: Any,
+                   run_dirs: Sequence[Path], records: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
+    """:func:`dispatch` for a group (:func:`kdrun.engine.group.train_group`): join the job torchrun/srun
+    started, start ``trainer.devices`` local workers, or train here. ``settings``: the ``TrainerConfig`` of
+    any of its jobs (the keys read here are data side, equal in a group). Every job's result."""
+    from kdrun.engine.group import train_group
+
+    job_env = distributed.launch_env()
+    if job_env is not None and job_env.world_size > 1:
+        check_devices(settings.devices)
+        distributed.init_process_group(distributed.device_type(settings.accelerator), job_env,  # once per process
+                                       join_timeout_s=settings.dist_timeout_s)
+        run_dirs = [Path(d) for d in distributed.broadcast_object([str(d) for d in run_dirs])]
+        return train_group(list(cfgs), list(run_dirs), list(records))
+    dev, nproc = resolve_devices(settings.accelerator, settings.devices)
+    if nproc > 1:
+        return launch_group(checked, run_dirs, nproc, dev, settings.preempt_signals, settings.preempt_grace_s, records)
+    return train_group(list(cfgs), list(run_dirs), list(records))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m kdrun.commands.launch CONFIG RUN_DIR DEVICE_TYPE THREADS [RECORD]``: the worker program."""
-    cfg_path, run_dir, dev_type, threads, *record = (sys.argv[1:] if argv is None else argv)
+    """``python -m kdrun.commands.launch CONFIG RUN_DIR DEVICE_TYPE THREADS [RECORD]``: the worker program
+    (``--group PLAN DEVICE_TYPE THREADS``: a worker of a group)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[0] == "--group":
+        plan_path, dev_type, threads = args[1:]
+        sys.exit(group_worker(plan_path, dev_type, int(threads)))
+    cfg_path, run_dir, dev_type, threads, *record = args
     sys.exit(train_worker(cfg_path, run_dir, dev_type, int(threads), *record))
 
 

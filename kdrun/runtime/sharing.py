@@ -103,9 +103,15 @@ def sharing_key(cfg: Any) -> str:
 def group_jobs(cfgs: Sequence[Any]) -> list[list[int]]:
     """The jobs (indices into ``cfgs``, each a job's composed task config) that share, in sweep order,
     groups ordered by their first job. Jobs with equal data sides form one group."""
-    groups: dict[str, list[int]] = {}
-    for i, cfg in enumerate(cfgs):
-        groups.setdefault(sharing_key(cfg), []).append(i)
+    return groups_by_key([sharing_key(cfg) for cfg in cfgs])
+
+
+def groups_by_key(keys: Sequence[str | None]) -> list[list[int]]:
+    """Indices with equal keys form a group (in order, groups ordered by their first index); ``None``: a job
+    that runs alone."""
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key if key is not None else ("alone", i), []).append(i)
     return list(groups.values())
 
 
