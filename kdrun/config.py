@@ -483,6 +483,10 @@ def validate(cfg: DictConfig) -> RunSettings:
             raise ConfigError(
                 f"balancer {cfg.balancer._target_} needs parameter gradients and cannot run with "
                 "trainer.grad_space=features; use trainer.grad_space=params.")
+    # A balancer whose method constrains the rest of the run says so before anything is built (DOT: plain SGD).
+    check_run = getattr(import_target(str(cfg.balancer._target_), "balancer"), "check_run", None)
+    if check_run is not None:
+        check_run(cfg)
     distill = dict(cfg.get("distill") or {})
     if distill and cfg.get("teacher") is None:
         raise ConfigError(

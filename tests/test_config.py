@@ -47,6 +47,8 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
         extra = ["distill=kl"]
     if group == "method":  # presets are added on top (+method=mokd), like recipes
         extra = ["teacher=convnet_l"]
+    if (group, option) == ("balancer", "dot"):  # DOT keeps the momentum: a plain SGD beside it (check_run)
+        extra = ["optimizer=sgd_plain"]
     prefix = "+" if group == "method" else ""
     cfg = compose_cfg([f"{prefix}{group}={option}", *extra])
     validate(cfg)

@@ -49,12 +49,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from kdrun.balancers.gradients import Jacobian
 
 
@@ -107,6 +109,8 @@ class StepContext:
             ``needs_recompute``.
         all_reduce_mean: average a tensor across ranks (identity on one process).
         diagnostics: whether this step's gradient statistics are logged.
+        params: the trainable parameters the Jacobian is taken over, in the model's order (the same in a
+            resumed run), for state kept per parameter (DOT's momentum buffers).
     """
 
     step: int
@@ -118,6 +122,7 @@ class StepContext:
     recompute_objectives: Callable[[], dict[str, Tensor]] | None = None
     all_reduce_mean: Callable[[Tensor], Tensor] = lambda t: t
     diagnostics: bool = False
+    params: Sequence[Tensor] = ()
 
 
 class Balancer(nn.Module):
@@ -141,6 +146,12 @@ class Balancer(nn.Module):
         # Where this balancer's settings live in the config, for the messages of bind (a wrapper such as
         # objective_clip sets its inner balancer's to "balancer.inner").
         self.config_key = "balancer"
+
+    @classmethod
+    def check_run(cls, cfg: DictConfig) -> None:
+        """Called by :func:`kdrun.config.validate` with the composed config, before anything is built: a
+        balancer whose method constrains other parts of the run (DOT: a plain SGD) raises
+        :class:`kdrun.config.ConfigError` here. Default: nothing."""
 
     def named_objectives(self) -> dict[str, list[str]]:
         """The objective names this balancer's settings name, per setting (``{"alphas": ["distill"]}``).

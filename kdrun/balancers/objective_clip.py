@@ -33,7 +33,7 @@ parameter gradient whose norm is clipped. Norms are of the *unscaled* gradients 
 is divided out), so ``max_norm`` means the same with and without GradScaler.
 
 The wrapped balancer must be a :class:`~kdrun.balancers.base.WeightedBalancer` (every kdrun balancer but
-this one is): its update is Σ wᵢ ∇Lᵢ for weights it can state, which is what makes "weigh the clipped
+this one and DOT, whose update is a momentum step, is): its update is Σ wᵢ ∇Lᵢ for weights it can state, which is what makes "weigh the clipped
 gradients instead" well defined.
 """
 from __future__ import annotations

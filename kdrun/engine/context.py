@@ -57,5 +57,5 @@ def step_context(
         step=step, objectives=objectives, backward=backward, jacobian=jacobian,
         gradients=lambda objs: compute_jacobian(objs, params, scale=scale, all_reduce_mean=all_reduce_mean),
         aux_objectives=aux_objectives, recompute_objectives=recompute_objectives,
-        all_reduce_mean=all_reduce_mean, diagnostics=diagnostics,
+        all_reduce_mean=all_reduce_mean, diagnostics=diagnostics, params=tuple(params),
     )

@@ -37,7 +37,9 @@ EQ_BATCH = 32  # per process; the single-process run uses 2 × EQ_BATCH
 EQUIV = [*COMMON, "+student.model.norm=none", "dataset.augment=false", "trainer.epochs=1",
          f"trainer.max_steps={EQ_STEPS}", "logger.log_every=1", "logger.grad_stats_every=3",
          "trainer.save_best=false"]
-BALANCERS = ["fixed", "dto", "dto_exact", "cross_batch", "mgda"]
+BALANCERS = ["fixed", "dto", "dto_exact", "cross_batch", "mgda", "dot"]
+# What a balancer needs beside it: DOT keeps the momentum, so a plain SGD (kdrun/balancers/dot.py check_run).
+WITH = {"dot": ["optimizer=sgd_plain"]}
 
 # Fault tolerance: the default (BatchNorm) student with augmentation, so resuming must restore every
 # rank's own random stream; 2 epochs of 11 steps at 64 per process; last.pt every 4 steps.
@@ -116,7 +118,8 @@ def two_proc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("two_proc")
     dirs = {f"eq/{b}": root / "eq" / b for b in BALANCERS}
     dirs["ft_reference"] = root / "ft_reference"
-    jobs = [(resolved_yaml([*EQUIV, f"balancer={b}", f"trainer.batch_size={EQ_BATCH}"]), str(dirs[f"eq/{b}"]))
+    jobs = [(resolved_yaml([*EQUIV, f"balancer={b}", *WITH.get(b, []), f"trainer.batch_size={EQ_BATCH}"]),
+             str(dirs[f"eq/{b}"]))
             for b in BALANCERS]
     jobs.append((resolved_yaml([*FT, *pause(-1, root / "never")]), str(dirs["ft_reference"])))
     saved = os.environ.get("OMP_NUM_THREADS")

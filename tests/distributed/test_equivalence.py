@@ -1,7 +1,8 @@
 """DDP is exact: 2 processes × batch B train the same parameters as 1 process × batch 2B.
 
 For a loss-level balancer (fixed, amortised DTO) this is DDP's gradient averaging; for gradient-level
-ones (exact DTO, cross-batch, MGDA) it is the rank-averaged Jacobian and the rank-averaged losses.
+ones (exact DTO, cross-batch, MGDA, and DOT, whose momentum buffers are fed from it) it is the rank-averaged
+Jacobian and the rank-averaged losses.
 The TrainSampler gives rank r the permutation's positions r, r+2, …, so the two ranks' k-th batches
 together are exactly positions [2kB, 2(k+1)B) of the same permutation: the single process's k-th
 batch of 2B (checked directly below). Every rank must also compute the same π at every step.
@@ -16,7 +17,7 @@ import torch
 
 from kdrun.runtime import distributed as D
 from tests.conftest import run
-from tests.distributed.conftest import BALANCERS, EQ_BATCH, EQ_STEPS, EQUIV, trainable
+from tests.distributed.conftest import BALANCERS, EQ_BATCH, EQ_STEPS, EQUIV, WITH, trainable
 
 
 def test_rank_batches_union_is_the_single_process_batch() -> None:
@@ -36,7 +37,8 @@ def test_rank_batches_union_is_the_single_process_batch() -> None:
 def test_two_processes_match_one_process_with_twice_the_batch(
         balancer: str, two_proc: dict[str, Path], tmp_path: Path) -> None:
     two = two_proc[f"eq/{balancer}"]
-    one = run([*EQUIV, f"balancer={balancer}", f"trainer.batch_size={2 * EQ_BATCH}"], tmp_path)
+    one = run([*EQUIV, f"balancer={balancer}", *WITH.get(balancer, []), f"trainer.batch_size={2 * EQ_BATCH}"],
+              tmp_path)
     assert one["steps"] == EQ_STEPS
 
     # Parameters (rank 0's checkpoint and each rank's own copy) after N steps.
