@@ -33,9 +33,9 @@ def groups_trained(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     seen: list[list[str]] = []
     real = train_group_module.train_jobs
 
-    def spy(cfgs: list, run_dirs: list[Path], records: list) -> list[dict[str, Any]]:
+    def spy(cfgs: list, checked: list, settings: list, run_dirs: list[Path], records: list) -> list[dict[str, Any]]:
         seen.append([Path(d).name for d in run_dirs])
-        return real(cfgs, run_dirs, records)
+        return real(cfgs, checked, settings, run_dirs, records)
 
     monkeypatch.setattr(train_group_module, "train_jobs", spy)
     return seen
@@ -111,8 +111,9 @@ def test_a_crashed_job_fails_alone_and_the_sweep_fails_at_its_end(
     does under Hydra's basic launcher."""
     real = train_group_module.train_jobs
 
-    def second_crashes(cfgs: list, run_dirs: list[Path], records: list) -> list[dict[str, Any]]:
-        results = real(cfgs, run_dirs, records)
+    def second_crashes(cfgs: list, checked: list, settings: list, run_dirs: list[Path],
+                       records: list) -> list[dict[str, Any]]:
+        results = real(cfgs, checked, settings, run_dirs, records)
         results[1] = {"run_dir": str(run_dirs[1]), "error": "boom", "user_error": False,
                       "traceback": "Traceback (most recent call last):\nRuntimeError: boom in the student step"}
         return results
@@ -130,7 +131,7 @@ def test_a_stopped_group_says_so_for_every_job_then_ends_the_sweep(
     the next group starts."""
     started: list[list[str]] = []
 
-    def stopped(cfgs: list, run_dirs: list[Path], records: list) -> list[dict[str, Any]]:
+    def stopped(cfgs: list, checked: list, settings: list, run_dirs: list[Path], records: list) -> list[dict[str, Any]]:
         started.append([Path(d).name for d in run_dirs])
         return [{"run_dir": str(d), "preempted": "SIGTERM", "exit_code": 0, "steps": 7,
                  "checkpoint": str(Path(d) / "last.pt")} for d in run_dirs]

@@ -296,7 +296,7 @@ def dispatch(cfg: DictConfig, checked: DictConfig, settings: Any, run_dir: Path,
 
     group = active_session()
     if group is not None:
-        return group.take(cfg, run_dir, record)
+        return group.take(cfg, checked, settings, run_dir, record)
 
     # Read the environment here, not before Hydra: under hydra/launcher=submitit_slurm this runs in each
     # SLURM task on the compute nodes, not in the submitting process.

@@ -11,7 +11,7 @@ record, validation, the end summary, user errors as one paragraph), as under the
 training call differs. While a :class:`GroupSession` is active, :func:`kdrun.commands.launch.dispatch` hands
 the job to it instead of training it: the launcher runs each job's task once to *collect* the jobs (the task
 stops at its training call, :class:`Collected`), trains them together (:func:`train_jobs`, i.e.
-:func:`kdrun.engine.group.train_group`: one loader, one teacher forward per step, every student its own
+:func:`kdrun.engine.group.train_group` through :func:`kdrun.commands.launch.dispatch_group`: one loader, one teacher forward per step, every student its own
 step), then runs each job's task again to *report*: there the training call returns the job's result (or
 raises its error), and the task ends the job as it ends a job trained alone."""
 from __future__ import annotations
@@ -47,11 +47,13 @@ class GroupSession:
     jobs: dict[Path, dict[str, Any]] = field(default_factory=dict)   # run dir → the training call's arguments
     results: dict[Path, dict[str, Any]] = field(default_factory=dict)
 
-    def take(self, cfg: DictConfig, run_dir: Path, record: dict[str, str]) -> dict[str, Any]:
-        """The training call of a job (from :func:`kdrun.commands.launch.dispatch`)."""
+    def take(self, cfg: DictConfig, checked: DictConfig, settings: Any, run_dir: Path,
+             record: dict[str, str]) -> dict[str, Any]:
+        """The training call of a job (:func:`kdrun.commands.launch.dispatch`'s arguments)."""
         run_dir = Path(run_dir)
         if run_dir not in self.results:
-            self.jobs[run_dir] = {"cfg": cfg, "run_dir": run_dir, "record": record}
+            self.jobs[run_dir] = {"cfg": cfg, "checked": checked, "settings": settings, "run_dir": run_dir,
+                                  "record": record}
             raise Collected()
         result = self.results[run_dir]
         if "error" not in result:
@@ -63,7 +65,7 @@ class GroupSession:
     def train(self) -> None:
         """Train the collected jobs together; their results are what their tasks' training calls return."""
         jobs = list(self.jobs.values())
-        results = train_jobs([j["cfg"] for j in jobs], [j["run_dir"] for j in jobs], [j["record"] for j in jobs])
+        results = train_jobs(*([j[k] for j in jobs] for k in ("cfg", "checked", "settings", "run_dir", "record")))
         self.results = {j["run_dir"]: r for j, r in zip(jobs, results)}
 
 
@@ -106,17 +108,19 @@ def sharing_class(cfg: DictConfig) -> Optional[str]:
     return sharing_key(cfg)
 
 
-def train_jobs(cfgs: list[DictConfig], run_dirs: list[Path], records: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """Train one group in this process: each job's results as ``kdrun.engine.train`` returns them alone, or
-    ``{"error": ...}`` for a job that failed (kdrun.engine.group.train_group). What fails in the part the
-    jobs share (the data, the teacher) fails every job of the group, each as it would have failed alone."""
+def train_jobs(cfgs: list[DictConfig], checked: list[DictConfig], settings: list[Any], run_dirs: list[Path],
+               records: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Train one group where it runs (:func:`kdrun.commands.launch.dispatch_group`, which trains it in this
+    process for the groups :func:`sharing_class` forms): each job's results as ``kdrun.engine.train`` returns
+    them alone, or ``{"error": ...}`` for a job that failed (kdrun.engine.group.train_group). What fails in
+    the part the jobs share (the data, the teacher) fails every job of the group, each as it would alone."""
     import traceback
 
-    from kdrun.engine.group import train_group
+    from kdrun.commands.launch import dispatch_group
     from kdrun.errors import find_user_error
 
     try:
-        return train_group(cfgs, run_dirs, records)
+        return dispatch_group(cfgs, checked, settings[0], run_dirs, records)
     except Exception as e:  # noqa: BLE001 — every job gets the error; the sweep goes on with other groups
         user = find_user_error(e)
         error = {"error": str(user if user is not None else e), "user_error": user is not None,
