@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterator, Literal, Optional, Sequence, Union
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 
 class ConfigError(ValueError):
@@ -178,9 +178,41 @@ class LoggerConfig:
 
     log_every: Annotated[int, Ge(1)] = 10  # optimiser steps
     grad_stats_every: Annotated[int, Ge(0)] = 50  # gradient diagnostics (conflict, cosine, dominance); 0 disables
-    tensorboard: bool = True
+    # Where the scalars go besides metrics.jsonl (kdrun.runtime.log_backends): any of LOG_BACKENDS; [] for
+    # metrics.jsonl alone. wandb and mlflow need their extras (pip install -e ".[wandb]" / ".[mlflow]").
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # The trackers' group of this run (W&B group, MLflow tag kdrun.sweep); null: a sweep job's sweep
+    # directory (set by `kdrun train -m`), none for a single run.
+    group: Optional[str] = None
     jsonl: bool = True
     progress: bool = True
+
+
+# The logging backends (kdrun/runtime/log_backends/<name>.py) and what installs each.
+LOG_BACKENDS = {"tensorboard": "always installed", "wandb": 'pip install -e ".[wandb]"',
+                "mlflow": 'pip install -e ".[mlflow]"'}
+
+
+def check_log_backends(value: Any) -> None:
+    """``logger.backends``: a list of backend names (the schema check does not look into lists)."""
+    known = ", ".join(f"{name} ({how})" for name, how in LOG_BACKENDS.items())
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"logger.backends={value!r} must be a list, e.g. logger.backends=[tensorboard,wandb] "
+                          f"([] for metrics.jsonl alone); the backends are {known}.")
+    for name in value:
+        if name not in LOG_BACKENDS:
+            raise ConfigError(f"logger.backends: {name!r} is not a logging backend"
+                              f"{did_you_mean(str(name), list(LOG_BACKENDS))}; the backends are {known}, "
+                              "e.g. logger.backends=[tensorboard,wandb].")
+
+
+def upgrade_saved_logger(cfg: DictConfig) -> None:
+    """A config saved before ``logger.backends`` existed (a checkpoint's, which ``kdrun eval`` validates) has
+    ``logger.tensorboard: true|false``: read it as ``logger.backends: [tensorboard]`` or ``[]``."""
+    node = cfg.get("logger")
+    if isinstance(node, DictConfig) and "tensorboard" in node and "backends" not in node:
+        with open_dict(node):
+            node.backends = ["tensorboard"] if node.pop("tensorboard") else []
 
 
 GROUP_SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "logger": LoggerConfig}
@@ -445,8 +477,10 @@ def validate(cfg: DictConfig) -> RunSettings:
             note = (" (the architecture is chosen with student=X / teacher=X, which both read conf/model/X.yaml)"
                     if k == "model" else "")
             raise ConfigError(unknown_key_message("", str(k), [r for r in ROOT_KEYS if r != "hydra"], note=note))
+    upgrade_saved_logger(cfg)
     schemas = {group: validate_schema_node(group, cfg[group], schema) if cfg.get(group) is not None else schema()
                for group, schema in GROUP_SCHEMAS.items()}
+    check_log_backends(schemas["logger"].backends)
     for key in ("dataset", "task", "balancer", "optimizer", "scheduler"):
         node = cfg.get(key)
         if not isinstance(node, DictConfig) or "_target_" not in node:

@@ -73,7 +73,7 @@ def step_times(overrides: list[str], steps: int, warmup: int) -> list[float]:
             cfg = compose(config_name="config", overrides=overrides + [
                 f"trainer.max_steps={steps}", "trainer.epochs=1000", "trainer.save_last=false",
                 "trainer.save_best=false", "logger.log_every=1", "logger.grad_stats_every=0",
-                "logger.progress=false", "logger.tensorboard=false"])
+                "logger.progress=false", "logger.backends=[]"])
         res = train(cfg, Path(d))
         lines = [json.loads(l) for l in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     batch = cfg.trainer.batch_size

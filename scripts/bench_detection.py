@@ -124,7 +124,7 @@ def overrides(spec: dict[str, Any]) -> list[str]:
         f"trainer.num_workers={spec['workers']}", f"trainer.max_steps={spec['steps']}", "trainer.epochs=1",
         "trainer.grad_clip=0.1", "trainer.save_last=false", "trainer.save_best=false",
         "optimizer=adamw", "optimizer.lr=1e-4", "scheduler=constant", f"seed={spec.get('seed', 0)}",
-        "logger.log_every=1", "logger.grad_stats_every=0", "logger.progress=false", "logger.tensorboard=false",
+        "logger.log_every=1", "logger.grad_stats_every=0", "logger.progress=false", "logger.backends=[]",
     ]
     if spec["mode"] in MODE_OVERRIDES:
         over += [f"teacher=vidt_{spec['teacher']}", "teacher.allow_random=true",

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = ["teacher=convnet_l", "teacher.checkpoint=null", "teacher.allow_random=true", "distill=kl", "logger.progress=false",
-         "logger.tensorboard=false", "logger.log_every=1", "logger.grad_stats_every=0",
+         "logger.backends=[]", "logger.log_every=1", "logger.grad_stats_every=0",
          "trainer.save_last=false", "trainer.save_best=false", "trainer.val_every=1000"]
 
 

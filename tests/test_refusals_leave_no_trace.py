@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Composition quiet (no Hydra logging setup in the test process); unlike QUIET in test_cli_errors, the
 # project's own hydra.output_subdir (null) and run-guard callback stay as a user has them.
 QUIET_LOGS = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
-TINY = [*QUICK, "trainer.epochs=1", "trainer.max_steps=2", "logger.tensorboard=false", *QUIET_LOGS]
+TINY = [*QUICK, "trainer.epochs=1", "trainer.max_steps=2", "logger.backends=[]", *QUIET_LOGS]
 
 
 def tree_hash(root: Path) -> dict[str, str]:
@@ -124,11 +124,11 @@ def test_rows_past_the_checkpoint_are_dropped_once(tmp_path: Path) -> None:
 
 
 def test_a_resumed_logger_purges_tensorboard_after_the_checkpoint(tmp_path: Path) -> None:
-    first = RunLogger(tmp_path, tensorboard=True, jsonl=True)
+    first = RunLogger(tmp_path, backends=["tensorboard"], jsonl=True)
     for step in range(1, 7):
         first.log(step, {"loss": float(step)})
     first.close()  # as if killed after step 6, with the last checkpoint at step 4
-    second = RunLogger(tmp_path, tensorboard=True, jsonl=True, resumed_at=4)
+    second = RunLogger(tmp_path, backends=["tensorboard"], jsonl=True, resumed_at=4)
     for step in (5, 6):
         second.log(step, {"loss": 10.0 * step})
     second.close()
@@ -156,7 +156,7 @@ def test_kill9_of_the_launcher_takes_its_workers_down(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "kdrun.cli", "train", *QUICK, "trainer.devices=2", "trainer.epochs=200",
-         "logger.tensorboard=false", "trainer.preempt_grace_s=20", f"hydra.run.dir={run_dir}"],
+         "logger.backends=[]", "trainer.preempt_grace_s=20", f"hydra.run.dir={run_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     workers: list[int] = []
     try:

@@ -34,7 +34,7 @@ from tests.conftest import QUICK, compose_cfg, run
 from tests.test_cli_errors import QUIET, kdrun  # noqa: F401  (kdrun: the in-process CLI fixture)
 from tests.engine._parts import NaNAtStep, batches, make_step
 
-TINY = [*QUICK, "trainer.epochs=1", "trainer.max_steps=2", "logger.tensorboard=false"]
+TINY = [*QUICK, "trainer.epochs=1", "trainer.max_steps=2", "logger.backends=[]"]
 
 def one_paragraph(err: str, *needles: str) -> None:
     line = err.strip().splitlines()[-1]
@@ -96,7 +96,7 @@ def test_two_simultaneous_trains_one_run_intact_other_refused(tmp_path: Path) ->
     trains (long enough that the other certainly starts meanwhile) and is then stopped by SIGTERM (an
     orderly stop: last.pt, exit 0); the other exits 2 naming the holder."""
     d = tmp_path / "run"
-    argv = [sys.executable, "-m", "kdrun.cli", "train", *QUICK, "trainer.epochs=500", "logger.tensorboard=false",
+    argv = [sys.executable, "-m", "kdrun.cli", "train", *QUICK, "trainer.epochs=500", "logger.backends=[]",
             f"hydra.run.dir={d}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -87,7 +87,7 @@ def test_a_run_takes_over_the_fit_of_a_killed_run(
     monkeypatch.setenv("KDRUN_CACHE", str(tmp_path / "cache"))
     teacher = tmp_path / "cache" / "teachers" / "t.pt"
     plant_claim(FitClaim(teacher), socket.gethostname(), dead_pid())  # a run killed (-9) in its fit
-    res = run([*QUICK, "trainer.epochs=1", "trainer.max_steps=1", "logger.tensorboard=false", "teacher=convnet_l",
+    res = run([*QUICK, "trainer.epochs=1", "trainer.max_steps=1", "logger.backends=[]", "teacher=convnet_l",
                f"teacher.checkpoint={teacher}", "teacher.fit_if_missing_epochs=1", "trainer.batch_size=256",
                "distill=kl"], tmp_path / "run")
     out = capsys.readouterr().out
@@ -104,7 +104,7 @@ def test_two_cold_runs_on_one_empty_cache_fit_the_teacher_once(tmp_path: Path) -
     cache = tmp_path / "cache"
     teacher = cache / "teachers" / "t.pt"
     argv = [sys.executable, "-m", "kdrun.cli", "train", *QUICK, "trainer.epochs=1", "trainer.max_steps=2",
-            "trainer.batch_size=256", "logger.tensorboard=false", "teacher=convnet_l",
+            "trainer.batch_size=256", "logger.backends=[]", "teacher=convnet_l",
             f"teacher.checkpoint={teacher}", "teacher.fit_if_missing_epochs=1", "distill=kl"]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(KDRUN_CACHE=str(cache), OMP_NUM_THREADS="1")

@@ -23,7 +23,7 @@ from kdrun.models.build import CheckpointError
 from tests.conftest import QUICK, run
 from tests.test_cli_errors import QUIET, kdrun  # noqa: F401  (kdrun: the in-process CLI fixture)
 
-TINY = [*QUICK, "trainer.epochs=1", "trainer.max_steps=2", "logger.tensorboard=false"]
+TINY = [*QUICK, "trainer.epochs=1", "trainer.max_steps=2", "logger.backends=[]"]
 # A distillation run (a teacher and a distill term): the balancer weighs two objectives, so that
 # balancer=dto is a valid choice for it. The teacher is random on purpose: only the files matter here.
 KD = ["teacher=convnet_l", "teacher.checkpoint=null", "teacher.allow_random=true", "distill=kl"]

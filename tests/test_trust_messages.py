@@ -19,7 +19,7 @@ from tests.conftest import QUICK
 from tests.test_cli_errors import QUIET, kdrun  # noqa: F401  (kdrun: the in-process CLI fixture)
 from tests.test_trust_checkpoints import one_paragraph
 
-TINY = [*QUICK, "trainer.epochs=1", "trainer.max_steps=2", "logger.tensorboard=false"]
+TINY = [*QUICK, "trainer.epochs=1", "trainer.max_steps=2", "logger.backends=[]"]
 
 
 # -- KDRUN_CACHE pointing at a file ------------------------------------------------------------------------

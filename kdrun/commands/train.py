@@ -222,12 +222,15 @@ def train_task(cfg: Any) -> float | None:
 
     from kdrun.config import validate
     from kdrun.commands.launch import dispatch
+    from kdrun.runtime.log_backends import check_backends, name_sweep_group
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_guard.note_job_dir(run_dir)
     record = run_guard.hydra_record(cfg)  # .hydra/, written when the run starts
+    name_sweep_group(cfg, HydraConfig.get())  # a sweep job's logger.group: the sweep (W&B group, MLflow tag)
     checked = copy.deepcopy(cfg)
     settings = validate(checked)  # fail before any process starts
+    check_backends(settings.logger.backends)
     results = dispatch(cfg, checked, settings.trainer, run_dir, record)
     return report_end(results, multirun_dir(HydraConfig.get()))
 

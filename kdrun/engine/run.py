@@ -20,6 +20,7 @@ from kdrun.engine.loop import Loop
 from kdrun.engine.environment import git_commit, pick_device, seed_everything, set_backend_flags
 from kdrun.engine.step import KDStep, StepSettings
 from kdrun.engine.teacher import check_teacher_weights, fit_teacher, needs_fit
+from kdrun.runtime.log_backends import check_backends
 from kdrun.runtime.logger import RunLogger
 from kdrun.runtime.rundir import RunDirError, RunLock, check_fresh, check_usable
 from kdrun.runtime.run_guard import write_record
@@ -38,6 +39,7 @@ def train(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None) 
     is ``{"finished": True, ...}``."""
     cfg = copy.deepcopy(cfg)
     settings = validate(cfg)
+    check_backends(settings.logger.backends)  # a missing extra fails here, before anything is written
     trainer = settings.trainer
     preemption.parse_signals(trainer.preempt_signals)  # a bad signal name fails now, not at the first step
     run_dir = Path(run_dir)
@@ -121,10 +123,12 @@ def _train(cfg: DictConfig, settings: RunSettings, run_dir: Path, begin: Callabl
     if finished is not None:
         close_loaders(parts.loaders)
         return finished
+    # First: a tracker that cannot start fails before the run's files are written.
+    logger = RunLogger(run_dir, list(cfg.logger.backends), cfg.logger.jsonl, enabled=main,
+                       resumed_at=state.step if restored is not None else None,
+                       config=OmegaConf.to_container(cfg, resolve=True), group=cfg.logger.group)
     if main:
         begin()
-    logger = RunLogger(run_dir, cfg.logger.tensorboard, cfg.logger.jsonl, enabled=main,
-                       resumed_at=state.step if restored is not None else None)
     loop = Loop(parts, make_step(parts, cfg, state), state, checkpointer, logger, run_dir, cfg.logger.progress)
     if parts.teacher is not None and not state.teacher_metrics:  # measured once per run, kept in checkpoints
         state.teacher_metrics = loop.validate(parts.teacher.model, "teacher_val_detections.json", parts.teacher.precision)

@@ -1,4 +1,5 @@
-"""Run logging on rank 0: TensorBoard scalars, ``metrics.jsonl`` and a console progress line.
+"""Run logging on rank 0: ``metrics.jsonl``, the ``logger.backends`` (TensorBoard, W&B, MLflow) and a console
+progress line.
 
 Values arrive as tensors and are converted with one batched host transfer on log steps only, so the
 training hot path never waits on the device for logging between log steps.
@@ -13,11 +14,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
+
+from kdrun.runtime.log_backends import open_backends
+from kdrun.runtime.log_backends.base import Backend
 
 
 def to_floats(values: Mapping[str, Any]) -> dict[str, float]:
@@ -133,28 +137,41 @@ class Progress:
 
 
 class RunLogger:
-    """TensorBoard scalars (``tb/``) and ``metrics.jsonl`` of one run, on the main rank.
+    """The run's scalars on the main rank: ``metrics.jsonl`` (``logger.jsonl``) and every backend of
+    ``logger.backends`` (TensorBoard ``tb/``, W&B, MLflow: :mod:`kdrun.runtime.log_backends`), each given the
+    same values at the same step; ``config`` (the resolved config) goes to the backends once.
 
     ``resumed_at``: the step of the checkpoint a resumed run continues from. A run killed after that
-    checkpoint had already logged later steps, which the resumed run logs again; those rows are dropped
-    first, so every step appears once: TensorBoard's ``purge_step`` hides the events from step
-    ``resumed_at + 1`` on (the checkpoint's own step, e.g. its epoch-end val, was logged before the save
-    and is not repeated), and ``metrics.jsonl`` is rewritten without the rows past ``resumed_at``."""
+    checkpoint had already logged later steps, which the resumed run logs again. ``metrics.jsonl`` is
+    rewritten without the rows past ``resumed_at`` and TensorBoard hides its events from ``resumed_at + 1``
+    on (``purge_step``; the checkpoint's own step, e.g. its epoch-end val, was logged before the save and is
+    not repeated), so every step appears once, with the resumed session's values. W&B and MLflow cannot
+    drop what they hold: they are sent only the steps after the last one ``metrics.jsonl`` held (the killed
+    session's last logged step), so every step appears once there too, the steps between the checkpoint
+    and the kill with the killed session's values (the same values when the resume is bit-exact). Without
+    ``metrics.jsonl`` that step is unknown and they are sent those steps again (W&B ignores a step it has
+    passed; MLflow keeps both values).
 
-    def __init__(self, run_dir: Path, tensorboard: bool, jsonl: bool, enabled: bool = True,
-                 resumed_at: int | None = None) -> None:
+    A backend that fails while the run logs (a tracking server gone) is dropped for the rest of the session
+    with one warning; the run goes on (``metrics.jsonl`` is the run's own record)."""
+
+    def __init__(self, run_dir: Path, backends: Sequence[str] = ("tensorboard",), jsonl: bool = True,
+                 enabled: bool = True, resumed_at: int | None = None, config: Mapping[str, Any] | None = None,
+                 group: str | None = None) -> None:
         self.enabled = enabled
-        self.writer = None
+        self.backends: list[Backend] = []
         self.jsonl = None
+        self.sent_through: int | None = None  # the backends that cannot rewind hold the steps up to here
         if not enabled:
             return
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tb"),
-                                        purge_step=None if resumed_at is None else resumed_at + 1)
+        path = Path(run_dir) / "metrics.jsonl"
+        if resumed_at is not None:
+            self.sent_through = max(resumed_at, last_step(path) or resumed_at)
+        self.backends = open_backends(backends, Path(run_dir), resumed_at, group)
+        if config is not None:
+            for backend in self.backends:
+                backend.log_params(config)
         if jsonl:
-            path = run_dir / "metrics.jsonl"
             if resumed_at is not None:
                 drop_rows_after(path, resumed_at)
             self.jsonl = open(path, "a", buffering=1)
@@ -163,20 +180,45 @@ class RunLogger:
         if not self.enabled:
             return {}
         vals = to_floats(values)
-        if self.writer is not None:
-            for k, v in vals.items():
-                self.writer.add_scalar(k, v, step)
+        for backend in list(self.backends):
+            if not backend.rewinds and self.sent_through is not None and step <= self.sent_through:
+                continue  # it holds this step from the session the checkpoint was resumed after
+            try:
+                backend.log_scalars(step, vals)
+            except Exception as e:  # whatever a tracker raises, the training goes on
+                self.backends.remove(backend)
+                print(f"kdrun: warning: logging to {backend.name} failed at step {step} "
+                      f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); it gets no "
+                      "more values in this session" + ("; metrics.jsonl has them all." if self.jsonl else "."),
+                      file=sys.stderr, flush=True)
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"kind": kind, "step": step,
                                          **{k: (v if math.isfinite(v) else str(v)) for k, v in vals.items()}}) + "\n")
         return vals
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        for backend in self.backends:
+            backend.close()
+        self.backends = []
         if self.jsonl is not None:
             self.jsonl.close()
+            self.jsonl = None
+
+
+def last_step(path: Path) -> int | None:
+    """The highest ``step`` of a ``metrics.jsonl`` (None: no file or no row with a step)."""
+    if not path.is_file():
+        return None
+    steps = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(step, int):
+                steps.append(step)
+    return max(steps, default=None)
 
 
 def drop_rows_after(path: Path, step: int) -> int:

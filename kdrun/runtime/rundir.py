@@ -38,7 +38,8 @@ RUN_FILES = ("last.pt", "best.pt", "results.json", "metrics.jsonl")
 # What a run writes; removed by trainer.overwrite=true (.hydra/ belongs to the new run; cli.log, kdrun's
 # copy of the console, is opened after this removal, so the new run's log starts empty).
 RUN_OUTPUTS = ("last.pt", "last.pt.prev", "best.pt", "results.json", "metrics.jsonl", "tb", "export",
-               "plots", "val_detections.json", "teacher_val_detections.json", "preempted.json", "cli.log")
+               "plots", "val_detections.json", "teacher_val_detections.json", "preempted.json", "cli.log",
+               "wandb", "trackers.json")  # W&B's files; the tracker run ids (a new run gets new tracker runs)
 
 
 class RunDirError(ConfigError):

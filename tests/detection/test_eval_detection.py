@@ -27,7 +27,7 @@ TINY = [
     "student=vidt_nano", "student.model.det_tokens=30", "student.model.dec_layers=2",
     "trainer.accelerator=cpu", "trainer.batch_size=2", "trainer.epochs=1", "trainer.max_steps=2",
     "optimizer=adamw", "optimizer.lr=1e-3", "scheduler=constant",
-    "logger.log_every=1", "logger.grad_stats_every=0", "logger.progress=false", "logger.tensorboard=false",
+    "logger.log_every=1", "logger.grad_stats_every=0", "logger.progress=false", "logger.backends=[]",
 ]
 
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TEACHER = ["teacher=convnet_l", "teacher.checkpoint=null", "teacher.allow_random=true",
            "teacher.model.widths=[8,16,32]", "teacher.model.convs_per_stage=1", "distill=kl"]
 COMMON = ["trainer.accelerator=cpu", "trainer.deterministic=true", "logger.progress=false",
-          "logger.tensorboard=false", "scheduler=cosine", "scheduler.warmup_epochs=0", *TEACHER]
+          "logger.backends=[]", "scheduler=cosine", "scheduler.warmup_epochs=0", *TEACHER]
 
 # Equivalence: a BatchNorm-free student, no augmentation, 8 steps; π logged at every step and the
 # gradient diagnostics on every 3rd (their Jacobian is shared with gradient-level balancers).

@@ -69,7 +69,7 @@ def make_loop(tmp_path: Path, *, epochs: int = 2, max_steps: int = -1, progress:
     parts = SimpleNamespace(trainer=t, total_steps=total, steps_per_epoch=STEPS_PER_EPOCH, seed=0, task=task,
                             loaders=FakeLoaders(), trainable=torch.nn.Linear(1, 1), student=None)
     st = TrainState(teacher_metrics=teacher or {})
-    logger = RunLogger(tmp_path, tensorboard=False, jsonl=False)
+    logger = RunLogger(tmp_path, backends=[], jsonl=False)
     return FakeValLoop(parts, FakeStep(), st, FakeCheckpointer(), logger, tmp_path, progress)  # type: ignore[arg-type]
 
 

@@ -54,7 +54,7 @@ BASE = [*QUICK, "dataset=synthetic", "dataset._target_=tests.engine.test_teacher
         "teacher=convnet_l", "teacher.checkpoint=null", "teacher.allow_random=true",
         "teacher.model.widths=[8,16,32]", "teacher.model.convs_per_stage=1",
         "distill=kl", "trainer.batch_size=16", "trainer.epochs=2", "trainer.deterministic=true",
-        "logger.log_every=1", "logger.grad_stats_every=3", "logger.tensorboard=false", "seed=3"]
+        "logger.log_every=1", "logger.grad_stats_every=3", "logger.backends=[]", "seed=3"]
 
 
 def cached(cache_dir: Path, *extra: str, **keys: str) -> list[str]:

@@ -273,7 +273,7 @@ def test_debug_quick_validates_with_every_recipe(quick: DictConfig) -> None:
 QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null"]
 # Two steps on digits with a random teacher: seconds, no teacher fit.
 TWO_STEPS = ["trainer.max_steps=2", "trainer.epochs=1", "teacher.checkpoint=null", "teacher.allow_random=true",
-             "logger.progress=false", "logger.tensorboard=false"]
+             "logger.progress=false", "logger.backends=[]"]
 
 
 @pytest.fixture

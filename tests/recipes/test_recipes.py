@@ -310,7 +310,7 @@ def engine_overrides(name: str, cfg: DictConfig) -> list[str]:
           "dataset.val_size=8", "trainer.max_steps=2", "trainer.epochs=1", "trainer.batch_size=4",
           "trainer.accelerator=cpu", "trainer.num_workers=0", "trainer.precision=fp32",
           "trainer.channels_last=false", "trainer.save_last=false", "trainer.save_best=false",
-          "logger.progress=false", "logger.tensorboard=false", "logger.log_every=1", "logger.grad_stats_every=2"]
+          "logger.progress=false", "logger.backends=[]", "logger.log_every=1", "logger.grad_stats_every=2"]
     if cfg.teacher is not None:
         ov += ["teacher.checkpoint=null", "teacher.fit_if_missing_epochs=0", "teacher.allow_random=true"]
         if "pretrained" in cfg.teacher.model:
@@ -508,7 +508,7 @@ def detection_overrides(name: str, cfg: DictConfig) -> list[str]:
           "dataset.crop_size=[32,48]", "dataset.eval_size=64", "student.model.det_tokens=10",
           "student.model.dec_layers=2", "student.model.backbone_weights=null", "trainer.max_steps=2", "trainer.epochs=1", "trainer.batch_size=2",
           "trainer.val_batch_size=2", "trainer.accelerator=cpu", "trainer.num_workers=0", "trainer.precision=fp32",
-          "trainer.save_last=false", "trainer.save_best=false", "logger.progress=false", "logger.tensorboard=false",
+          "trainer.save_last=false", "trainer.save_best=false", "logger.progress=false", "logger.backends=[]",
           "logger.log_every=1", "logger.grad_stats_every=2"]
     if cfg.teacher is not None:
         ov += ["teacher.model.weights=null", "teacher.checkpoint=null", "teacher.allow_random=true",

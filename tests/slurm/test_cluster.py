@@ -89,7 +89,7 @@ def test_readme_sbatch_script_as_written_runs_two_srun_ranks(slurm: dict[str, st
 # random stream must be restored), deterministic kernels and one thread in both runs, so that the requeued
 # run must be bit-identical to the uninterrupted one. PauseAt (a zero loss term) holds step 10 until the
 # signal has arrived, so the stop lands at a known step however busy the machine is.
-FT = ["trainer.accelerator=cpu", "trainer.deterministic=true", "logger.progress=false", "logger.tensorboard=false",
+FT = ["trainer.accelerator=cpu", "trainer.deterministic=true", "logger.progress=false", "logger.backends=[]",
       "scheduler=cosine", "scheduler.warmup_epochs=0", "teacher=convnet_l", "teacher.checkpoint=null",
       "teacher.allow_random=true", "teacher.model.widths=[8,16,32]", "teacher.model.convs_per_stage=1",
       "distill=kl", "trainer.epochs=2", "trainer.max_steps=30", "seed=5",
