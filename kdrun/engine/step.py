@@ -143,7 +143,15 @@ class KDStep:
     # -- the balancer's view of the step -----------------------------------------------------------
 
     def scale(self) -> float:
-        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        """The fp16 loss scale the balancer multiplies its objectives by (1 without a GradScaler).
+        Gradient-level balancers scale their objectives by this float instead of calling
+        ``scaler.scale(loss)``; but it is that call that creates the scaler's scale tensor, without which
+        ``unscale_`` fails on the first step ("_scale is None"). Scaling a zero creates it (once: later
+        calls reuse the tensor)."""
+        if not self.scaler.is_enabled():
+            return 1.0
+        self.scaler.scale(torch.zeros((), device=self.device))
+        return self.scaler.get_scale()
 
     def context(self, step: int, objectives: dict[str, Tensor], s_out: ModelOutput,
                 restores: list[Callable[[], None]], batch: tuple[Any, Any, ModelOutput | None, Any]) -> StepContext:
