@@ -72,6 +72,17 @@ class Le:
 
 
 @dataclass(frozen=True)
+class Lt:
+    bound: float
+
+    def ok(self, v: float) -> bool:
+        return v < self.bound
+
+    def __str__(self) -> str:
+        return f"< {self.bound}"
+
+
+@dataclass(frozen=True)
 class CountOr:
     """A positive count, or ``sentinel`` with the meaning ``means``: ``trainer.max_steps`` (-1 = no limit).
 
@@ -103,6 +114,22 @@ Seed = Annotated[int, SEED_RANGE[0], SEED_RANGE[1]]
 # drift), and :func:`validate_schema_node` checks a composed node against them.
 
 Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class EmaConfig:
+    """``trainer.ema``: an exponential moving average of the student's weights (parameters and buffers), kept
+    by timm's ``ModelEmaV3`` (:mod:`kdrun.engine.ema`), evaluated beside the raw weights at every validation.
+    ``trainer.ema={}`` turns it on with these defaults; ``null`` (the default) keeps none."""
+
+    # ema ← decay·ema + (1 − decay)·student after every finite optimiser step. 0.9998: timm train.py's
+    # --model-ema-decay default (DeiT's main.py uses 0.99996 for its ~375k steps); 1 would never move.
+    decay: Annotated[float, Gt(0.0), Lt(1.0)] = 0.9998
+    # The decay warms up as 1 − (1 + n/warmup_gamma)^−warmup_power after n updates (capped at decay):
+    # ModelEmaV3's use_warmup; the two shape keys are its defaults (tests/engine/test_ema.py checks that).
+    warmup: bool = False
+    warmup_gamma: Annotated[float, Gt(0.0)] = 1.0
+    warmup_power: Annotated[float, Gt(0.0)] = 2 / 3
 
 
 @dataclass
@@ -164,6 +191,7 @@ class TrainerConfig:
     # this long after it started to join exits with an error naming the ranks it waited for, instead of
     # hanging in process-group setup for the 30-minute collective timeout (kdrun.runtime.distributed.init_process_group).
     dist_timeout_s: Annotated[float, Gt(0.0)] = 300.0
+    ema: Optional[EmaConfig] = None  # the student's weight EMA (EmaConfig); null: none
 
     @property
     def eval_batch_size(self) -> int:
@@ -413,11 +441,34 @@ def validate_schema_node(key: str, node: DictConfig, schema: type) -> Any:
     """Check a plain settings node against its dataclass schema; return the dataclass instance."""
     hints = typing.get_type_hints(schema, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    nested = {}
     for k in node.keys():
         if k not in fields:
             raise ConfigError(unknown_key_message(key, str(k), list(fields)))
+        sub = nested_schema(hints[k])
+        if sub is not None:  # a settings node of its own (trainer.ema): null, or checked against its schema
+            nested[k] = validate_nested(f"{key}.{k}", node[k], sub)
+            continue
         check_value(f"{key}.{k}", node[k], hints[k])
-    return schema(**OmegaConf.to_container(node, resolve=True))  # plain values (lists, not ListConfig)
+    values = OmegaConf.to_container(node, resolve=True)  # plain values (lists, not ListConfig)
+    return schema(**{**values, **nested})
+
+
+def nested_schema(annotation: Any) -> Optional[type]:
+    """The dataclass of an ``Optional[<dataclass>]`` field (``TrainerConfig.ema``), else None."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def validate_nested(key: str, value: Any, schema: type) -> Any:
+    """``null``, or a node checked against ``schema`` (``{}``: its defaults)."""
+    if value is None:
+        return None
+    if not isinstance(value, DictConfig):
+        names = [f.name for f in dataclasses.fields(schema)]
+        raise ConfigError(f"{key}={value!r} must be null or a node with keys {', '.join(names)} ({key}={{}} for "
+                          f"the defaults, e.g. {key}={{{names[0]}:...}}).")
+    return validate_schema_node(key, value, schema)
 
 
 @dataclass

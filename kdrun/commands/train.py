@@ -51,6 +51,12 @@ def missing_key_message(e: BaseException) -> Optional[str]:
     path = full[: -len(key) - 1] if full.endswith("." + key) else ""
     if key in node:
         return None
+    if len(node) == 0 and path:  # trainer.ema.decay=0.9 while trainer.ema is null (Hydra shows it as {}):
+        # "valid keys are (none)" would mislead; the node is set whole, or the key added
+        value = str(e).rsplit(" use ", 1)[-1].partition("=")[2] or "..."
+        return (f"{path} is null or empty in this config, so {full} cannot be overridden: set the node as a "
+                f"whole, {path}={{{key}:{value}}} ({path}={{}} for its defaults), or add the key with "
+                f"+{full}={value}.")
     if "_target_" in node:
         import inspect
 
@@ -316,6 +322,10 @@ def summary_lines(results: dict, sweep_dir: str | None = None) -> list[str]:
     lines.append(f"           best {key} {format_value(b[key])} at {at} "
                  f"({'best.pt' if has_best else 'best.pt not saved'}"
                  + (f"; `kdrun eval RUN_DIR` evaluates {picks})" if picks else ")"))
+    ema = results.get("ema")
+    if ema:  # trainer.ema: the averaged weights, in the checkpoints beside the raw ones
+        lines.append(f"  EMA      val {fmt(ema['final'])}   final; best {key} {format_value(ema['best'][key])} at "
+                     f"epoch {ema['best']['epoch']} (`kdrun export --ema RUN_DIR --which last|best`)")
     skipped = int(results.get("nonfinite_skipped") or 0)
     if skipped > 0:
         lines.append(f"  skipped  {skipped} non-finite step{'s' * (skipped != 1)} (no update on them; "

@@ -23,6 +23,7 @@ from kdrun.balancers.base import Balancer
 from kdrun.config import TrainerConfig, teacher_cache_config
 from kdrun.data.base import DataModule
 from kdrun.data.loaders import Loaders, collate_fn, make_loaders
+from kdrun.engine.ema import StudentEma
 from kdrun.engine.environment import seed_everything, sync_batchnorm
 from kdrun.engine.teacher import Teacher, teacher_load_error
 from kdrun.engine.trainable import Trainable, freeze_bn_stats
@@ -55,6 +56,7 @@ class Parts:
     steps_per_epoch: int
     total_steps: int
     teacher_cache: TeacherCache | None = None  # teacher.cache: the step reads outputs instead of the teacher
+    ema: StudentEma | None = None  # trainer.ema: the student's weight EMA (kdrun.engine.ema)
 
 
 def build_distill(cfg: DictConfig) -> tuple[dict[str, DistillLoss], dict[str, float]]:
@@ -200,10 +202,12 @@ def build(cfg: DictConfig, trainer: TrainerConfig, device: torch.device, seed: i
     trainable = build_trainable(distill, weights, data, task, student, teacher, steps_per_epoch, device)
     if distributed.is_dist() and trainer.sync_batchnorm:
         trainable = sync_batchnorm(trainable, device)  # type: ignore[assignment]
+    # The EMA copies the bare student (on its device, SyncBatchNorm already in place) before DDP/compile wrap it.
+    ema = StudentEma(trainable.student, trainer.ema) if trainer.ema is not None else None
     model = wrap(trainable, trainer, device)
     optimizer = instantiate(cfg.optimizer)(trainable)
     scheduler = instantiate(cfg.scheduler)(optimizer, steps_per_epoch=steps_per_epoch, epochs=trainer.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
     seed_everything(seed + distributed.rank())
     return Parts(trainer, device, seed, data, task, teacher, student, trainable, model, groups, balancer, loaders,
-                 optimizer, scheduler, scaler, steps_per_epoch, total_steps, cache)
+                 optimizer, scheduler, scaler, steps_per_epoch, total_steps, cache, ema)

@@ -13,6 +13,7 @@ from kdrun.runtime import distributed
 from kdrun.runtime import preemption
 from kdrun.runtime.checkpoint import Checkpointer, TrainState
 from kdrun.engine.build import Parts
+from kdrun.engine.ema import ema_metrics
 from kdrun.engine.step import KDStep
 from kdrun.engine.validation import evaluate
 from kdrun.runtime.logger import Progress, RunLogger, current_phase, format_metrics, format_value
@@ -22,7 +23,8 @@ class Loop:
     """Runs ``step`` until ``trainer.epochs``/``max_steps`` or an agreed stop signal.
 
     After :meth:`run`: ``last_val`` holds the validation metrics of the final weights (those in
-    ``last.pt``), ``images``/``wall`` the throughput figures, and ``preempt`` the stop-signal state
+    ``last.pt``), ``ema_val`` those of their EMA (``trainer.ema``; empty without), ``images``/``wall`` the
+    throughput figures, and ``preempt`` the stop-signal state
     (``preempt.agreed``: stopped early).
 
     Console (rank 0, ``logger.progress``): the teacher's val line once, the bar (its text: the epoch and
@@ -37,6 +39,7 @@ class Loop:
         self.parts, self.step, self.state, self.ckpt, self.logger = parts, step, state, checkpointer, logger
         self.run_dir, self.show_progress = run_dir, progress
         self.last_val: dict[str, float] = {}
+        self.ema_val: dict[str, float] = {}
         self.images = 0
         self.wall = 0.0
         self.window_t, self.window_images = 0.0, 0  # images/s between consecutive log steps
@@ -53,6 +56,12 @@ class Loop:
         parts = self.parts
         return evaluate(model, parts.loaders.val, parts.task, parts.device, precision or parts.trainer.precision, parts.trainer.channels_last,
                         results_path=self.run_dir / results_name)
+
+    def validate_students(self) -> None:
+        """``last_val`` (the student) and ``ema_val`` (its EMA, evaluated alike, when ``trainer.ema``)."""
+        self.last_val = self.validate(self.parts.student, "val_detections.json")
+        ema = self.parts.ema
+        self.ema_val = self.validate(ema.module, "ema_val_detections.json") if ema is not None else {}
 
     def run(self) -> None:
         trainer, state = self.parts.trainer, self.state
@@ -77,7 +86,7 @@ class Loop:
                 self.end_epoch(stop)
         progress.finish(state.step)  # the last step is not always a log step: the bar ends where the run did
         if not self.preempt.agreed and not self.last_val:  # resumed a finished run
-            self.last_val = self.validate(self.parts.student, "val_detections.json")
+            self.validate_students()
         if self.phase and not self.preempt.agreed:
             progress.write(f"{self.phase}: done after {state.epoch} epochs ({state.step} steps); val "
                            f"{format_metrics(self.last_val, self.parts.task.metric_keys)}")
@@ -122,10 +131,12 @@ class Loop:
         # A stop mid-epoch (max_steps) is validated too: the final figures are then those of the weights
         # last.pt holds, which is what `kdrun eval RUN_DIR/last.pt` reports.
         if stop or (ended_epoch and (state.epoch % trainer.val_every == 0 or state.epoch == trainer.epochs)):
-            self.last_val = self.validate(self.parts.student, "val_detections.json")
-            state.history.append({"epoch": state.epoch, "step": state.step, **self.last_val})
+            self.validate_students()
+            # The EMA's metrics beside the raw ones (ema_<k>); best.pt stays the raw student's best.
+            ema = ema_metrics(self.ema_val, task.metric_keys) if self.ema_val else {}
+            state.history.append({"epoch": state.epoch, "step": state.step, **self.last_val, **ema})
             self.logger.log(state.step, {**{f"val/{k}": self.last_val[k] for k in task.metric_keys},
-                                      "epoch": state.epoch}, kind="val")
+                                         **{f"val/{k}": v for k, v in ema.items()}, "epoch": state.epoch}, kind="val")
             improved = self.last_val[task.primary_metric] > state.best_metric
             state.best_metric = max(state.best_metric, self.last_val[task.primary_metric])
             if trainer.save_best and improved:
@@ -135,7 +146,8 @@ class Loop:
                 f"step {state.step} (epoch {state.epoch + 1}/{trainer.epochs}, stopped by max_steps)"
             self.progress.write(f"{self.phase + '  ' if self.phase else ''}{where}  val "
                                 f"{format_metrics(self.last_val, task.metric_keys)}  "
-                                f"(best {task.primary_metric} {format_value(state.best_metric)})")
+                                + (f"ema {format_metrics(self.ema_val, task.metric_keys)}  " if self.ema_val else "")
+                                + f"(best {task.primary_metric} {format_value(state.best_metric)})")
         if trainer.save_last and (ended_epoch or stop):
             self.save("last.pt")
 

@@ -16,6 +16,7 @@ from kdrun.config import RunSettings, TrainerConfig, validate
 from kdrun.runtime.console_log import ConsoleLog
 from kdrun.data.loaders import AuxStream, close_loaders
 from kdrun.engine.build import Parts, build
+from kdrun.engine.ema import ema_metrics
 from kdrun.engine.loop import Loop
 from kdrun.engine.environment import git_commit, pick_device, seed_everything, set_backend_flags
 from kdrun.engine.step import KDStep, StepSettings
@@ -116,7 +117,7 @@ def _train(cfg: DictConfig, settings: RunSettings, run_dir: Path, begin: Callabl
     parts = build(cfg, trainer, device, seed)
     checkpointer = Checkpointer(run_dir, {"trainable": parts.trainable, "optimizer": parts.optimizer,
                                           "scheduler": parts.scheduler, "balancer": parts.balancer, "scaler": parts.scaler},
-                                parts.student.model, OmegaConf.to_yaml(cfg))
+                                parts.student.model, OmegaConf.to_yaml(cfg), ema=parts.ema)
     restored = checkpointer.restore(trainer.resume, lambda step: seed_everything(seed + distributed.rank() + 1_000_003 * step))
     state = restored or TrainState()
     finished = finished_run(state, trainer, run_dir) if restored is not None else None
@@ -170,7 +171,7 @@ def make_step(parts: Parts, cfg: DictConfig, state: TrainState) -> KDStep:
     return KDStep(model=parts.model, trainable=parts.trainable, teacher=parts.teacher, task=parts.task, groups=parts.groups,
                   balancer=parts.balancer, optimizer=parts.optimizer, scheduler=parts.scheduler, scaler=parts.scaler,
                   device=parts.device, settings=settings, mixup=parts.data.mixup, aux=aux, skipped=state.skipped,
-                  cache=parts.teacher_cache)
+                  cache=parts.teacher_cache, ema=parts.ema)
 
 
 def results(parts: Parts, loop: Loop, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -183,6 +184,7 @@ def results(parts: Parts, loop: Loop, cfg: DictConfig, run_dir: Path) -> dict[st
         "final": {k: last[k] for k in task.metric_keys},
         "best": {**{k: best[k] for k in task.metric_keys}, "epoch": best.get("epoch"), "step": best.get("step")},
         "teacher": {k: state.teacher_metrics[k] for k in task.metric_keys} if state.teacher_metrics else None,
+        "ema": ema_results(parts, loop),
         "val_samples": last.get("samples"),  # every val sample once, summed over ranks
         "epochs": state.epoch, "steps": state.step, "nonfinite_skipped": state.skipped,
         # wall time of the whole run, every session since the first (kept in the checkpoints' TrainState);
@@ -193,6 +195,20 @@ def results(parts: Parts, loop: Loop, cfg: DictConfig, run_dir: Path) -> dict[st
         "git_commit": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def ema_results(parts: Parts, loop: Loop) -> dict[str, Any] | None:
+    """results.json's ``ema`` (``None`` without ``trainer.ema``): the EMA's final val metrics, its best epoch's
+    (by the task's primary metric, over the evaluations that had an EMA), its settings and update count."""
+    settings = parts.trainer.ema
+    if parts.ema is None or settings is None or not loop.ema_val:
+        return None
+    keys, primary = parts.task.metric_keys, f"ema_{parts.task.primary_metric}"
+    rows = [h for h in loop.state.history if primary in h] or [ema_metrics(loop.ema_val, keys)]
+    best = max(rows, key=lambda h: h[primary])
+    return {"final": {k: loop.ema_val[k] for k in keys},
+            "best": {**{k: best[f"ema_{k}"] for k in keys}, "epoch": best.get("epoch"), "step": best.get("step")},
+            "decay": settings.decay, "warmup": settings.warmup, "updates": parts.ema.updates}
 
 
 def json_safe(obj: Any) -> Any:

@@ -1,7 +1,7 @@
 """One optimiser step of knowledge distillation, as a standalone object (DTO-KD Algorithm 1's body):
 
     batch → mixup/cutmix → teacher forward → student forward → objectives → balancer (writes .grad)
-          → unscale → finite? → optimiser step (+ scheduler, balancer.after_step)  |  skip
+          → unscale → finite? → optimiser step (+ scheduler, balancer.after_step, the student's EMA)  |  skip
 
 **The teacher sees the student's input.** Mixup/cutmix is applied first and the teacher is called on
 the *mixed* batch, so the KL, hard-label and feature targets describe the image the student is shown.
@@ -17,8 +17,9 @@ Mixup is refused with the cache (the mixed batch is not a cached view), so the o
 
 **Non-finite steps change nothing.** The balancer's ``step`` must not mutate its state; the one host sync
 per step decides whether the gradient norm and the objectives are finite, and only then do the
-optimiser, the scheduler and ``balancer.after_step`` run. (The forward still moves BatchNorm running
-statistics, as any training forward does.)
+optimiser, the scheduler, ``balancer.after_step`` and the EMA update (``trainer.ema``,
+:mod:`kdrun.engine.ema`) run. (The forward still moves BatchNorm running statistics, as any training
+forward does.)
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from kdrun.runtime import distributed
 from kdrun.balancers.base import Balancer, StepContext, StepResult
 from kdrun.balancers.gradients import JacobianMode, diagnostics
 from kdrun.engine.context import step_context
+from kdrun.engine.ema import StudentEma
 from kdrun.engine.environment import autocast
 from kdrun.engine.teacher import Teacher
 from kdrun.engine.trainable import Trainable, freeze_bn_stats
@@ -85,20 +87,21 @@ class KDStep:
     ``model`` is what the forward calls (the :class:`Trainable` itself, or its DDP/compiled wrapper);
     ``trainable`` the bare module whose parameters are updated. ``aux`` draws a raw batch of the
     auxiliary stream (extra-batch balancers); ``skipped`` counts skipped steps. ``cache`` (the teacher-output
-    cache) replaces the teacher forward: batches are then ``(x, y, index, view)``."""
+    cache) replaces the teacher forward: batches are then ``(x, y, index, view)``. ``ema`` (``trainer.ema``)
+    averages in the student after every finite step."""
 
     def __init__(self, *, model: nn.Module, trainable: Trainable, teacher: Teacher | None, task: Any,
                  groups: dict[str, list[str]], balancer: Balancer, optimizer: torch.optim.Optimizer,
                  scheduler: Any, scaler: torch.amp.GradScaler, device: torch.device,
                  settings: StepSettings, mixup: Callable[[Any, Any], tuple[Any, Any]] | None = None,
                  aux: Callable[[], Any] | None = None, skipped: int = 0,
-                 cache: TeacherCache | None = None) -> None:
+                 cache: TeacherCache | None = None, ema: StudentEma | None = None) -> None:
         if cache is not None and (teacher is None or mixup is not None):
             raise ValueError("the teacher cache needs a teacher and no mixup (kdrun.teacher_cache.refuse_mixup)")
         self.model, self.trainable, self.teacher, self.task, self.groups = model, trainable, teacher, task, groups
         self.balancer, self.optimizer, self.scheduler, self.scaler = balancer, optimizer, scheduler, scaler
         self.device, self.step_settings, self.mixup, self.aux, self.skipped = device, settings, mixup, aux, skipped
-        self.cache = cache
+        self.cache, self.ema = cache, ema
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         self.streak = 0  # consecutive skipped steps (from the finiteness flag already on the host)
         self.jac_mode = JacobianMode(settings.jacobian)  # keeps its auto decision across steps
@@ -201,6 +204,8 @@ class KDStep:
             self.scaler.update()
             self.scheduler.step()
             self.balancer.after_step(ctx)
+            if self.ema is not None:  # after the optimiser step (timm train.py, DeiT engine.py: kdrun.engine.ema)
+                self.ema.update(self.trainable.student)
             self.streak = 0
         else:
             if self.scaler.is_enabled():

@@ -141,6 +141,9 @@ def fit_config(cfg: DictConfig, resume: bool = False) -> DictConfig:
     sub.trainer.resume = "auto" if resume else None
     sub.trainer.overwrite = not resume
     sub.trainer.max_steps = -1
+    # The fit yields raw weights (the teacher file is its student): no EMA, which would also make the fit's
+    # own resume depend on the trainer.ema of whichever run resumes it (kdrun.runtime.checkpoint).
+    sub.trainer.ema = None
     return sub
 
 

@@ -7,7 +7,8 @@ A checkpoint is a plain dict of tensors, numbers, strings and lists (no pickled 
 ``trainable`` (student + projectors + loss modules), ``optimizer``, ``scheduler``, ``balancer``,
 ``scaler``, ``epoch`` (epochs completed), ``step`` (optimiser steps taken), ``epoch_step`` (steps
 taken in the current epoch, for mid-epoch resume), ``best_top1``, ``rng`` (torch CPU/CUDA, Python,
-NumPy), ``config`` (the resolved config as a YAML string), ``metrics``.
+NumPy), ``config`` (the resolved config as a YAML string), ``metrics``; with ``trainer.ema``, ``ema``
+(``{"student": the averaged bare student's state_dict, "updates": n}``, :mod:`kdrun.engine.ema`).
 
 Writing goes to ``<name>.tmp.<pid>`` in the same directory, is flushed and fsynced, then renamed over
 the target (``os.replace`` is atomic on POSIX), so a crash leaves either the old or the new file,
@@ -271,13 +272,16 @@ class Checkpointer:
 
     ``parts`` maps each name of :data:`STATEFUL` to an object with ``state_dict``/``load_state_dict``;
     ``student`` is the bare student model (saved alone under ``student``, loadable into the plain
-    model by ``kdrun eval``/``export`` and by a teacher fit). ``save`` is collective: every rank calls
+    model by ``kdrun eval``/``export`` and by a teacher fit). ``ema``: the student's EMA
+    (:class:`kdrun.engine.ema.StudentEma`, ``trainer.ema``) or None. ``save`` is collective: every rank calls
     it at the same points, because each rank's RNG state goes into the checkpoint."""
 
-    def __init__(self, run_dir: Path, parts: dict[str, Any], student: nn.Module, config_yaml: str) -> None:
+    def __init__(self, run_dir: Path, parts: dict[str, Any], student: nn.Module, config_yaml: str,
+                 ema: Any = None) -> None:
         if set(parts) != set(STATEFUL):
             raise ValueError(f"Checkpointer needs exactly the parts {STATEFUL}, got {tuple(parts)}")
         self.run_dir, self.parts, self.student, self.config_yaml = Path(run_dir), parts, student, config_yaml
+        self.ema = ema
         self._wall_before, self._session_start = 0.0, time.perf_counter()
 
     def wall_time(self) -> float:
@@ -308,6 +312,7 @@ class Checkpointer:
             "format": FORMAT,
             "student": self.student.state_dict(),
             **{k: part.state_dict() for k, part in self.parts.items()},
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             **asdict(state),
             "world_size": distributed.world_size(), "rng": rngs[0], "rng_ranks": rngs,
             "config": self.config_yaml,
@@ -337,6 +342,7 @@ class Checkpointer:
                     f"with that run's settings (see {stored_config_place(path)}), or start a fresh run from the "
                     f"student's weights only with trainer.resume=null student.checkpoint={path} in a new run "
                     "directory.") from None
+        self._restore_ema(path, s)
         keys = TrainState.__dataclass_fields__
         state = TrainState(**{k: s[k] for k in keys if k in s})  # older files lack skipped/aux_batches/wall
         self._wall_before, self._session_start = float(state.wall_time_s), time.perf_counter()
@@ -355,3 +361,23 @@ class Checkpointer:
             print(f"[kdrun] resumed from {path} at epoch {state.epoch}, step {state.step}"
                   + (f" (step {state.epoch_step} of the epoch)" if state.epoch_step else ""), flush=True)
         return state
+
+    def _restore_ema(self, path: Path, s: dict[str, Any]) -> None:
+        """The EMA continues from the checkpoint's. One started now would average only the steps after the
+        resume while the run's results call it the run's EMA, so a checkpoint without one is refused; a
+        checkpoint's EMA that this run does not keep (``trainer.ema=null``) is left behind, with a warning."""
+        theirs = s.get("ema")
+        if self.ema is None:
+            if theirs is not None and distributed.is_main():
+                print(f"[kdrun] warning: {path} holds the student's EMA weights, but this run has trainer.ema=null: "
+                      "the EMA is not continued and this run's checkpoints will not hold it (resume with the "
+                      "run's trainer.ema to keep it).", file=sys.stderr, flush=True)
+            return
+        if not isinstance(theirs, dict) or not isinstance(theirs.get("student"), dict):
+            raise CheckpointError(
+                f"trainer.resume: checkpoint {path} holds no EMA weights (that run had trainer.ema=null), but this "
+                "run asks for trainer.ema: an EMA started now would average only the steps after the resume. "
+                "Resume with trainer.ema=null, or start a fresh run with the EMA from the student's weights "
+                f"with trainer.resume=null student.checkpoint={path} in a new run directory.")
+        check_fits(self.ema.module.model, theirs["student"], path)
+        self.ema.load_state_dict(theirs)

@@ -41,6 +41,9 @@ BALANCERS = ["fixed", "dto", "dto_exact", "cross_batch", "mgda", "dot"]
 # What a balancer needs beside it: DOT keeps the momentum, so a plain SGD (kdrun/balancers/dot.py check_run).
 WITH = {"dot": ["optimizer=sgd_plain"]}
 
+# The student's EMA under DDP (test_ema_ddp.py): the fixed-balancer equivalence run with one.
+EQ_EMA = "trainer.ema={decay:0.8,warmup:true}"
+
 # Fault tolerance: the default (BatchNorm) student with augmentation, so resuming must restore every
 # rank's own random stream; 2 epochs of 11 steps at 64 per process; last.pt every 4 steps.
 FT_BATCH = 64
@@ -111,7 +114,7 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 @pytest.fixture(scope="session")
 def two_proc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Run dirs of the 2-process reference runs: ``eq/<balancer>`` and ``ft_reference``."""
+    """Run dirs of the 2-process reference runs: ``eq/<balancer>``, ``ft_reference`` and ``eq_ema``."""
     from kdrun.commands.launch import spawn
     from tests.distributed.helpers import run_jobs
 
@@ -122,6 +125,9 @@ def two_proc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
              str(dirs[f"eq/{b}"]))
             for b in BALANCERS]
     jobs.append((resolved_yaml([*FT, *pause(-1, root / "never")]), str(dirs["ft_reference"])))
+    dirs["eq_ema"] = root / "eq_ema"
+    jobs.append((resolved_yaml([*EQUIV, "balancer=fixed", EQ_EMA, f"trainer.batch_size={EQ_BATCH}"]),
+                 str(dirs["eq_ema"])))
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers, as in the CLI runs
     try:

@@ -58,16 +58,19 @@ def run_jobs(jobs: list[tuple[str, str]]) -> int:
     """Worker: train each (resolved config YAML, run dir) in turn in one process group.
 
     Each rank writes ``rank{r}.json`` (its π at every logged step) and ``rank{r}.pt`` (its final
-    Trainable state) into the run dir, so the test can compare the ranks bit for bit.
+    Trainable state) into the run dir, and with ``trainer.ema`` ``rank{r}_ema.pt`` (its EMA's bare student),
+    so the test can compare the ranks bit for bit.
     """
     from omegaconf import OmegaConf
 
     from kdrun import engine as E
+    from kdrun.engine.ema import StudentEma
     from kdrun.runtime import logger as L
     D.init_process_group("cpu")
     seen: dict[int, dict[str, float]] = {}
     built: list[torch.nn.Module] = []
-    original_log, original_init = L.RunLogger.log, E.Trainable.__init__
+    emas: list[StudentEma] = []
+    original_log, original_init, original_ema_init = L.RunLogger.log, E.Trainable.__init__, StudentEma.__init__
 
     def log(self, step, values, kind="train"):  # type: ignore[no-untyped-def]
         pis = {k: v for k, v in values.items() if k.startswith("pi/")}
@@ -79,19 +82,29 @@ def run_jobs(jobs: list[tuple[str, str]]) -> int:
         original_init(self, *args, **kwargs)
         built.append(self)
 
+    def ema_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original_ema_init(self, *args, **kwargs)
+        emas.append(self)
+
     L.RunLogger.log = log  # type: ignore[method-assign]
     E.Trainable.__init__ = init  # type: ignore[method-assign]
+    StudentEma.__init__ = ema_init  # type: ignore[method-assign]
     try:
         for cfg_yaml, run_dir in jobs:
             seen.clear()
             built.clear()
+            emas.clear()
             E.train(OmegaConf.create(cfg_yaml), Path(run_dir))
             r = D.rank()
             (Path(run_dir) / f"rank{r}.json").write_text(json.dumps(seen))
             torch.save({k: v.detach().clone() for k, v in built[-1].state_dict().items()},
                        Path(run_dir) / f"rank{r}.pt")
+            if emas:
+                torch.save({k: v.clone() for k, v in emas[-1].state_dict()["student"].items()},
+                           Path(run_dir) / f"rank{r}_ema.pt")
         return D.rank()
     finally:
         L.RunLogger.log = original_log  # type: ignore[method-assign]
         E.Trainable.__init__ = original_init  # type: ignore[method-assign]
+        StudentEma.__init__ = original_ema_init  # type: ignore[method-assign]
         D.destroy_process_group()
