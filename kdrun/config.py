@@ -292,12 +292,21 @@ def did_you_mean(key: str, valid: Sequence[str], prefix: str = "") -> str:
     return f" (did you mean {' or '.join(prefix + m for m in near)}?)" if near else ""
 
 
+# Keys that existed in an earlier kdrun, with what replaced them: a user's old command says so.
+RENAMED_KEYS = {
+    "logger.tensorboard": "logger.backends: logger.tensorboard=false is now logger.backends=[] (metrics.jsonl "
+                          "alone), and the default is logger.backends=[tensorboard]",
+}
+
+
 def unknown_key_message(path: str, key: str, valid: Sequence[str], owner: str = "", note: str = "") -> str:
     """One paragraph for a key that does not exist: the close matches first, then every valid key.
 
     ``path`` is the node's dotted path (``""`` for the root), ``owner`` what defines the keys (a
     ``_target_``), if any; ``note`` a remark put after the close matches."""
     prefix = f"{path}." if path else ""
+    if f"{prefix}{key}" in RENAMED_KEYS:
+        note = f"{note}; it was replaced by {RENAMED_KEYS[prefix + key]}"
     what = f"is not a parameter of {owner}" if owner else "does not exist"
     valid = [str(v) for v in valid if not (str(v).startswith("_") and str(v).endswith("_"))]
     return (f"{prefix}{key} {what}{did_you_mean(key, valid, prefix)}{note}; valid keys"

@@ -39,6 +39,9 @@ def one_paragraph(err: str) -> None:
     ("balancer.alpha_distil=0.5", "balancer.alpha_distil does not exist (did you mean balancer.alpha_distill"),
     ("logger.log_evry=3", "logger.log_evry does not exist (did you mean logger.log_every?)"),
     ("optimizer.zzz=3", "optimizer.zzz does not exist; valid keys of optimizer are lr, momentum"),
+    # an earlier kdrun's key: the message says what replaced it (#25 item 4: logger.backends)
+    ("logger.tensorboard=false", "logger.tensorboard does not exist; it was replaced by logger.backends: "
+                                 "logger.tensorboard=false is now logger.backends=[]"),
 ])
 def test_misspelt_key_names_the_close_matches(kdrun: Callable, override: str, expected: str) -> None:
     code, err = kdrun("train", override)
