@@ -2,8 +2,9 @@
 
 The order matters for reproducibility and is kept fixed: every rank builds from the same seed (a
 teacher without a checkpoint, projectors and balancer state must agree across ranks; DDP would only
-broadcast the Trainable), and the per-rank random stream (seed + rank: augmentation, dropout) starts
-after building (:func:`build`).
+broadcast the Trainable), and the per-rank random stream (seed + rank: dropout, drop-path, the model
+side's draws; the data side has its own streams, :mod:`kdrun.engine.streams`) starts after building
+(:func:`build`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from kdrun.data.base import DataModule
 from kdrun.data.loaders import Loaders, collate_fn, make_loaders
 from kdrun.engine.ema import StudentEma
 from kdrun.engine.environment import seed_everything, sync_batchnorm
+from kdrun.engine.streams import RandomState
 from kdrun.engine.teacher import Teacher, teacher_load_error
 from kdrun.engine.trainable import Trainable, freeze_bn_stats
 from kdrun.losses.base import DataInfo, DistillLoss
@@ -100,6 +102,14 @@ class TeacherSide:
     distill: dict[str, DistillLoss]
     weights: dict[str, float]
     teacher: Teacher | None
+    after_data: RandomState | None = None  # the global RNG after the data set: a group's students build their task and terms from it
+
+
+def build_terms(cfg: DictConfig) -> tuple[Any, dict[str, DistillLoss], dict[str, float]]:
+    """The task and the loss terms with their weights, in the build's order."""
+    task = instantiate(cfg.task, _convert_="all")
+    distill, weights = build_distill(cfg)
+    return task, distill, weights
 
 
 def build_teacher_side(cfg: DictConfig, trainer: TrainerConfig, device: torch.device, seed: int) -> TeacherSide:
@@ -108,10 +118,10 @@ def build_teacher_side(cfg: DictConfig, trainer: TrainerConfig, device: torch.de
     its train loader's data set, and those loaders need parts built after this (the balancer)."""
     seed_everything(seed)
     data: DataModule = instantiate(cfg.dataset, _convert_="all")
-    task = instantiate(cfg.task, _convert_="all")
-    distill, weights = build_distill(cfg)
+    after_data = RandomState.capture()
+    task, distill, weights = build_terms(cfg)
     teacher = build_teacher(cfg, trainer, distill, device)
-    return TeacherSide(data, task, distill, weights, teacher)
+    return TeacherSide(data, task, distill, weights, teacher, after_data)
 
 
 def build_student(cfg: DictConfig, trainer: TrainerConfig, distill: dict[str, DistillLoss],
@@ -179,22 +189,54 @@ def wrap(trainable: Trainable, trainer: TrainerConfig, device: torch.device) -> 
 
 
 def build(cfg: DictConfig, trainer: TrainerConfig, device: torch.device, seed: int) -> Parts:
-    """Build every part in a fixed order from ``seed``; the per-rank stream starts at the end."""
+    """Build every part in a fixed order from ``seed``; the per-rank stream starts at the end. (A group,
+    :mod:`kdrun.engine.group`, builds the teacher side and the loaders once and each student in this order
+    from the same random state.)"""
     side = build_teacher_side(cfg, trainer, device, seed)
-    data, task, distill, weights, teacher = side.data, side.task, side.distill, side.weights, side.teacher
-    student = build_student(cfg, trainer, distill, device)
-    groups = task.objective_groups(distill)
+    start = start_student(cfg, trainer, side, device)
+    loaders, cache = build_loaders(cfg, trainer, side, device, seed, aux=start.balancer.needs_aux_batch)
+    return finish_student(cfg, trainer, device, seed, side, start, loaders, cache)
+
+
+@dataclass
+class StudentStart:
+    """What a student's build makes before the loaders: the model, its objectives and its balancer."""
+
+    student: Tapped
+    groups: dict[str, list[str]]
+    balancer: Balancer
+
+
+def start_student(cfg: DictConfig, trainer: TrainerConfig, side: TeacherSide, device: torch.device) -> StudentStart:
+    student = build_student(cfg, trainer, side.distill, device)
+    groups = side.task.objective_groups(side.distill)
     balancer: Balancer = instantiate(cfg.balancer, _convert_="all")
     balancer.bind(tuple(groups))
     balancer.to(device)
+    return StudentStart(student, groups, balancer)
+
+
+def build_loaders(cfg: DictConfig, trainer: TrainerConfig, side: TeacherSide, device: torch.device, seed: int,
+                  aux: bool) -> tuple[Loaders, TeacherCache | None]:
+    """The loaders (``aux``: with the auxiliary one) and the teacher-output cache; they draw no global
+    random numbers."""
+    teacher = side.teacher
     caching = teacher is not None and teacher_cache_config(cfg) is not None
-    loaders = make_loaders(data, trainer, seed, device, aux=balancer.needs_aux_batch,
-                           with_index=any(d.needs_index for d in distill.values()), task=task, views=caching)
+    loaders = make_loaders(side.data, trainer, seed, device, aux=aux,
+                           with_index=any(d.needs_index for d in side.distill.values()), task=side.task, views=caching)
     # Off the global RNG stream: a run that fills the cache trains on the same random numbers as one
     # that finds it filled (and as the live-teacher run).
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        cache = build_teacher_cache(cfg, trainer, data, teacher, loaders.train.dataset, device,
+        cache = build_teacher_cache(cfg, trainer, side.data, teacher, loaders.train.dataset, device,
                                     progress=bool(cfg.logger.get("progress", False))) if caching else None
+    return loaders, cache
+
+
+def finish_student(cfg: DictConfig, trainer: TrainerConfig, device: torch.device, seed: int, side: TeacherSide,
+                   start: StudentStart, loaders: Loaders, cache: TeacherCache | None) -> Parts:
+    """The rest of a student's build (terms set up, DDP, optimiser, schedule), then the per-rank stream."""
+    data, task, distill, weights, teacher = side.data, side.task, side.distill, side.weights, side.teacher
+    student, groups, balancer = start.student, start.groups, start.balancer
     steps_per_epoch = len(loaders.train)
     planned = steps_per_epoch * trainer.epochs
     total_steps = planned if trainer.max_steps < 0 else min(trainer.max_steps, planned)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -14,7 +14,8 @@ from kdrun.runtime import preemption
 from kdrun.runtime.checkpoint import Checkpointer, TrainState
 from kdrun.engine.build import Parts
 from kdrun.engine.ema import ema_metrics
-from kdrun.engine.step import KDStep
+from kdrun.engine.step import KDStep, Prepared, StepOutcome
+from kdrun.engine.streams import data_stream
 from kdrun.engine.validation import evaluate
 from kdrun.runtime.logger import Progress, RunLogger, current_phase, format_metrics, format_value
 
@@ -45,7 +46,8 @@ class Loop:
         self.window_t, self.window_images = 0.0, 0  # images/s between consecutive log steps
         self.preempt = preemption.Preemption(parts.trainer.preempt_signals, parts.trainer.preempt_check_every)
         self.phase = current_phase()  # "teacher fit" while the teacher is fitted, else None
-        self.progress = Progress(parts.total_steps, enabled=False)  # replaced in run()
+        self.progress = Progress(parts.total_steps, enabled=False)  # replaced in begin()
+        self.t_start = time.perf_counter()
 
     def save(self, name: str) -> None:
         self.state.skipped = self.step.skipped
@@ -65,25 +67,34 @@ class Loop:
 
     def run(self) -> None:
         trainer, state = self.parts.trainer, self.state
-        self.parts.trainable.train()
-        progress = self.progress = Progress(self.parts.total_steps, enabled=distributed.is_main() and self.show_progress,
-                                            label=self.phase)
-        if state.teacher_metrics:  # measured once per run (kept in the checkpoints), shown once per session
-            progress.write(f"teacher  val {format_metrics(state.teacher_metrics, self.parts.task.metric_keys)}")
-        t_start = self.window_t = time.perf_counter()
+        self.begin()
         stop = False
         # Stop signals are only recorded; the loop acts on them at a step boundary all ranks agree on.
         with self.preempt:  # handlers restored on exit, also when a step raises
             while state.epoch < trainer.epochs and not stop:
-                stop = self.train_epoch(progress)
+                stop = self.train_epoch()
                 if self.preempt.agreed:
                     # Saved as is, even when the epoch's last step was just taken (epoch_step == steps
                     # per epoch): the resumed run then runs the epoch's end (validation, best.pt)
                     # itself, so a stop costs no time for evaluation inside the grace period.
                     break
-                if stop and state.epoch_step == self.parts.steps_per_epoch:  # max_steps landed on an epoch end
-                    state.epoch, state.epoch_step = state.epoch + 1, 0
                 self.end_epoch(stop)
+        self.end()
+
+    def begin(self, label: str | None = None) -> None:
+        """The session starts: train mode, the progress bar (``label``: its prefix, default the phase),
+        the teacher's val line, the clocks."""
+        self.parts.trainable.train()
+        self.progress = Progress(self.parts.total_steps, enabled=distributed.is_main() and self.show_progress,
+                                 label=label if label is not None else self.phase)
+        if self.state.teacher_metrics:  # measured once per run (kept in the checkpoints), shown once per session
+            self.progress.write(f"teacher  val {format_metrics(self.state.teacher_metrics, self.parts.task.metric_keys)}")
+        self.t_start = self.window_t = time.perf_counter()
+
+    def end(self) -> None:
+        """The session ends (the loop is done or stopped): the bar, the final val of a resumed finished
+        run, the clocks."""
+        state, progress = self.state, self.progress
         progress.finish(state.step)  # the last step is not always a log step: the bar ends where the run did
         if not self.preempt.agreed and not self.last_val:  # resumed a finished run
             self.validate_students()
@@ -91,42 +102,58 @@ class Loop:
             progress.write(f"{self.phase}: done after {state.epoch} epochs ({state.step} steps); val "
                            f"{format_metrics(self.last_val, self.parts.task.metric_keys)}")
         progress.close()
-        self.wall = time.perf_counter() - t_start
+        self.wall = time.perf_counter() - self.t_start
         state.skipped = self.step.skipped
 
-    def train_epoch(self, progress: Progress) -> bool:
+    def train_epoch(self) -> bool:
         """The rest of the current epoch; True when a stop rule ended it early."""
-        trainer, state = self.parts.trainer, self.state
-        self.parts.loaders.start_epoch(state.epoch, state.epoch_step, self.parts.seed)
-        for batch in self.parts.loaders.train:
-            out = self.step(batch, state.step)
-            state.step += 1
-            state.epoch_step += 1
-            n_images = out.images * distributed.world_size()
-            self.images += n_images
-            self.window_images += n_images
-            if out.values:
-                now = time.perf_counter()
-                out.values["train/images_per_s"] = torch.tensor(self.window_images / max(1e-9, now - self.window_t))
-                self.window_t, self.window_images = now, 0
-                vals = self.logger.log(state.step, out.values)
-                if vals:
-                    progress.update(state.step, f"ep {state.epoch + 1}/{trainer.epochs} " + objectives_text(vals))
-            if 0 < trainer.max_steps <= state.step:
+        state, parts = self.state, self.parts
+        parts.loaders.start_epoch(state.epoch, state.epoch_step, parts.seed)
+        for batch in prepared_batches(parts.loaders.train, self.step.prepare, parts.seed, lambda: state.step):
+            self.record(self.step.learn(batch, state.step))
+            if self.stop_rule(self.preempt):
                 return True
-            if self.preempt.should_stop(state.step):  # collective: every rank stops after the same step
-                return True
-            if 0 < trainer.save_every_steps and state.step % trainer.save_every_steps == 0 \
-                    and state.epoch_step < self.parts.steps_per_epoch:
-                self.save("last.pt")  # mid-epoch: survives a kill -9 (epoch ends save in end_epoch)
-        state.epoch += 1
-        state.epoch_step = 0
+            self.save_if_due()
+        self.next_epoch()
         return False
+
+    def record(self, out: StepOutcome) -> None:
+        """The bookkeeping of a step taken: the counters, the throughput, the log and the bar."""
+        state = self.state
+        state.step += 1
+        state.epoch_step += 1
+        n_images = out.images * distributed.world_size()
+        self.images += n_images
+        self.window_images += n_images
+        if out.values:
+            now = time.perf_counter()
+            out.values["train/images_per_s"] = torch.tensor(self.window_images / max(1e-9, now - self.window_t))
+            self.window_t, self.window_images = now, 0
+            vals = self.logger.log(state.step, out.values)
+            if vals:
+                self.progress.update(state.step, f"ep {state.epoch + 1}/{self.parts.trainer.epochs} " + objectives_text(vals))
+
+    def stop_rule(self, preempt: preemption.Preemption) -> bool:
+        """Whether the loop stops after the step just taken: ``max_steps``, or a stop signal that every rank
+        agrees on (collective: every rank asks after every step)."""
+        return 0 < self.parts.trainer.max_steps <= self.state.step or preempt.should_stop(self.state.step)
+
+    def save_if_due(self) -> None:
+        """``last.pt`` every ``save_every_steps`` mid-epoch: survives a kill -9 (epoch ends save in end_epoch)."""
+        every, state = self.parts.trainer.save_every_steps, self.state
+        if 0 < every and state.step % every == 0 and state.epoch_step < self.parts.steps_per_epoch:
+            self.save("last.pt")
+
+    def next_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.epoch_step = 0
 
     def end_epoch(self, stop: bool) -> None:
         """Validation (every ``val_every`` epochs, the last one, and a stop at an epoch end), best.pt and
         last.pt."""
         trainer, state, task = self.parts.trainer, self.state, self.parts.task
+        if stop and state.epoch_step == self.parts.steps_per_epoch:  # max_steps landed on an epoch end
+            self.next_epoch()
         ended_epoch = state.epoch_step == 0
         # A stop mid-epoch (max_steps) is validated too: the final figures are then those of the weights
         # last.pt holds, which is what `kdrun eval RUN_DIR/last.pt` reports.
@@ -152,8 +179,14 @@ class Loop:
             self.save("last.pt")
 
     def stopped(self) -> dict[str, Any]:
-        """The orderly end after a stop signal: ``last.pt`` at the last completed step, a marker for
-        the launcher, every rank past the save, then the handler that was there before ours."""
+        """The orderly end after a stop signal: :meth:`save_stopped`, then the handler that was there
+        before ours."""
+        out = self.save_stopped()
+        self.preempt.chain()  # e.g. submitit's requeue; returns unless that handler exits the process
+        return out
+
+    def save_stopped(self) -> dict[str, Any]:
+        """``last.pt`` at the last completed step, a marker for the launcher, every rank past the save."""
         state, pre, run_dir = self.state, self.preempt, self.run_dir
         self.save("last.pt")
         if distributed.is_main():
@@ -166,10 +199,24 @@ class Loop:
                   + f"; saved {run_dir / 'last.pt'}. Continue with trainer.resume=auto.", flush=True)
         self.logger.close()
         distributed.barrier()
-        pre.chain()  # e.g. submitit's requeue; returns unless that handler exits the process
         return {"run_dir": str(run_dir), "preempted": pre.signal_name, "exit_code": pre.exit_code,
                 "steps": state.step, "epochs": state.epoch, "epoch_step": state.epoch_step,
                 "world_size": distributed.world_size(), "checkpoint": str(run_dir / "last.pt")}
+
+
+def prepared_batches(loader: Iterable[Any], prepare: Callable[[Any], Prepared], seed: int,
+                     next_step: Callable[[], int]) -> Iterator[Prepared]:
+    """The loader's batches, each fetched and prepared (:meth:`KDStep.prepare`: mixup, teacher) on the
+    data stream of the step it is for (``next_step()``, read when the batch is fetched), so the batches do
+    not depend on the random numbers the student side draws (:mod:`kdrun.engine.streams`)."""
+    batches = iter(loader)
+    while True:
+        with data_stream(seed, next_step()):
+            batch = next(batches, None)
+            if batch is None:
+                return
+            prepared = prepare(batch)
+        yield prepared
 
 
 def objectives_text(vals: dict[str, float]) -> str:

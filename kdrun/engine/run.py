@@ -20,6 +20,7 @@ from kdrun.engine.ema import ema_metrics
 from kdrun.engine.loop import Loop
 from kdrun.engine.environment import git_commit, pick_device, seed_everything, set_backend_flags
 from kdrun.engine.step import KDStep, StepSettings
+from kdrun.engine.streams import aux_draws
 from kdrun.engine.teacher import check_teacher_weights, fit_teacher, needs_fit
 from kdrun.runtime.log_backends import check_backends
 from kdrun.runtime.logger import RunLogger
@@ -108,42 +109,79 @@ def _train(cfg: DictConfig, settings: RunSettings, run_dir: Path, begin: Callabl
     trainer, seed = settings.trainer, settings.seed
     device = pick_device(trainer.accelerator)
     set_backend_flags(trainer, device)
-    fit_path = needs_fit(cfg)
-    if fit_path is not None:  # a run of its own, finished before this run builds anything
-        fitted = fit_teacher(cfg, fit_path, train)
-        if fitted.get("preempted"):
-            return stopped_in_fit(fitted, run_dir)
-    check_teacher_weights(cfg)
+    fitted = fit_missing_teacher(cfg)
+    if fitted is not None:
+        return stopped_in_fit(fitted, run_dir)
     parts = build(cfg, trainer, device, seed)
-    checkpointer = Checkpointer(run_dir, {"trainable": parts.trainable, "optimizer": parts.optimizer,
-                                          "scheduler": parts.scheduler, "balancer": parts.balancer, "scaler": parts.scaler},
-                                parts.student.model, OmegaConf.to_yaml(cfg), ema=parts.ema)
-    restored = checkpointer.restore(trainer.resume, lambda step: seed_everything(seed + distributed.rank() + 1_000_003 * step))
+    checkpointer = make_checkpointer(parts, cfg, run_dir)
+    restored = restore_run(checkpointer, trainer, seed)
     state = restored or TrainState()
     finished = finished_run(state, trainer, run_dir) if restored is not None else None
     if finished is not None:
         close_loaders(parts.loaders)
         return finished
-    # First: a tracker that cannot start fails before the run's files are written.
-    logger = RunLogger(run_dir, list(cfg.logger.backends), cfg.logger.jsonl, enabled=main,
-                       resumed_at=state.step if restored is not None else None,
-                       config=OmegaConf.to_container(cfg, resolve=True), group=cfg.logger.group)
+    logger = make_logger(cfg, run_dir, restored)  # first: a tracker that cannot start fails before the run's files
     if main:
         begin()
     loop = Loop(parts, make_step(parts, cfg, state), state, checkpointer, logger, run_dir, cfg.logger.progress)
-    if parts.teacher is not None and not state.teacher_metrics:  # measured once per run, kept in checkpoints
-        state.teacher_metrics = loop.validate(parts.teacher.model, "teacher_val_detections.json", parts.teacher.precision)
-        logger.log(0, {f"teacher/val_{k}": state.teacher_metrics[k] for k in parts.task.metric_keys}, kind="teacher")
+    measure_teacher(parts, loop)
     loop.run()
     if loop.preempt.agreed:
         close_loaders(parts.loaders)
         return loop.stopped()
-    logger.close()
+    out = write_results(parts, loop, cfg, run_dir)
+    close_loaders(parts.loaders)
+    return out
+
+
+def fit_missing_teacher(cfg: DictConfig) -> dict[str, Any] | None:
+    """Fit a missing teacher (a run of its own, finished before this run builds anything), then refuse a
+    random one. The fit's results when a stop signal ended it, else None."""
+    fit_path = needs_fit(cfg)
+    if fit_path is not None:
+        fitted = fit_teacher(cfg, fit_path, train)
+        if fitted.get("preempted"):
+            return fitted
+    check_teacher_weights(cfg)
+    return None
+
+
+def make_checkpointer(parts: Parts, cfg: DictConfig, run_dir: Path) -> Checkpointer:
+    return Checkpointer(run_dir, {"trainable": parts.trainable, "optimizer": parts.optimizer,
+                                  "scheduler": parts.scheduler, "balancer": parts.balancer, "scaler": parts.scaler},
+                        parts.student.model, OmegaConf.to_yaml(cfg), ema=parts.ema)
+
+
+def restore_run(checkpointer: Checkpointer, trainer: TrainerConfig, seed: int) -> TrainState | None:
+    """``trainer.resume`` into the parts (and the global random state); None: a fresh run."""
+    return checkpointer.restore(trainer.resume, lambda step: seed_everything(seed + distributed.rank() + 1_000_003 * step))
+
+
+def make_logger(cfg: DictConfig, run_dir: Path, restored: TrainState | None) -> RunLogger:
+    return RunLogger(run_dir, list(cfg.logger.backends), cfg.logger.jsonl, enabled=distributed.is_main(),
+                     resumed_at=restored.step if restored is not None else None,
+                     config=OmegaConf.to_container(cfg, resolve=True), group=cfg.logger.group)
+
+
+def measure_teacher(parts: Parts, loop: Loop, measured: dict[str, float] | None = None) -> dict[str, float] | None:
+    """The teacher's val metrics, measured once per run (kept in the checkpoints) and logged; ``measured``:
+    already measured (a group's students share the teacher). Returns them."""
+    state = loop.state
+    if parts.teacher is not None and not state.teacher_metrics:
+        state.teacher_metrics = measured or loop.validate(parts.teacher.model, "teacher_val_detections.json",
+                                                          parts.teacher.precision)
+        loop.logger.log(0, {f"teacher/val_{k}": state.teacher_metrics[k] for k in parts.task.metric_keys},
+                        kind="teacher")
+    return state.teacher_metrics or None
+
+
+def write_results(parts: Parts, loop: Loop, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The end of a finished run: the logger closed, results.json written (main rank), every rank past it."""
+    loop.logger.close()
     out = results(parts, loop, cfg, run_dir)
-    if main:
+    if distributed.is_main():
         (run_dir / "results.json").write_text(json.dumps(json_safe(out), indent=2, allow_nan=False))
     distributed.barrier()
-    close_loaders(parts.loaders)
     return out
 
 
@@ -160,14 +198,17 @@ def stopped_in_fit(fitted: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return {**fitted, "run_dir": str(run_dir), "teacher_fit_dir": fitted["run_dir"]}
 
 
-def make_step(parts: Parts, cfg: DictConfig, state: TrainState) -> KDStep:
+def make_step(parts: Parts, cfg: DictConfig, state: TrainState, aux: Callable[[], Any] | None = None) -> KDStep:
+    """The run's step; ``aux``: the auxiliary batches to draw from (a group's shared ones; default: the
+    run's own :class:`AuxStream`, when the balancer needs one)."""
     trainer = parts.trainer
     settings = StepSettings(precision=trainer.precision, grad_clip=trainer.grad_clip, nonfinite=trainer.nonfinite,
                             max_nonfinite_streak=trainer.max_nonfinite_streak,
                             grad_feature=trainer.grad_feature if trainer.grad_space == "features" else None,
                             jacobian=trainer.jacobian, channels_last=trainer.channels_last,
                             log_every=int(cfg.logger.log_every), grad_stats_every=int(cfg.logger.grad_stats_every))
-    aux = AuxStream(parts.loaders, trainer.batch_size, parts.seed, state) if parts.balancer.needs_aux_batch else None
+    if parts.balancer.needs_aux_batch and aux is None:
+        aux = aux_draws(AuxStream(parts.loaders, trainer.batch_size, parts.seed, state), parts.seed, state)
     return KDStep(model=parts.model, trainable=parts.trainable, teacher=parts.teacher, task=parts.task, groups=parts.groups,
                   balancer=parts.balancer, optimizer=parts.optimizer, scheduler=parts.scheduler, scaler=parts.scaler,
                   device=parts.device, settings=settings, mixup=parts.data.mixup, aux=aux, skipped=state.skipped,

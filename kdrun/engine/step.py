@@ -45,6 +45,18 @@ from kdrun.teacher_cache import TeacherCache
 
 
 @dataclass
+class Prepared:
+    """A batch ready for the student (:meth:`KDStep.prepare`): inputs and targets on the device after
+    mixup/cutmix, the data set indices (or None), and the teacher's outputs on those inputs (None without
+    a teacher). Read-only for the student side: a group hands the same one to every student."""
+
+    x: Any
+    y: Any
+    index: Tensor | None
+    teacher: ModelOutput | None
+
+
+@dataclass
 class StepOutcome:
     """What one step did: ``finite`` (False: skipped, nothing changed), the number of images it saw on
     this rank, the balancer's result, and the values to log (empty between log steps)."""
@@ -114,11 +126,21 @@ class KDStep:
         return x, y, idx
 
     def __call__(self, batch: Any, step: int) -> StepOutcome:
+        return self.learn(self.prepare(batch), step)
+
+    def prepare(self, batch: Any) -> Prepared:
+        """The data side of the step: the batch on the device, mixed, and the teacher's outputs on it.
+        The loop runs it on the data stream (:mod:`kdrun.engine.streams`); the students of a group
+        (:mod:`kdrun.engine.group`) share one."""
         x, y, idx = self.to_device(batch)
         if self.mixup is not None:  # before the teacher: both models see the mixed batch (module doc)
             x, y = self.mixup(x, y)
+        return Prepared(x, y, idx, self.teacher_outputs(batch, x))                     # 1. teacher
+
+    def learn(self, batch: Prepared, step: int) -> StepOutcome:
+        """The student side of the step on a prepared batch: forward, objectives, balancer, update."""
+        x, y, idx, t_out = batch.x, batch.y, batch.index, batch.teacher
         self.trainable.set_progress(step)
-        t_out = self.teacher_outputs(batch, x)                                         # 1. teacher
         with self.sync(), autocast(self.device, self.step_settings.precision):
             s_out, terms = self.model(x, y, t_out, index=idx)                          # 2. student
         objectives = group(terms, self.groups)                                         # 3. objectives

@@ -38,6 +38,12 @@ class FakeStep:
                       "loss/total": torch.tensor(1.0), "pi/distill": torch.tensor(0.5)}
         return SimpleNamespace(images=8, values=values)
 
+    def prepare(self, batch: Any) -> Any:  # the loop's data side (KDStep.prepare), then its student side
+        return batch
+
+    def learn(self, batch: Any, i: int) -> SimpleNamespace:
+        return self(batch, i)
+
 
 class FakeLoaders:
     train = list(range(STEPS_PER_EPOCH))
@@ -67,7 +73,7 @@ def make_loop(tmp_path: Path, *, epochs: int = 2, max_steps: int = -1, progress:
     total = STEPS_PER_EPOCH * epochs if max_steps < 0 else min(max_steps, STEPS_PER_EPOCH * epochs)
     task = SimpleNamespace(metric_keys=("top1", "top5", "loss"), primary_metric="top1")
     parts = SimpleNamespace(trainer=t, total_steps=total, steps_per_epoch=STEPS_PER_EPOCH, seed=0, task=task,
-                            loaders=FakeLoaders(), trainable=torch.nn.Linear(1, 1), student=None)
+                            loaders=FakeLoaders(), trainable=torch.nn.Linear(1, 1), student=None, ema=None)
     st = TrainState(teacher_metrics=teacher or {})
     logger = RunLogger(tmp_path, backends=[], jsonl=False)
     return FakeValLoop(parts, FakeStep(), st, FakeCheckpointer(), logger, tmp_path, progress)  # type: ignore[arg-type]
