@@ -97,8 +97,8 @@ def test_a_refused_job_is_refused_alone(kdrun_cli: Cli, digits_teacher: str, gro
     code, _, err = kdrun_cli(*sweep(digits_teacher, out, "balancer=fixed,dto", "trainer.max_steps=1"))
     assert code == 2
     assert groups_trained == [["0_fixed_seed0", "1_dto_seed0"]]
-    assert "already holds a run" in err and str(taken) in err and "Traceback" not in err
-    assert "1 of the sweep's 2 jobs did not run (#1)" in err
+    assert err.count("already holds a run") == 1 and str(taken) in err and "Traceback" not in err
+    assert "1 of the sweep's 2 jobs were refused (#1)" in err
     assert (out / "0_fixed_seed0" / "results.json").is_file()
     assert sorted(p.name for p in taken.iterdir()) == ["results.json"]
     assert (taken / "results.json").read_text() == '{"earlier": true}'
@@ -114,8 +114,8 @@ def test_a_crashed_job_fails_alone_and_the_sweep_fails_at_its_end(
     def second_crashes(cfgs: list, checked: list, settings: list, run_dirs: list[Path],
                        records: list) -> list[dict[str, Any]]:
         results = real(cfgs, checked, settings, run_dirs, records)
-        results[1] = {"run_dir": str(run_dirs[1]), "error": "boom", "user_error": False,
-                      "traceback": "Traceback (most recent call last):\nRuntimeError: boom in the student step"}
+        results[1] = {"run_dir": str(run_dirs[1]), "error": "RuntimeError: boom in the student step",
+                      "user_error": False}
         return results
 
     monkeypatch.setattr(train_group_module, "train_jobs", second_crashes)
@@ -145,9 +145,22 @@ def test_a_stopped_group_says_so_for_every_job_then_ends_the_sweep(
         assert f"hydra.run.dir={tmp_path / 's' / job})" in out
 
 
-def test_jobs_with_workers_of_their_own_run_alone() -> None:
-    """trainer.devices=2 starts 2 worker processes per job: such a job cannot share this process."""
+def test_a_group_with_workers_trains_in_them(kdrun_cli: Cli, digits_teacher: str, groups_trained: list[list[str]],
+                                            tmp_path: Path) -> None:
+    """trainer.devices=2: the group trains in 2 worker processes, as each of its jobs would
+    (launch.dispatch_group; tests/distributed/test_group_ddp.py compares the weights with each job alone)."""
+    out = tmp_path / "s"
+    code, _, err = kdrun_cli(*sweep(digits_teacher, out, "balancer=fixed,dto", "trainer.max_steps=1",
+                                    "trainer.devices=2"))
+    assert code == 0, err[-3000:]
+    assert groups_trained == [["0_fixed_seed0", "1_dto_seed0"]]
+    for job in ("0_fixed_seed0", "1_dto_seed0"):
+        assert json.loads((out / job / "results.json").read_text())["world_size"] == 2
+
+
+def test_a_job_whose_config_fails_validation_is_left_alone() -> None:
+    """Such a job is not grouped: it runs alone and is refused exactly as under the basic launcher."""
     base = ["+recipe=quickstart", *QUICK]
-    assert sharing_class(compose_train_config(base)) is not None
-    assert sharing_class(compose_train_config([*base, "trainer.devices=2"])) is None
-    assert sharing_class(compose_train_config([*base, "trainer.epochs=0"])) is None  # invalid: reported alone
+    assert sharing_class(compose_train_config(base)) == sharing_class(compose_train_config([*base, "balancer=dto"]))
+    assert sharing_class(compose_train_config([*base, "trainer.devices=2"])) is not None
+    assert sharing_class(compose_train_config([*base, "trainer.epochs=0"])) is None

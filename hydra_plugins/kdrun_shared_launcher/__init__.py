@@ -73,8 +73,9 @@ class KdrunSharedLauncher(Launcher):
                 returns[i] = job
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         if refused:  # each said why in its own paragraph already
-            print(f"kdrun: error: {len(refused)} of the sweep's {len(jobs)} jobs did not run (#"
-                  + ", #".join(map(str, sorted(refused))) + "); the others ran.", file=sys.stderr, flush=True)
+            print(f"kdrun: error: {len(refused)} of the sweep's {len(jobs)} jobs were refused (#"
+                  + ", #".join(map(str, sorted(refused))) + "), each for the reason said above.", file=sys.stderr,
+                  flush=True)
             sys.exit(2)
         return [r for r in returns if r is not None]
 
@@ -124,8 +125,9 @@ class KdrunSharedLauncher(Launcher):
 
     def train_together(self, jobs: List[Job], refused: List[int]) -> List[Optional[JobReturn]]:
         """Several jobs in one group (kdrun.commands.train_group): each job prepared as ``run_job`` prepares
-        it and its kdrun task run up to its training call; the group trained; each task run again to end its
-        job, and the job ended as ``run_job`` ends it. A stop signal ends the sweep after every job said so."""
+        it and its kdrun task run up to its training call; each task run again (the first one trains the
+        group) to end its job, and the job ended as ``run_job`` ends it. A stop signal ends the sweep after
+        every job said so."""
         from kdrun.commands.train_group import Collected, GroupSession, session
 
         saved = HydraConfig.instance().cfg
@@ -139,7 +141,7 @@ class KdrunSharedLauncher(Launcher):
                         self.task(job, ret, refused)
                     except Collected:
                         collected.append((job, ret))
-                group.train()
+                group.collecting = False  # the first task from here on trains the group (GroupSession.take)
                 for job, ret in collected:
                     try:
                         self.task(job, ret, refused)
