@@ -108,7 +108,8 @@ def run_group(group: Group) -> None:
     try:
         if restore_group(group, seed):
             start_group(group, loaders, seed)
-            finish_group(group, GroupLoop(group, loaders, seed, trainer).run())
+            if group.alive():
+                finish_group(group, GroupLoop(group, loaders, seed, trainer).run())
     finally:
         close_loaders(loaders)
 

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
 from omegaconf import DictConfig
 
 from kdrun.config import RunSettings, TrainerConfig
 from kdrun.data.loaders import AuxStream, Loaders
 from kdrun.engine.build import Parts, StudentStart, TeacherSide
 from kdrun.engine.loop import Loop, prepared_batches
+from kdrun.engine.step import Prepared
 from kdrun.engine.streams import OwnStream, aux_stream
 from kdrun.errors import find_user_error, full_traceback_requested
 from kdrun.runtime import distributed
@@ -140,6 +142,8 @@ class Group:
         traceback too) on the console and in its ``cli.log``."""
         try:
             yield
+        except SharedBatchWritten:
+            raise  # the other students' batch is no longer the one they would see alone
         except Exception as e:  # noqa: BLE001 — one student's failure must not end the others
             user = find_user_error(e)
             if user is None or full_traceback_requested():
@@ -172,6 +176,25 @@ class Group:
                 self.agreed.add(i)
                 if self.members[i].alive:
                     self.members[i].refuse(f"(rank {rank}) {message}", self.console)
+
+
+class SharedBatchWritten(RuntimeError):
+    """A student's step wrote into the prepared batch that the group's students share (a loss term or model
+    that modifies its inputs or the teacher's outputs in place): the students after it would not see the
+    batch they see alone, so the group stops."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(f"the step of the job in {run_dir} modified the shared batch (its inputs, targets or the "
+                         "teacher's outputs) in place, so the group's other students cannot share it; train these "
+                         "jobs without hydra/launcher=kdrun_shared, or make the component copy before writing.")
+
+
+def tensor_versions(batch: Prepared) -> list[int]:
+    """The version counters of a prepared batch's tensors (an in-place write increments its tensor's)."""
+    tensors = [batch.x, batch.y, batch.index]
+    if batch.teacher is not None:
+        tensors += [batch.teacher.logits, *batch.teacher.features.values()]
+    return [t._version for t in tensors if isinstance(t, torch.Tensor)]
 
 
 class SharedAux:
@@ -238,8 +261,14 @@ class GroupLoop:
         group, state = self.group, self.lead().state
         self.loaders.start_epoch(state.epoch, state.epoch_step, self.seed)
         for batch in prepared_batches(self.loaders.train, self.prepare, self.seed, lambda: self.lead().state.step):
-            step = self.lead().state.step
-            group.each(lambda m: m.loop.record(m.loop.step.learn(batch, step)))
+            step, versions = self.lead().state.step, tensor_versions(batch)
+
+            def learn(m: Member) -> None:
+                m.loop.record(m.loop.step.learn(batch, step))
+                if tensor_versions(batch) != versions:
+                    raise SharedBatchWritten(m.run_dir)
+
+            group.each(learn)
             if not group.alive():
                 return True
             if self.lead().stop_rule(self.preempt):

@@ -3,8 +3,9 @@ all its students) trains every student bit-identically to the same job alone (CP
 optimiser and balancer state, random state, metrics.jsonl and results.json (apart from timings), for the
 balancers fixed, dto, dto_exact, cross_batch (its auxiliary batches are data side too) and mgda, on the DeiT
 recipe (mixup/cutmix, RandAugment, random erasing, repeated augmentation, drop-path) and on a CIFAR recipe (loader
-workers). A preempted group resumes bit-identically; a diverging or raising student stops alone, with its error
-in its own directory; refusals are per job, and a group that does not share is refused whole.
+workers), with the teacher-output cache and with a model EMA. A preempted group resumes bit-identically; a
+diverging or raising student stops alone, with its error in its own directory; refusals are per job; a group
+that does not share, or whose step writes into the shared batch, is refused whole.
 
 The DDP half (``trainer.devices=2``) is tests/distributed/test_group_ddp.py."""
 from __future__ import annotations
@@ -25,6 +26,9 @@ from kdrun.balancers.fixed import Fixed
 from kdrun.config import ConfigError
 from kdrun.engine import train
 from kdrun.engine.group import train_group
+from kdrun.engine.group_loop import SharedBatchWritten
+from kdrun.losses.base import DistillLoss
+from kdrun.models.taps import ModelOutput
 from tests.conftest import compose_cfg
 from tests.data.test_cifar100 import _write_split
 from tests.data.test_imagenet import make_tree
@@ -206,8 +210,12 @@ class RaiseAt(Fixed):
 ])
 def test_a_failing_student_stops_alone(bad: list[str], expected: str, tmp_path: Path) -> None:
     variants = [["balancer=fixed", *bad], ["balancer=dto"], ["balancer=fixed"]]
-    dirs = [tmp_path / "group" / str(i) for i in range(3)]
-    results = train_group([compose_cfg([*TINY, *v]) for v in variants], dirs, [{}] * 3)
+    dirs = [tmp_path / "group" / f"job{i}" for i in range(3)]
+    base = [*TINY, "logger.progress=true"]
+    results = train_group([compose_cfg([*base, *v]) for v in variants], dirs, [{}] * 3)
+    for d in dirs[1:]:  # each job's console lines (its progress bar, labelled with its directory) in its own cli.log
+        log = (d / "cli.log").read_text()
+        assert f"{d.name}: 100%" in log and all(f"{e.name}:" not in log for e in dirs if e != d)
     assert expected in results[0]["error"] and results[0]["run_dir"] == str(dirs[0])
     log = (dirs[0] / "cli.log").read_text()
     assert expected in log and "kdrun: error:" in log  # its error, in its own directory
@@ -216,7 +224,7 @@ def test_a_failing_student_stops_alone(bad: list[str], expected: str, tmp_path: 
         assert "Traceback" in log
     for i in (1, 2):  # the others went on, as if alone
         assert "error" not in results[i] and expected not in (dirs[i] / "cli.log").read_text()
-        train(compose_cfg([*TINY, *variants[i]]), tmp_path / "alone" / str(i))
+        train(compose_cfg([*base, *variants[i]]), tmp_path / "alone" / str(i))
         assert_same_run(dirs[i], tmp_path / "alone" / str(i))
 
 
@@ -258,11 +266,23 @@ def test_teacher_cache_and_hydra_record(tmp_path: Path) -> None:
         assert_same_run(d, tmp_path / "alone" / b)
 
 
-@pytest.mark.slow
-def test_detection(tmp_path: Path) -> None:
-    """Detection (ViDT student and teacher, token matching, COCO-format synthetic data): the task's own
-    batches, losses and evaluation go through the group unchanged."""
-    from tests.detection.test_engine_integration import SMALL
+def test_model_ema(tmp_path: Path) -> None:
+    """trainer.ema: every student its own EMA, evaluated and checkpointed as alone."""
+    results = group_and_alone(tmp_path, [*TINY, "trainer.max_steps=5", "trainer.ema={decay:0.8,warmup:true}"],
+                              [["balancer=fixed"], ["balancer=mgda"]])
+    assert all(r["ema"]["updates"] == 5 for r in results)
 
-    group_and_alone(tmp_path, [*SMALL, "teacher=vidt_small", "teacher.model.det_tokens=10", "teacher.model.dec_layers=2",
-                               "logger.backends=[]"], [["balancer=fixed"], ["balancer=dto_exact"]])
+
+class WritesTeacher(DistillLoss):
+    """A zero loss term that writes into the teacher's logits (in place): a component a group cannot share."""
+
+    def forward(self, s: ModelOutput, t: ModelOutput, target: torch.Tensor) -> torch.Tensor:
+        t.logits.mul_(1.0)
+        return (s.logits * 0).sum()
+
+
+def test_a_step_that_writes_the_shared_batch_stops_the_group(tmp_path: Path) -> None:
+    writes = ["+distill.writes._target_=tests.engine.test_group.WritesTeacher", "trainer.max_steps=2"]
+    with pytest.raises(SharedBatchWritten, match="modified the shared batch"):
+        train_group([compose_cfg([*TINY, *writes, f"balancer={b}"]) for b in ("fixed", "dto")],
+                    [tmp_path / "a", tmp_path / "b"], [{}, {}])
