@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from kdrun.config import ConfigError, validate
@@ -99,6 +100,8 @@ def run_group(group: Group) -> None:
     trainer, seed = lead.settings.trainer, lead.settings.seed
     device = pick_device(trainer.accelerator)
     set_backend_flags(trainer, device)
+    if device.type == "cuda":  # every random state the build captures holds the CUDA generator's too
+        torch.cuda.init()
     fitted = fit_missing_teacher(lead.cfg)  # the teacher is data side: the same for every member
     if fitted is not None:
         for m in group.alive():
