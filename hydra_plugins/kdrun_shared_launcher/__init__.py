@@ -71,7 +71,6 @@ class KdrunSharedLauncher(Launcher):
         for group in groups:
             for i, job in zip(group, self.run_group([jobs[i] for i in group], refused)):
                 returns[i] = job
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         if refused:  # each said why in its own paragraph already
             print(f"kdrun: error: {len(refused)} of the sweep's {len(jobs)} jobs were refused (#"
                   + ", #".join(map(str, sorted(refused))) + "), each for the reason said above.", file=sys.stderr,

@@ -59,11 +59,13 @@ class Member:
     def alive(self) -> bool:
         return self.result is None
 
-    def refuse(self, message: str, console: "GroupConsole | None" = None) -> None:
-        """This job ends with ``message`` (one paragraph), said on the console and in its own ``cli.log``."""
+    def refuse(self, message: str, console: "GroupConsole | None" = None, user_error: bool = True) -> None:
+        """This job ends with ``message`` (one paragraph), said on the console and in its own ``cli.log``.
+        ``user_error``: the user can fix it (exit 2, as a single run's refusal); False, a failure inside kdrun
+        or a component (the launcher fails that job as Hydra fails one that raised: exit 1)."""
         with console.on(self) if console is not None else contextlib.nullcontext():
             print(f"kdrun: error: {message}", file=sys.stderr, flush=True)
-        self.result = {"run_dir": str(self.run_dir), "error": message}
+        self.result = {"run_dir": str(self.run_dir), "error": message, "user_error": user_error}
         if self.loop is not None:
             self.loop.progress.close()
             self.loop.logger.close()
@@ -151,7 +153,7 @@ class Group:
                     traceback.print_exception(e)
             member.refuse(str(user) if user is not None else
                           f"{type(e).__name__}: {e} (a failure inside kdrun or a component; its traceback is above "
-                          f"and in {member.run_dir / 'cli.log'}).", self.console)
+                          f"and in {member.run_dir / 'cli.log'}).", self.console, user_error=user is not None)
 
     def each(self, work: Callable[[Member], Any]) -> None:
         """``work(member)`` for every live member in turn, on its own model stream and console, guarded;
@@ -167,15 +169,15 @@ class Group:
         """Under DDP: a member that failed on any rank ends on every rank (collective)."""
         if not distributed.is_dist():
             return
-        mine = {m.index: m.result["error"] for m in self.members
+        mine = {m.index: (m.result["error"], m.result["user_error"]) for m in self.members
                 if m.result is not None and "error" in m.result and m.index not in self.agreed}
         if not distributed.all_reduce_max_int(int(bool(mine))):
             return
         for rank, theirs in enumerate(distributed.all_gather_object(mine)):
-            for i, message in theirs.items():
+            for i, (message, user_error) in theirs.items():
                 self.agreed.add(i)
                 if self.members[i].alive:
-                    self.members[i].refuse(f"(rank {rank}) {message}", self.console)
+                    self.members[i].refuse(f"(rank {rank}) {message}", self.console, user_error)
 
 
 class SharedBatchWritten(RuntimeError):
