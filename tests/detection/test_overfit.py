@@ -18,7 +18,9 @@ from kdrun.data.coco import build_synthetic
 from kdrun.models.vidt import vidt_nano
 from kdrun.tasks.detection import Detection
 
-STEPS = 120
+# 80 steps (was 120, 46 s of the suite): measured at seed 0, loss 0.19× its first value, AP50 0 → 1.0,
+# AP +0.62, each with a wide margin over the assertions below (at 60 steps: 0.23×, 0.85, +0.44).
+STEPS = 80
 
 
 @pytest.mark.slow
