@@ -232,6 +232,16 @@ def in_process_group(dev_type: str, threads: int, cfg: DictConfig, work: Callabl
         distributed.destroy_process_group()
 
 
+def spawn_workers(args: Sequence[str], nproc: int, signals: Sequence[str], grace_s: float) -> Stopped | None:
+    """``python <args>`` in ``nproc`` local workers (:func:`spawn`): None when they ended by themselves,
+    the :class:`Stopped` when a stop signal ended them (one job's launch and a group's read it alike)."""
+    try:
+        spawn(sys.executable, args, nproc, signals=signals, grace_s=grace_s)
+    except Stopped as e:
+        return e
+    return None
+
+
 def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, signals: Sequence[str],
                  grace_s: float, record: dict[str, str] | None = None) -> dict[str, Any]:
     """Train ``cfg`` in ``nproc`` local workers writing to ``run_dir``; rank 0's results.
@@ -253,10 +263,7 @@ def launch_train(cfg: DictConfig, run_dir: Path, nproc: int, dev_type: str, sign
         json.dump(record or {}, f)
     args = ["-m", "kdrun.commands.launch", cfg_path, str(run_dir), dev_type, str(threads_per_worker(nproc)), record_path]
     try:
-        spawn(sys.executable, args, nproc, signals=signals, grace_s=grace_s)
-        stop_signal = None
-    except Stopped as e:
-        stop_signal = e
+        stop_signal = spawn_workers(args, nproc, signals, grace_s)
     finally:
         os.unlink(cfg_path)
         os.unlink(record_path)
@@ -349,10 +356,7 @@ def launch_group(checked: Sequence[DictConfig], run_dirs: Sequence[Path], nproc:
                             for c, d, r in zip(checked, run_dirs, records)], "results": str(results_path)}, f)
     args = ["-m", "kdrun.commands.launch", "--group", plan_path, dev_type, str(threads_per_worker(nproc))]
     try:
-        spawn(sys.executable, args, nproc, signals=signals, grace_s=grace_s)
-        stop_signal = None
-    except Stopped as e:
-        stop_signal = e
+        stop_signal = spawn_workers(args, nproc, signals, grace_s)
     finally:
         os.unlink(plan_path)
     if not results_path.is_file():
